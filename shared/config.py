@@ -1,0 +1,406 @@
+"""The one configuration file (`runwire.toml`) read by all three services: its schema and its loading.
+
+Unknown keys and wrong types fail at load with the file, the key path and what was expected. Paths are
+made absolute once, here: the state directory is `home` (relative to the config file's folder) or
+`RUNWIRE_HOME` (relative to the working directory), and journals live in `<home>/events/`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from .errors import BadParams, ConfigError, UnknownPipeline
+from .events import is_valid_stage_name
+
+CONFIG_ENV = "RUNWIRE_CONFIG"
+HOME_ENV = "RUNWIRE_HOME"
+TOKEN_ENV = "RUNWIRE_TOKEN"
+DEFAULT_CONFIG_NAME = "runwire.toml"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Config tables refuse keys they do not know: a typo fails at start, naming the key."""
+
+
+class SchedulerConfig(_Strict):
+    control: str = "tcp://127.0.0.1:5555"  # ROUTER for the gateway and the CLI
+    dispatch: str = "tcp://127.0.0.1:5557"  # ROUTER that runners connect to
+    max_concurrent_runs: int = 4
+    runner_lost_after: float = 10.0  # seconds without a runner heartbeat before its runs fail
+    request_timeout: float = 5.0
+
+
+class RunnerConfig(_Strict):
+    publish: str = "tcp://127.0.0.1:5556"  # PUB of the event stream (the contract's default)
+    control: str = "tcp://127.0.0.1:5558"  # ROUTER for identity and the doctor's probe
+    id: str = ""  # default: <hostname>-<pid>
+    capacity: int = 4  # runs at once
+    heartbeat_interval: float = 1.0
+    send_hwm: int = 100_000
+    durability: Literal["flush", "fsync"] = "flush"
+    group_commit_ms: float = 5.0
+    kill_grace: float = 5.0  # seconds between TERM and KILL of a stage's process group
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    runners: list[str] = msgspec.field(default_factory=lambda: ["tcp://127.0.0.1:5556"])  # PUB endpoints
+    client_queue_events: int = 20_000
+    client_queue_bytes: int = 16 * 1024 * 1024
+    send_timeout: float = 10.0
+    max_body_bytes: int = 64 * 1024
+    runner_stale_after: float = 5.0  # heartbeat age after which /healthz calls a runner unreachable
+
+
+ParamType = Literal["str", "int", "float", "bool", "list"]
+
+
+class ParamSpec(_Strict):
+    type: ParamType = "str"
+    default: Any = None
+    description: str = ""
+    choices: list[Any] | None = None
+    pattern: str | None = None  # for str and list items
+
+
+class StageConfig(_Strict):
+    name: str
+    command: list[str] | None = None  # argv, never a shell; "{param}", "{item}", "{home}", "{run_id}" filled
+    callable: str | None = None  # "module:function", run in a child process
+    timeout: float = 3600.0
+    progress_interval: float = 60.0
+    log_rate: int = 200  # log events per second per stage; beyond it lines are counted and summarised
+    fan_out: list[str] | str | None = None  # items, or the name of a list parameter
+    max_parallel: int = 4
+    item_policy: Literal["all", "any"] = "all"  # which fan-out items must succeed for the stage
+    on_failure: Literal["stop", "continue"] = "stop"
+    retries: int = 0
+    retry_backoff: float = 1.0  # seconds before the first retry, doubled each time
+    requires: str | None = None  # glob (relative to home) that must match, else the stage is skipped
+    outputs: list[str] = []  # globs (relative to home) that must match after success
+    success_marker: str | None = None  # a line meaning "done": the process is ended if it lingers
+    marker_grace: float = 10.0
+    env: dict[str, str] = {}
+
+
+class PipelineConfig(_Strict, kw_only=True):
+    description: str = ""
+    params: dict[str, ParamSpec] = {}
+    stages: list[StageConfig]
+
+
+class ScheduleConfig(_Strict):
+    pipeline: str
+    cron: str | None = None
+    every: str | None = None  # "15m": slots aligned to `anchor`, whenever the service started
+    anchor: str = "2000-01-01T00:00:00"  # local time in `timezone`
+    timezone: str | None = None  # default: the top-level timezone
+    params: dict[str, Any] = {}
+    enabled: bool = True  # the initial state; pause/resume is persisted and wins
+    fire_at_start: bool = False
+    misfire_grace: float = 60.0
+    misfire: Literal["coalesce", "catch_up"] = "coalesce"
+    catch_up_max: int = 10
+    overlap: Literal["skip", "queue", "allow"] = "skip"
+
+
+class Config(_Strict):
+    home: str = ".runwire"
+    timezone: str = "UTC"
+    log_level: str = "INFO"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    runner: RunnerConfig = RunnerConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    pipelines: dict[str, PipelineConfig] = {}
+    schedules: dict[str, ScheduleConfig] = {}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A loaded config with its absolute paths, resolved once."""
+
+    config: Config
+    path: Path  # the absolute config file
+    home: Path
+    token: str | None
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.home / "events"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.config.timezone)
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        try:
+            return self.config.pipelines[name]
+        except KeyError:
+            known = ", ".join(sorted(self.config.pipelines)) or "none"
+            raise UnknownPipeline(f"unknown pipeline {name!r} (configured: {known})") from None
+
+
+def parse_duration(text: str) -> int:
+    """'15m' -> 900 seconds."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like '30s', '15m', '1h' or '1d'")
+    value = int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if value <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return value
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--config, else RUNWIRE_CONFIG, else ./runwire.toml; absolute."""
+    raw = explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME
+    return Path(raw).expanduser().resolve()
+
+
+def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
+    path = find_config_path(explicit)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (set --config or {CONFIG_ENV})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
+    return settings_from_toml(data, path)
+
+
+def settings_from_toml(data: bytes | str, path: Path) -> Settings:
+    try:
+        config = msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as e:
+        # msgspec says e.g. "Object contains unknown field `prot` - at `$.gateway`"
+        raise ConfigError(f"{path}: {_humanize(str(e))}") from e
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    _validate(config, path)
+    home_raw = os.environ.get(HOME_ENV)
+    home = Path(home_raw).expanduser().resolve() if home_raw else (path.parent / config.home).resolve()
+    token = os.environ.get(TOKEN_ENV) or None
+    return Settings(config=config, path=path, home=home, token=token)
+
+
+def _humanize(msg: str) -> str:
+    # "$.gateway.port" -> "key gateway.port"
+    return re.sub(r"`\$\.?([^`]*)`", lambda m: f"key `{m.group(1) or '(top level)'}`", msg)
+
+
+def _fail(path: Path, key: str, expected: str) -> ConfigError:
+    return ConfigError(f"{path}: key `{key}`: {expected}")
+
+
+def _check_zone(path: Path, key: str, name: str) -> None:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _fail(path, key, f"expected an IANA time zone like 'America/Chicago', got {name!r}") from None
+
+
+def _validate(config: Config, path: Path) -> None:
+    _check_zone(path, "timezone", config.timezone)
+    if config.scheduler.max_concurrent_runs < 1:
+        raise _fail(path, "scheduler.max_concurrent_runs", "expected an integer >= 1")
+    if config.runner.capacity < 1:
+        raise _fail(path, "runner.capacity", "expected an integer >= 1")
+    if config.runner.id and not _NAME_RE.match(config.runner.id):
+        raise _fail(path, "runner.id", f"expected letters, digits, '_', '.', '-' (got {config.runner.id!r})")
+    if config.scheduler.runner_lost_after <= 2 * config.runner.heartbeat_interval:
+        raise _fail(path, "scheduler.runner_lost_after", "expected more than twice runner.heartbeat_interval")
+    for name, pipeline in config.pipelines.items():
+        key = f"pipelines.{name}"
+        if not _NAME_RE.match(name):
+            raise _fail(path, key, "expected a pipeline name of letters, digits, '_', '.', '-'")
+        _validate_pipeline(path, key, pipeline)
+    for name, schedule in config.schedules.items():
+        key = f"schedules.{name}"
+        if not _NAME_RE.match(name):
+            raise _fail(path, key, "expected a schedule name of letters, digits, '_', '.', '-'")
+        _validate_schedule(path, key, schedule, config)
+
+
+def _validate_pipeline(path: Path, key: str, pipeline: PipelineConfig) -> None:
+    for pname, spec in pipeline.params.items():
+        pkey = f"{key}.params.{pname}"
+        if spec.pattern is not None:
+            try:
+                re.compile(spec.pattern)
+            except re.error as e:
+                raise _fail(path, f"{pkey}.pattern", f"expected a regular expression: {e}") from None
+        if spec.default is not None:
+            try:
+                check_param_value(pname, spec, spec.default)
+            except BadParams as e:
+                raise _fail(path, f"{pkey}.default", str(e)) from None
+    if not pipeline.stages:
+        raise _fail(path, f"{key}.stages", "expected at least one stage")
+    seen: set[str] = set()
+    for i, stage in enumerate(pipeline.stages):
+        skey = f"{key}.stages[{i}]"
+        if not is_valid_stage_name(stage.name) or stage.name == "pipeline":
+            raise _fail(path, f"{skey}.name", f"expected a stage name without '/', not 'pipeline' (got {stage.name!r})")
+        if stage.name in seen:
+            raise _fail(path, f"{skey}.name", f"stage name {stage.name!r} is used twice")
+        seen.add(stage.name)
+        if (stage.command is None) == (stage.callable is None):
+            raise _fail(path, skey, "expected exactly one of `command` (argv list) or `callable` ('module:function')")
+        if stage.command is not None and not stage.command:
+            raise _fail(path, f"{skey}.command", "expected a non-empty argv list")
+        if stage.callable is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", stage.callable):
+            raise _fail(path, f"{skey}.callable", f"expected 'module:function' (got {stage.callable!r})")
+        for fname in ("timeout", "progress_interval", "marker_grace", "retry_backoff"):
+            if getattr(stage, fname) <= 0:
+                raise _fail(path, f"{skey}.{fname}", "expected a number of seconds > 0")
+        if stage.max_parallel < 1 or stage.retries < 0 or stage.log_rate < 1:
+            raise _fail(path, skey, "expected max_parallel >= 1, retries >= 0, log_rate >= 1")
+        if isinstance(stage.fan_out, str):
+            spec = pipeline.params.get(stage.fan_out)
+            if spec is None or spec.type != "list":
+                raise _fail(path, f"{skey}.fan_out", f"expected a list of items or the name of a list parameter (got {stage.fan_out!r})")
+
+
+def _validate_schedule(path: Path, key: str, schedule: ScheduleConfig, config: Config) -> None:
+    from datetime import datetime
+
+    from cronsim import CronSim, CronSimError
+
+    if schedule.pipeline not in config.pipelines:
+        known = ", ".join(sorted(config.pipelines)) or "none"
+        raise _fail(path, f"{key}.pipeline", f"expected a configured pipeline ({known}), got {schedule.pipeline!r}")
+    if (schedule.cron is None) == (schedule.every is None):
+        raise _fail(path, key, "expected exactly one of `cron` ('*/15 * * * *') or `every` ('15m')")
+    tz_name = schedule.timezone or config.timezone
+    _check_zone(path, f"{key}.timezone", tz_name)
+    if schedule.cron is not None:
+        try:
+            CronSim(schedule.cron, datetime(2000, 1, 1, tzinfo=ZoneInfo(tz_name)))
+        except CronSimError as e:
+            raise _fail(path, f"{key}.cron", f"expected a cron expression, got {schedule.cron!r}: {e}") from None
+    if schedule.every is not None:
+        try:
+            parse_duration(schedule.every)
+        except ValueError as e:
+            raise _fail(path, f"{key}.every", str(e)) from None
+    try:
+        datetime.fromisoformat(schedule.anchor)
+    except ValueError:
+        raise _fail(path, f"{key}.anchor", f"expected a local time like '2000-01-01T00:00:00', got {schedule.anchor!r}") from None
+    if schedule.misfire_grace < 0 or schedule.catch_up_max < 1:
+        raise _fail(path, key, "expected misfire_grace >= 0 and catch_up_max >= 1")
+    try:
+        resolve_params(config.pipelines[schedule.pipeline], schedule.params)
+    except BadParams as e:
+        raise _fail(path, f"{key}.params", str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+def check_param_value(name: str, spec: ParamSpec, value: Any) -> Any:
+    """Return the value if it fits the declared type, choices and pattern; else raise BadParams."""
+    ok: bool
+    if spec.type == "str":
+        ok = isinstance(value, str)
+    elif spec.type == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif spec.type == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif spec.type == "bool":
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise BadParams(f"parameter {name!r}: expected {spec.type}, got {type(value).__name__} {value!r:.60}")
+    if spec.choices is not None:
+        items = value if isinstance(value, list) else [value]
+        bad = [v for v in items if v not in spec.choices]
+        if bad:
+            raise BadParams(f"parameter {name!r}: {bad[0]!r} is not one of {spec.choices}")
+    if spec.pattern is not None:
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if not re.fullmatch(spec.pattern, str(v)):
+                raise BadParams(f"parameter {name!r}: {v!r} does not match {spec.pattern}")
+    return value
+
+
+def parse_param_text(spec: ParamSpec, text: str) -> Any:
+    """A `-p key=value` string from the command line, turned into the declared type."""
+    try:
+        if spec.type == "int":
+            return int(text)
+        if spec.type == "float":
+            return float(text)
+        if spec.type == "bool":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if spec.type == "list":
+            return [v.strip() for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadParams(f"expected {spec.type}, got {text!r}") from None
+    return text
+
+
+def resolve_params(pipeline: PipelineConfig, given: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults filled in, every value checked; unknown or missing parameters refused."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(pipeline.params))
+    if unknown:
+        known = ", ".join(sorted(pipeline.params)) or "none"
+        raise BadParams(f"unknown parameter {unknown[0]!r} (declared: {known})")
+    out: dict[str, Any] = {}
+    for name, spec in pipeline.params.items():
+        if name in given:
+            out[name] = check_param_value(name, spec, given[name])
+        elif spec.default is not None:
+            out[name] = spec.default
+        else:
+            raise BadParams(f"parameter {name!r} is required ({spec.type})")
+    return out
+
+
+def endpoints_of(settings: Settings) -> dict[str, str]:
+    """Every endpoint the config names, for start-up logs and identity replies."""
+    c = settings.config
+    return {
+        "scheduler.control": c.scheduler.control,
+        "scheduler.dispatch": c.scheduler.dispatch,
+        "runner.publish": c.runner.publish,
+        "runner.control": c.runner.control,
+        "gateway.http": f"http://{c.gateway.host}:{c.gateway.port}",
+    }
+
+
+def as_dict(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,221 @@
+"""The control protocol: requests to the scheduler (launch, cancel, runs, schedules) and to the runner
+(identity, probe), as MessagePack over ZeroMQ ROUTER (server) / DEALER (client).
+
+Framing: a client sends one frame, the encoded request; the server's ROUTER sees [routing id, payload]
+(or [routing id, b"", payload] from a REQ socket) and answers with the same envelope and one reply frame.
+Every request carries an id (echoed in the reply) and a deadline: a server drops a request whose
+deadline has passed, so a launch that timed out at the client never runs later behind its back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+import zmq
+import zmq.asyncio
+
+from .errors import ERRORS_BY_CODE, InternalError, ProtocolError, RunwireError, ServiceUnavailable
+from .wire import configure_socket
+
+log = logging.getLogger(__name__)
+
+
+class Request(msgspec.Struct, tag_field="op", kw_only=True):
+    id: int = 0
+    deadline: float = 0.0  # unix time after which the server must not act on it; 0 = none
+
+
+class Identity(Request, tag="identity"):
+    """Who are you: service, version, config file, journal directory, endpoints."""
+
+
+class Launch(Request, tag="launch"):
+    pipeline: str
+    params: dict[str, Any] = {}
+
+
+class Cancel(Request, tag="cancel"):
+    run_id: str
+    reason: str = "cancelled on request"
+
+
+class ListRuns(Request, tag="list_runs"):
+    status: str | None = None
+    limit: int = 100
+
+
+class GetRun(Request, tag="get_run"):
+    run_id: str
+
+
+class ListSchedules(Request, tag="list_schedules"):
+    pass
+
+
+class Pause(Request, tag="pause"):
+    name: str
+
+
+class Resume(Request, tag="resume"):
+    name: str
+
+
+class Probe(Request, tag="probe"):
+    """Runner: write a probe run (queued, then success) through journal and PUB; reply its run id."""
+
+    run_id: str | None = None
+
+
+AnyRequest = Identity | Launch | Cancel | ListRuns | GetRun | ListSchedules | Pause | Resume | Probe
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    id: int
+    ok: bool
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class IdentityInfo(msgspec.Struct, omit_defaults=True):
+    """The answer to Identity, which doctor and /healthz compare across services."""
+
+    service: str
+    version: str
+    pid: int
+    config_path: str
+    journal_dir: str
+    endpoints: dict[str, str] = {}
+    # scheduler only: the runners connected now, runner_id -> their own identity facts
+    runners: dict[str, dict[str, Any]] = {}
+
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(AnyRequest)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def error_reply(req_id: int, exc: RunwireError) -> Reply:
+    return Reply(id=req_id, ok=False, error=ErrorBody(code=exc.code, message=str(exc)))
+
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+async def serve_requests(sock: zmq.asyncio.Socket, handle: Handler, where: str) -> None:
+    """Answer requests on a bound ROUTER until cancelled. A bad frame or a failing handler gets an
+    error reply (and a log line naming the socket); the loop keeps serving."""
+    while True:
+        frames = await sock.recv_multipart()
+        if len(frames) < 2:
+            log.warning("%s: dropped a message of %d frame(s): no routing envelope", where, len(frames))
+            continue
+        envelope, payload = frames[:-1], frames[-1]
+        reply = await _answer(payload, handle, where)
+        await sock.send_multipart([*envelope, encode(reply)])
+
+
+async def _answer(payload: bytes, handle: Handler, where: str) -> Reply:
+    try:
+        req = _request_decoder.decode(payload)
+    except msgspec.DecodeError as e:
+        log.warning("%s: refused a bad request (%d bytes): %s", where, len(payload), e)
+        return error_reply(0, ProtocolError(f"bad request: {e}"))
+    if req.deadline and time.time() > req.deadline:
+        log.warning("%s: dropped %s request %d: it arrived after its deadline", where, type(req).__name__, req.id)
+        return error_reply(req.id, ServiceUnavailable("request arrived after its deadline; not acted on"))
+    try:
+        result = await handle(req)
+    except RunwireError as e:
+        return error_reply(req.id, e)
+    except Exception as e:  # a bug in a handler must not take the socket down; it is logged in full
+        log.exception("%s: %s request %d failed", where, type(req).__name__, req.id)
+        return error_reply(req.id, InternalError(f"{type(e).__name__}: {e}"))
+    return Reply(id=req.id, ok=True, result=msgspec.to_builtins(result))
+
+
+class ControlClient:
+    """An async DEALER client with a timeout per call. After a timeout the socket is thrown away
+    (nothing queued in it is sent later), and the request's deadline stops a late server acting."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, endpoint: str, timeout: float = 5.0, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._lock = anyio.Lock()  # one request in flight per client: replies are not interleaved
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            configure_socket(sock, sndhwm=100, rcvhwm=100)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a peer that is not there
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def __aenter__(self) -> ControlClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def call(self, req: Request, timeout: float | None = None) -> Any:
+        """Send a request, return its result; raise the service's error, or ServiceUnavailable."""
+        async with self._lock:
+            return await self._call(req, timeout)
+
+    async def _call(self, req: Request, timeout: float | None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        req.id = next(self._ids)
+        req.deadline = time.time() + timeout
+        sock = self._socket()
+        what = f"{type(req).__name__.lower()} to {self.endpoint}"
+        end = time.monotonic() + timeout
+        try:
+            if not await sock.poll(timeout * 1000, zmq.POLLOUT):
+                raise ServiceUnavailable(f"{what}: nothing listening (not connected within {timeout:g}s)")
+            await sock.send(encode(req), zmq.NOBLOCK)
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or not await sock.poll(left * 1000, zmq.POLLIN):
+                    raise ServiceUnavailable(f"{what}: no answer within {timeout:g}s")
+                reply = _reply_decoder.decode(await sock.recv())
+                if reply.id == req.id:
+                    break
+                log.debug("%s: discarded a late reply to request %d", what, reply.id)
+        except ServiceUnavailable:
+            self.close()
+            raise
+        except zmq.ZMQError as e:
+            self.close()
+            raise ServiceUnavailable(f"{what}: {e}") from e
+        except msgspec.DecodeError as e:
+            self.close()
+            raise ProtocolError(f"{what}: bad reply: {e}") from e
+        if reply.ok:
+            return reply.result
+        assert reply.error is not None
+        cls = ERRORS_BY_CODE.get(reply.error.code, RunwireError)
+        raise cls(reply.error.message)

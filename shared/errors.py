@@ -1,0 +1,82 @@
+"""Every error runwire raises on purpose, under one base, each saying what went wrong and where."""
+
+
+class RunwireError(Exception):
+    """Base of all runwire errors; its message is meant for the person reading it."""
+
+    code = "error"
+
+
+class ConfigError(RunwireError):
+    """The configuration file is missing, unreadable or invalid (names file, key, expectation)."""
+
+    code = "bad_config"
+
+
+class InvalidRunId(RunwireError):
+    """A run id does not match the contract's pattern."""
+
+    code = "invalid_run_id"
+
+
+class UnknownPipeline(RunwireError):
+    """A pipeline name that the configuration does not define."""
+
+    code = "unknown_pipeline"
+
+
+class BadParams(RunwireError):
+    """Launch parameters that do not fit the pipeline's declared parameters."""
+
+    code = "bad_params"
+
+
+class JournalError(RunwireError):
+    """A journal file could not be opened, locked, repaired or appended to."""
+
+    code = "journal_error"
+
+
+class RunEnded(JournalError):
+    """An append to a journal whose run already has its terminal event."""
+
+    code = "run_ended"
+
+
+class ProtocolError(RunwireError):
+    """A message on a control socket that is not a valid request or reply."""
+
+    code = "bad_request"
+
+
+class ServiceUnavailable(RunwireError):
+    """A service did not answer on its control socket within the timeout."""
+
+    code = "unavailable"
+
+
+class NotFound(RunwireError):
+    """A run or schedule that does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(RunwireError):
+    """An operation that the current state does not allow (e.g. cancel of an ended run)."""
+
+    code = "conflict"
+
+
+class InternalError(RunwireError):
+    """A service failed while handling a request; its log has the traceback."""
+
+    code = "internal"
+
+
+ERRORS_BY_CODE: dict[str, type[RunwireError]] = {
+    cls.code: cls
+    for cls in (
+        ConfigError, InvalidRunId, UnknownPipeline, BadParams, JournalError, RunEnded,
+        ProtocolError, ServiceUnavailable, NotFound, Conflict, InternalError,
+    )
+}

@@ -1,0 +1,118 @@
+"""A run's state, derived from its events alone (the journal is the truth): status, times, stages,
+fan-out items and latest metrics. The gateway, the scheduler's recovery and the CLI all fold events
+through `RunState.apply`, so there is one meaning of "running" or "failed".
+
+Conventions the runner follows (and this module reads):
+- pipeline `queued` carries data {pipeline, params, trigger, schedule?, slot?};
+- pipeline `start` marks the run running; the terminal pipeline event ends it;
+- a stage's `start`/`success`/`failure`/`skipped`/`cancelled` without `data.item` is the stage's own;
+  with `data.item` it is one fan-out item's (e.g. {"item": "ES"});
+- a `metric` event's data updates the stage's latest metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import msgspec
+
+from .events import PIPELINE_STAGE, TERMINAL_KINDS, Event
+
+RunStatus = Literal["queued", "running", "success", "failure", "cancelled"]
+RUN_STATUSES: tuple[str, ...] = RunStatus.__args__  # type: ignore[attr-defined]
+_STAGE_STATUS = {"start": "running", "success": "success", "failure": "failure", "skipped": "skipped", "cancelled": "cancelled"}
+
+
+class ItemState(msgspec.Struct, omit_defaults=True):
+    status: str = "running"
+    started_at: str | None = None
+    ended_at: str | None = None
+    msg: str = ""
+
+
+class StageState(msgspec.Struct, omit_defaults=True):
+    name: str
+    status: str = "pending"
+    started_at: str | None = None
+    ended_at: str | None = None
+    msg: str = ""
+    metrics: dict[str, Any] = {}
+    items: dict[str, ItemState] = {}
+
+
+class RunState(msgspec.Struct, omit_defaults=True):
+    run_id: str
+    status: RunStatus = "queued"
+    pipeline: str = ""
+    params: dict[str, Any] = {}
+    trigger: str = "manual"
+    schedule: str | None = None
+    slot: str | None = None
+    queued_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    msg: str = ""
+    last_seq: int = 0
+    stages: dict[str, StageState] = {}
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL_KINDS
+
+    def apply(self, ev: Event) -> None:
+        """Fold one event in; events must come in seq order."""
+        self.last_seq = ev.seq
+        data = ev.data or {}
+        if ev.stage == PIPELINE_STAGE:
+            if ev.event == "queued":
+                self.queued_at = ev.timestamp
+                self.pipeline = str(data.get("pipeline", self.pipeline))
+                params = data.get("params")
+                if isinstance(params, dict):
+                    self.params = params
+                self.trigger = str(data.get("trigger", self.trigger))
+                self.schedule = data.get("schedule") or self.schedule
+                self.slot = data.get("slot") or self.slot
+            elif ev.event == "start":
+                self.status = "running"
+                self.started_at = ev.timestamp
+            elif ev.event in TERMINAL_KINDS:
+                self.status = ev.event  # type: ignore[assignment]
+                self.ended_at = ev.timestamp
+                self.msg = ev.msg
+            return
+        stage = self.stages.get(ev.stage)
+        if stage is None:
+            stage = self.stages[ev.stage] = StageState(name=ev.stage)
+        if ev.event == "metric":
+            stage.metrics = {**stage.metrics, **data}
+            return
+        status = _STAGE_STATUS.get(ev.event)
+        if status is None:
+            return
+        item = data.get("item")
+        if item is not None:
+            it = stage.items.get(str(item))
+            if it is None:
+                it = stage.items[str(item)] = ItemState()
+            it.status = status
+            if ev.event == "start":
+                it.started_at = ev.timestamp
+            else:
+                it.ended_at = ev.timestamp
+                it.msg = ev.msg
+            return
+        stage.status = status
+        if ev.event == "start":
+            stage.started_at = ev.timestamp
+        else:
+            stage.ended_at = ev.timestamp
+            stage.msg = ev.msg
+
+
+def fold(run_id: str, events: Iterable[Event]) -> RunState:
+    state = RunState(run_id=run_id)
+    for ev in events:
+        state.apply(ev)
+    return state

@@ -1,0 +1,80 @@
+"""ZeroMQ framing of the event stream: topics, payloads, and the runner's heartbeat.
+
+Event messages are two frames: `ev/<run_id>/<stage>/<event>` (UTF-8) and the event as a MessagePack map.
+Heartbeats are two frames too: `hb/<runner_id>` and a MessagePack `Heartbeat`, so a subscriber that
+subscribes to `ev/` alone never sees them, and one that subscribes to `hb/` learns each active run's
+last seq (a lost tail shows as a heartbeat seq above the last event it received).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import zmq
+
+from .events import Event, msgpack_decoder, msgpack_encoder
+from .errors import ProtocolError
+
+EVENT_TOPIC_PREFIX = b"ev/"
+HEARTBEAT_TOPIC_PREFIX = b"hb/"
+
+
+def event_topic(ev: Event) -> bytes:
+    return f"ev/{ev.run_id}/{ev.stage}/{ev.event}".encode()
+
+
+def run_topic_prefix(run_id: str) -> bytes:
+    """Subscribe to this to receive exactly one run's events."""
+    return f"ev/{run_id}/".encode()
+
+
+def encode_event_frames(ev: Event) -> list[bytes]:
+    return [event_topic(ev), msgpack_encoder.encode(ev)]
+
+
+def decode_event_payload(payload: bytes) -> Event:
+    try:
+        return msgpack_decoder.decode(payload)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"bad event payload ({len(payload)} bytes): {e}") from e
+
+
+class Heartbeat(msgspec.Struct, omit_defaults=True):
+    """The runner's periodic proof of life on its PUB socket."""
+
+    runner_id: str
+    timestamp: str
+    journal_dir: str
+    config_path: str
+    # run_id -> last seq written to the journal (and published) for every run this runner owns now
+    runs: dict[str, int] = {}
+    interval: float = 1.0
+
+
+_hb_encoder = msgspec.msgpack.Encoder()
+_hb_decoder = msgspec.msgpack.Decoder(Heartbeat)
+
+
+def heartbeat_topic(runner_id: str) -> bytes:
+    return f"hb/{runner_id}".encode()
+
+
+def encode_heartbeat_frames(hb: Heartbeat) -> list[bytes]:
+    return [heartbeat_topic(hb.runner_id), _hb_encoder.encode(hb)]
+
+
+def decode_heartbeat_payload(payload: bytes) -> Heartbeat:
+    try:
+        return _hb_decoder.decode(payload)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"bad heartbeat payload ({len(payload)} bytes): {e}") from e
+
+
+def configure_socket(sock: zmq.Socket[Any], *, sndhwm: int | None = None, rcvhwm: int | None = None) -> None:
+    """Set linger 0 and explicit high-water marks (never rely on the library's defaults)."""
+    sock.setsockopt(zmq.LINGER, 0)
+    if sndhwm is not None:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+    if rcvhwm is not None:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)

@@ -1,0 +1,155 @@
+"""Test harness: configs with free loopback ports, and the services as real subprocesses.
+
+Each service logs `<service> ready` once every socket it owns is bound or connected; `Service.start`
+waits for that line, so a test never races a bind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Ports:
+    control: int = field(default_factory=free_port)
+    dispatch: int = field(default_factory=free_port)
+    publish: int = field(default_factory=free_port)
+    runner_control: int = field(default_factory=free_port)
+    http: int = field(default_factory=free_port)
+
+
+SLEEP_PIPELINE = """
+[pipelines.sleepy]
+description = "one stage that sleeps"
+[pipelines.sleepy.params.seconds]
+type = "float"
+default = 0.2
+[[pipelines.sleepy.stages]]
+name = "nap"
+command = ["{python}", "-c", "import time,sys; print('napping'); sys.stdout.flush(); time.sleep({seconds})"]
+timeout = 60
+"""
+
+
+def write_config(
+    tmp: Path,
+    body: str = SLEEP_PIPELINE,
+    *,
+    ports: Ports | None = None,
+    home: Path | None = None,
+    scheduler: str = "",
+    runner: str = "",
+    gateway: str = "",
+    timezone: str = "America/Chicago",
+) -> tuple[Path, Ports]:
+    """A runwire.toml in `tmp` with free ports; `body` holds pipelines and schedules ({python} is
+    replaced by this interpreter). Extra lines for each service table go in scheduler/runner/gateway."""
+    ports = ports or Ports()
+    home = home or (tmp / "home")
+    text = f"""
+home = "{home}"
+timezone = "{timezone}"
+log_level = "DEBUG"
+
+[scheduler]
+control = "tcp://127.0.0.1:{ports.control}"
+dispatch = "tcp://127.0.0.1:{ports.dispatch}"
+runner_lost_after = 3.0
+{scheduler}
+
+[runner]
+publish = "tcp://127.0.0.1:{ports.publish}"
+control = "tcp://127.0.0.1:{ports.runner_control}"
+heartbeat_interval = 0.5
+kill_grace = 1.0
+{runner}
+
+[gateway]
+host = "127.0.0.1"
+port = {ports.http}
+runners = ["tcp://127.0.0.1:{ports.publish}"]
+{gateway}
+""" + body.replace("{python}", sys.executable.replace("\\", "/"))
+    path = tmp / "runwire.toml"
+    path.write_text(text)
+    return path, ports
+
+
+class Service:
+    """One service (`python -m <module> --config <path>`) as a subprocess, its output in a log file."""
+
+    def __init__(self, module: str, config: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.module = module
+        self.config = config
+        self.log_path = log_dir / f"{module}.{int(time.time() * 1000)}.log"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        for var in ("RUNWIRE_HOME", "RUNWIRE_CONFIG", "RUNWIRE_TOKEN"):
+            if var not in (env or {}):
+                self.env.pop(var, None)  # the outer shell's settings must not leak into a test
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> Service:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, "--config", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO),
+            start_new_session=True,
+        )
+        if wait_ready:
+            self.wait_for(rf"{self.module.removesuffix('_svc')} ready", timeout)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        end = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < end:
+            m = rx.search(self.output())
+            if m:
+                return m
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.module} exited ({self.proc.returncode}) before {pattern!r}:\n{self.output()[-4000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.module}: no {pattern!r} within {timeout}s:\n{self.output()[-4000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then wait; SIGKILL the whole group if it does not end in time (and fail loudly)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            raise AssertionError(f"{self.module} did not stop within {timeout}s of SIGTERM:\n{self.output()[-4000:]}") from None
+        finally:
+            self._log.close()
