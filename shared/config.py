@@ -36,6 +36,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
 class SchedulerConfig(_Strict):
     control: str = "tcp://127.0.0.1:5555"  # ROUTER for the gateway and the CLI
     dispatch: str = "tcp://127.0.0.1:5557"  # ROUTER that runners connect to
+    publish: str = "tcp://127.0.0.1:5559"  # PUB of the events the scheduler writes (queued, ends it decides)
     max_concurrent_runs: int = 4
     runner_lost_after: float = 10.0  # seconds without a runner heartbeat before its runs fail
     request_timeout: float = 5.0
@@ -56,7 +57,8 @@ class RunnerConfig(_Strict):
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = 8080
-    runners: list[str] = msgspec.field(default_factory=lambda: ["tcp://127.0.0.1:5556"])  # PUB endpoints
+    # PUB endpoints to subscribe to: every runner's and the scheduler's
+    subscribe: list[str] = msgspec.field(default_factory=lambda: ["tcp://127.0.0.1:5556", "tcp://127.0.0.1:5559"])
     client_queue_events: int = 20_000
     client_queue_bytes: int = 16 * 1024 * 1024
     send_timeout: float = 10.0
@@ -97,6 +99,7 @@ class StageConfig(_Strict):
 
 class PipelineConfig(_Strict, kw_only=True):
     description: str = ""
+    max_concurrent: int = 1  # runs of this pipeline at once (beyond it, runs wait queued)
     params: dict[str, ParamSpec] = {}
     stages: list[StageConfig]
 
@@ -396,6 +399,7 @@ def endpoints_of(settings: Settings) -> dict[str, str]:
     return {
         "scheduler.control": c.scheduler.control,
         "scheduler.dispatch": c.scheduler.dispatch,
+        "scheduler.publish": c.scheduler.publish,
         "runner.publish": c.runner.publish,
         "runner.control": c.runner.control,
         "gateway.http": f"http://{c.gateway.host}:{c.gateway.port}",

@@ -1,6 +1,8 @@
 """ZeroMQ framing of the event stream: topics, payloads, and the runner's heartbeat.
 
 Event messages are two frames: `ev/<run_id>/<stage>/<event>` (UTF-8) and the event as a MessagePack map.
+Both the runner and the scheduler publish, each the events it writes to journals (the scheduler:
+`queued`, and the ends it decides itself: cancel while queued, runner lost, skipped slots).
 Heartbeats are two frames too: `hb/<runner_id>` and a MessagePack `Heartbeat`, so a subscriber that
 subscribes to `ev/` alone never sees them, and one that subscribes to `hb/` learns each active run's
 last seq (a lost tail shows as a heartbeat seq above the last event it received).
@@ -41,15 +43,16 @@ def decode_event_payload(payload: bytes) -> Event:
 
 
 class Heartbeat(msgspec.Struct, omit_defaults=True):
-    """The runner's periodic proof of life on its PUB socket."""
+    """A publisher's periodic proof of life on its PUB socket (runners, and the scheduler too)."""
 
-    runner_id: str
+    runner_id: str  # the publisher's id; "scheduler" for the scheduler
     timestamp: str
     journal_dir: str
     config_path: str
     # run_id -> last seq written to the journal (and published) for every run this runner owns now
     runs: dict[str, int] = {}
     interval: float = 1.0
+    service: str = "runner"  # "runner" or "scheduler"
 
 
 _hb_encoder = msgspec.msgpack.Encoder()

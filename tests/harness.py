@@ -29,6 +29,7 @@ def free_port() -> int:
 class Ports:
     control: int = field(default_factory=free_port)
     dispatch: int = field(default_factory=free_port)
+    scheduler_publish: int = field(default_factory=free_port)
     publish: int = field(default_factory=free_port)
     runner_control: int = field(default_factory=free_port)
     http: int = field(default_factory=free_port)
@@ -70,12 +71,14 @@ log_level = "DEBUG"
 [scheduler]
 control = "tcp://127.0.0.1:{ports.control}"
 dispatch = "tcp://127.0.0.1:{ports.dispatch}"
+publish = "tcp://127.0.0.1:{ports.scheduler_publish}"
 runner_lost_after = 3.0
 {scheduler}
 
 [runner]
 publish = "tcp://127.0.0.1:{ports.publish}"
 control = "tcp://127.0.0.1:{ports.runner_control}"
+id = "test-runner"
 heartbeat_interval = 0.5
 kill_grace = 1.0
 {runner}
@@ -83,7 +86,7 @@ kill_grace = 1.0
 [gateway]
 host = "127.0.0.1"
 port = {ports.http}
-runners = ["tcp://127.0.0.1:{ports.publish}"]
+subscribe = ["tcp://127.0.0.1:{ports.publish}", "tcp://127.0.0.1:{ports.scheduler_publish}"]
 {gateway}
 """ + body.replace("{python}", sys.executable.replace("\\", "/"))
     path = tmp / "runwire.toml"
