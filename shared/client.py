@@ -1,0 +1,116 @@
+"""The gateway's HTTP and WebSocket API from a program's side: what the CLI (and doctor) speak.
+
+Errors come back as the RunwireError the gateway named (`{"error": {"code", "message"}}`), and a gateway
+that does not answer is a ServiceUnavailable naming its URL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from .config import Settings
+from .errors import ERRORS_BY_CODE, RunwireError, ServiceUnavailable
+from .events import Event
+
+GATEWAY_URL_ENV = "RUNWIRE_GATEWAY_URL"
+
+_frame_decoder = msgspec.json.Decoder()
+
+
+def gateway_url(settings: Settings | None, explicit: str | None = None) -> str:
+    """--gateway, else RUNWIRE_GATEWAY_URL, else the config's gateway host and port."""
+    if explicit:
+        return explicit.rstrip("/")
+    env = os.environ.get(GATEWAY_URL_ENV)
+    if env:
+        return env.rstrip("/")
+    if settings is None:
+        return "http://127.0.0.1:8080"
+    g = settings.config.gateway
+    host = "127.0.0.1" if g.host in ("0.0.0.0", "") else g.host
+    return f"http://{host}:{g.port}"
+
+
+class GatewayClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.base_url = base_url
+        self.token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> GatewayClient:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "use `async with GatewayClient(...)`"
+        return self._session
+
+    async def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        url = self.base_url + path
+        try:
+            async with self.session.request(method, url, json=json, params=params) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientConnectionError, TimeoutError) as e:
+            raise ServiceUnavailable(f"gateway not reachable at {self.base_url} ({e or type(e).__name__}); is it running? try `runwire doctor`") from e
+        try:
+            data = _frame_decoder.decode(body) if body else None
+        except msgspec.DecodeError:
+            data = None
+        if status >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            if isinstance(err, dict):
+                cls = ERRORS_BY_CODE.get(str(err.get("code")), RunwireError)
+                raise cls(f"{err.get('message')} (HTTP {status} from {method} {path})")
+            raise RunwireError(f"HTTP {status} from {method} {path}: {body[:200]!r}")
+        return data
+
+    async def get(self, path: str, **params: Any) -> Any:
+        return await self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    async def post(self, path: str, json: Any = None) -> Any:
+        return await self.request("POST", path, json=json if json is not None else {})
+
+    def ws_url(self, path: str, **params: Any) -> str:
+        base = "ws" + self.base_url[len("http"):] if self.base_url.startswith("http") else self.base_url
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        if self.token:
+            query["token"] = self.token
+        qs = "&".join(f"{k}={aiohttp.helpers.quote(v, safe='')}" for k, v in query.items())
+        return f"{base}{path}" + (f"?{qs}" if qs else "")
+
+    async def frames(self, path: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """The JSON frames of one WebSocket connection, until the server closes it.
+
+        An `events` frame's `events` are decoded into `Event`s. A close other than 1000 raises
+        ServiceUnavailable with the code, so the caller reconnects with its cursor.
+        """
+        url = self.ws_url(path, **params)
+        try:
+            ws = await self.session.ws_connect(url, heartbeat=20)
+        except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError, TimeoutError) as e:
+            raise ServiceUnavailable(f"cannot open {path} on {self.base_url}: {e}") from e
+        async with ws:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    frame = _frame_decoder.decode(msg.data)
+                    if isinstance(frame, dict) and frame.get("type") == "events":
+                        frame["events"] = msgspec.convert(frame.get("events", []), list[Event])
+                    yield frame
+                elif msg.type in (aiohttp.WSMsgType.ERROR,):
+                    raise ServiceUnavailable(f"WebSocket {path} failed: {ws.exception()}")
+            code = ws.close_code
+        if code not in (None, 1000):
+            raise ServiceUnavailable(f"WebSocket {path} closed with {code}")
