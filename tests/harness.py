@@ -156,3 +156,30 @@ class Service:
             raise AssertionError(f"{self.module} did not stop within {timeout}s of SIGTERM:\n{self.output()[-4000:]}") from None
         finally:
             self._log.close()
+
+
+def demo_config(tmp: Path, *, ports: Ports | None = None, home: Path | None = None, schedules: bool = False) -> tuple[Path, Ports]:
+    """The repo's own runwire.toml (the demo pipeline) with free ports and a home in `tmp`.
+
+    Schedules are dropped unless asked for, so a test decides when runs happen.
+    """
+    ports = ports or Ports()
+    text = (REPO / "runwire.toml").read_text()
+    subs = {
+        r'(?m)^home = "[^"]*"': f'home = "{home or (tmp / "home")}"',
+        r'(?m)^control = "tcp://127.0.0.1:5555"': f'control = "tcp://127.0.0.1:{ports.control}"',
+        r'(?m)^dispatch = "tcp://127.0.0.1:5557"': f'dispatch = "tcp://127.0.0.1:{ports.dispatch}"',
+        r'(?m)^publish = "tcp://127.0.0.1:5559"': f'publish = "tcp://127.0.0.1:{ports.scheduler_publish}"',
+        r'(?m)^publish = "tcp://127.0.0.1:5556"': f'publish = "tcp://127.0.0.1:{ports.publish}"',
+        r'(?m)^control = "tcp://127.0.0.1:5558"': f'control = "tcp://127.0.0.1:{ports.runner_control}"',
+        r"(?m)^port = 8080": f"port = {ports.http}",
+        r'(?m)^subscribe = \[[^\]]*\]': f'subscribe = ["tcp://127.0.0.1:{ports.publish}", "tcp://127.0.0.1:{ports.scheduler_publish}"]',
+    }
+    for pattern, repl in subs.items():
+        text, n = re.subn(pattern, lambda _m, r=repl: r, text)
+        assert n == 1, f"runwire.toml changed shape: {pattern!r} matched {n} times"
+    if not schedules:
+        text = text[: text.index("[schedules.")] if "[schedules." in text else text
+    path = tmp / "runwire.toml"
+    path.write_text(text)
+    return path, ports

@@ -1,0 +1,68 @@
+"""`runwire doctor` against real services: passes on a healthy trio, and names the failing part when
+the runner is down, when the gateway reads another journal directory, and when the scheduler is down."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.harness import Service, write_config
+
+RUNWIRE = str(Path(sys.executable).parent / "runwire")
+
+
+def _doctor(cfg: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([RUNWIRE, "doctor", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+
+
+def _line(out: str, check: str) -> str:
+    for line in out.splitlines():
+        if f"  {check}:" in line:
+            return line
+    raise AssertionError(f"no {check!r} line in:\n{out}")
+
+
+def test_doctor_passes_on_a_healthy_trio(tmp_path: Path, services: list[Service]) -> None:
+    cfg, _ = write_config(tmp_path)
+    for module in ("scheduler_svc", "runner_svc", "gateway_svc"):
+        services.append(Service(module, cfg, tmp_path).start())
+    result = _doctor(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+    assert _line(result.stdout, "probe event").startswith("PASS")
+    for check in ("config", "journal writable", "scheduler reachable", "runner reachable", "gateway healthy"):
+        assert _line(result.stdout, check).startswith("PASS")
+
+
+def test_doctor_names_the_runner_when_it_is_down(tmp_path: Path, services: list[Service]) -> None:
+    cfg, _ = write_config(tmp_path)
+    for module in ("scheduler_svc", "gateway_svc"):
+        services.append(Service(module, cfg, tmp_path).start())
+    result = _doctor(cfg)
+    assert result.returncode == 1
+    assert _line(result.stdout, "runner reachable").startswith("FAIL")
+    assert _line(result.stdout, "scheduler reachable").startswith("PASS")
+    assert _line(result.stdout, "probe event").startswith("FAIL")
+
+
+def test_doctor_names_the_scheduler_when_it_is_down(tmp_path: Path, services: list[Service]) -> None:
+    cfg, _ = write_config(tmp_path)
+    for module in ("runner_svc", "gateway_svc"):
+        services.append(Service(module, cfg, tmp_path).start())
+    result = _doctor(cfg)
+    assert result.returncode == 1
+    assert _line(result.stdout, "scheduler reachable").startswith("FAIL")
+    assert _line(result.stdout, "runner reachable").startswith("PASS")
+
+
+def test_doctor_names_a_gateway_reading_another_journal_directory(tmp_path: Path, services: list[Service]) -> None:
+    cfg, _ = write_config(tmp_path)
+    for module in ("scheduler_svc", "runner_svc"):
+        services.append(Service(module, cfg, tmp_path).start())
+    other = tmp_path / "elsewhere"
+    services.append(Service("gateway_svc", cfg, tmp_path, env={"RUNWIRE_HOME": str(other)}).start())
+    result = _doctor(cfg)
+    assert result.returncode == 1, result.stdout
+    bad = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert any("gateway" in line and str(other) in line for line in bad), result.stdout
