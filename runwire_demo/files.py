@@ -1,0 +1,64 @@
+"""What the demo stages share: their folders under `<home>/data/`, the bar schema, the error they raise,
+and the write-to-temp-then-rename that makes an output file appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from shared.errors import RunwireError
+
+TZ = "America/Chicago"
+BAR_SCHEMA: dict[str, pl.DataType] = {
+    "timestamp": pl.Datetime("us", TZ),
+    "open": pl.Float64(),
+    "high": pl.Float64(),
+    "low": pl.Float64(),
+    "close": pl.Float64(),
+    "volume": pl.Int64(),
+}
+TMP_SUFFIX = ".tmp"  # never matches the stages' `*.parquet` / `*.csv` globs
+
+
+class DemoDataError(RunwireError):
+    """Input data of a demo stage is malformed or an output failed verification (names the file)."""
+
+    code = "bad_data"
+
+
+def raw_dir(data_dir: Path) -> Path:
+    return data_dir / "raw"
+
+
+def processed_dir(data_dir: Path) -> Path:
+    return data_dir / "processed"
+
+
+def analyzer_runs_dir(data_dir: Path) -> Path:
+    return data_dir / "analyzer_runs"
+
+
+def temp_path(target: Path) -> Path:
+    return target.with_name(target.name + TMP_SUFFIX)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, target: Path) -> None:
+    """Put a written and verified temp file in place; durable before any input is deleted."""
+    fsync_file(tmp)
+    os.replace(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
