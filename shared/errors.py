@@ -67,6 +67,12 @@ class Conflict(RunwireError):
     code = "conflict"
 
 
+class BadCommand(RunwireError):
+    """A command stage's argv names a placeholder that has no value (runner)."""
+
+    code = "bad_command"
+
+
 class InternalError(RunwireError):
     """A service failed while handling a request; its log has the traceback."""
 
@@ -77,6 +83,6 @@ ERRORS_BY_CODE: dict[str, type[RunwireError]] = {
     cls.code: cls
     for cls in (
         ConfigError, InvalidRunId, UnknownPipeline, BadParams, JournalError, RunEnded,
-        ProtocolError, ServiceUnavailable, NotFound, Conflict, InternalError,
+        ProtocolError, ServiceUnavailable, NotFound, Conflict, BadCommand, InternalError,
     )
 }

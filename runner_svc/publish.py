@@ -1,0 +1,115 @@
+"""The runner's event stream: a PUB socket that sends each event only after it is in the journal, and
+`RunJournal`, the one path by which a run's events are written (journal first) and then published."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from shared.events import Event
+from shared.journal import JournalWriter
+from shared.wire import Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
+
+log = logging.getLogger(__name__)
+
+_DROP_WARN_EVERY = 5.0  # seconds between warnings about dropped messages
+
+
+class Publisher:
+    """Sends on a bound PUB socket without ever blocking; a full queue counts a drop (subscribers
+    find the gap by seq and refill from the journal) and warns, rate-limited."""
+
+    def __init__(self, sock: zmq.Socket[Any], endpoint: str) -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+        self.sent = 0
+        self.dropped = 0
+        self._last_warn = 0.0
+        self._dropped_at_warn = 0
+
+    @classmethod
+    def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int) -> Publisher:
+        # A plain (not asyncio) socket: a PUB send with NOBLOCK never waits, so nothing is gained by
+        # awaiting it, and the hot path stays a direct call.
+        sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.PUB)
+        configure_socket(sock, sndhwm=send_hwm)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise OSError(f"runner.publish: cannot bind PUB socket on {endpoint}: {e}") from e
+        return cls(sock, endpoint)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def send(self, frames: list[bytes]) -> bool:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_warn >= _DROP_WARN_EVERY:
+                log.warning(
+                    "PUB %s: send queue full (SNDHWM): %d messages dropped so far (%d since last warning); "
+                    "subscribers recover them from the journal",
+                    self.endpoint, self.dropped, self.dropped - self._dropped_at_warn,
+                )
+                self._last_warn = now
+                self._dropped_at_warn = self.dropped
+            return False
+        self.sent += 1
+        return True
+
+    def publish_event(self, ev: Event) -> bool:
+        return self.send(encode_event_frames(ev))
+
+    def publish_heartbeat(self, hb: Heartbeat) -> bool:
+        return self.send(encode_heartbeat_frames(hb))
+
+
+class RunJournal:
+    """A run's journal writer plus publication: `emit` appends, waits until the event is as durable as
+    configured, then publishes every event up to it in seq order. After `release()` nothing more is
+    written (the scheduler has ended the run and owns its journal's last word)."""
+
+    def __init__(self, writer: JournalWriter, publisher: Publisher) -> None:
+        self.writer = writer
+        self.publisher = publisher
+        self.released = False
+        self.published_seq = writer.last_seq
+        self._pending: deque[Event] = deque()
+
+    @property
+    def run_id(self) -> str:
+        return self.writer.run_id
+
+    @property
+    def ended(self) -> bool:
+        return self.writer.ended
+
+    async def emit(self, stage: str, event: str, msg: str = "", data: dict[str, Any] | None = None) -> Event | None:
+        """Journal one event, then publish it. Returns None (writes nothing) once released."""
+        if self.released:
+            return None
+        ev = self.writer.append(stage, event, msg, data)
+        self._pending.append(ev)
+        await self.writer.wait_durable(ev.seq)
+        # Events reach here in append order only when nothing awaits in between (flush mode); in fsync
+        # mode several emitters wait for one group commit, so publish strictly in seq order from the queue.
+        pending = self._pending
+        while pending and pending[0].seq <= ev.seq:
+            out = pending.popleft()
+            self.publisher.publish_event(out)
+            self.published_seq = out.seq
+        return ev
+
+    def release(self) -> None:
+        self.released = True
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,73 @@
+"""Start-up recovery: a run this runner was executing when it died (its journal's `start` names this
+runner, its last event is not terminal, nobody holds its lock) gets a terminal `failure` saying so, and
+whatever its stages left running is killed. No run stays "running" forever."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from shared.errors import JournalError
+from shared.events import PIPELINE_STAGE, Event
+from shared.journal import JournalReader, JournalWriter, journal_path, list_run_ids
+
+from .procs import kill_orphans
+from .publish import Publisher, RunJournal
+
+log = logging.getLogger(__name__)
+
+_HEAD_BYTES = 64 * 1024  # `start` is the second line of a journal: the head is enough to find it
+
+
+@dataclass
+class Recovered:
+    run_id: str
+    attempt: int
+    last_seq: int
+
+
+def _start_event(reader: JournalReader) -> Event | None:
+    events, _ = reader.read_chunk(0, 0, _HEAD_BYTES)
+    for ev in events:
+        if ev.stage == PIPELINE_STAGE and ev.event == "start":
+            return ev
+    return None
+
+
+async def recover_interrupted_runs(
+    journal_dir: Path, runner_id: str, tz: ZoneInfo, publisher: Publisher,
+    durability: str = "flush", group_commit_ms: float = 5.0,
+) -> list[Recovered]:
+    out: list[Recovered] = []
+    for run_id in list_run_ids(journal_dir):
+        path = journal_path(journal_dir, run_id)
+        reader = JournalReader(path, run_id)
+        last = reader.last_event()
+        if last is None or last.is_terminal:
+            continue
+        start = _start_event(reader)
+        if start is None or (start.data or {}).get("runner") != runner_id:
+            continue  # queued only (the scheduler's), or another runner's run
+        try:
+            writer = JournalWriter.open(journal_dir, run_id, tz, durability, group_commit_ms)  # type: ignore[arg-type]
+        except JournalError as e:
+            log.warning("run %s: interrupted run of this runner not recovered now: %s", run_id, e)
+            continue
+        journal = RunJournal(writer, publisher)
+        try:
+            if writer.ended:
+                continue  # ended by someone else between our read and the lock
+            killed = kill_orphans(run_id)
+            if killed:
+                log.warning("run %s: killed %d process(es) left running by the previous runner: %s", run_id, len(killed), killed)
+            attempt = int((start.data or {}).get("attempt", 1))
+            last_seq = writer.last_seq
+            msg = f"runner {runner_id} restarted: run interrupted (last seq {last_seq})"
+            await journal.emit(PIPELINE_STAGE, "failure", msg, {"runner": runner_id, "attempt": attempt, "last_seq": last_seq})
+            log.warning("run %s: %s; terminal failure written to %s", run_id, msg, path)
+            out.append(Recovered(run_id, attempt, last_seq))
+        finally:
+            journal.close()
+    return out

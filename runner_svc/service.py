@@ -1,0 +1,378 @@
+"""The runner service: its sockets (PUB events, DEALER to the scheduler, control ROUTER), the runs it
+executes, heartbeats, start-up recovery and a clean shutdown, all in one anyio task group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+import zmq
+import zmq.asyncio
+from anyio.abc import TaskStatus
+
+from shared import __version__
+from shared.config import Settings, endpoints_of, resolve_params
+from shared.control import Identity, IdentityInfo, Probe, serve_requests
+from shared.dispatch import (
+    CancelRun,
+    DispatchRun,
+    ReleaseRun,
+    RunAccepted,
+    RunFinished,
+    RunnerStatus,
+    RunRejected,
+    encode as encode_dispatch,
+    from_scheduler_decoder,
+)
+from shared.errors import BadParams, JournalError, ProtocolError, RunwireError, UnknownPipeline
+from shared.events import PIPELINE_STAGE, now_timestamp
+from shared.ids import check_run_id, new_run_id
+from shared.journal import JournalWriter, begin_run
+from shared.wire import Heartbeat, configure_socket
+
+from .execute import RunExecution
+from .publish import Publisher, RunJournal
+from .recovery import recover_interrupted_runs
+from .report import RunReport, write_report
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_REASON = "runner shutting down"
+
+
+def default_runner_id() -> str:
+    """The host name, made fit for an id: stable across restarts, so a restarted runner knows its runs."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "runner"
+    if not name[0].isalnum():
+        name = "r" + name
+    return name[:64]
+
+
+@dataclass
+class ActiveRun:
+    run_id: str
+    attempt: int
+    pipeline: str
+    journal: RunJournal
+    report: RunReport
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    cancel_reason: str | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def cancel(self, reason: str) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.scope.cancel()
+
+
+class RunnerService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg = settings.config.runner
+        self.runner_id = self.cfg.id or default_runner_id()
+        self.runs: dict[str, ActiveRun] = {}
+        self.shutting_down = False
+        self.publisher: Publisher | None = None
+        self._dispatch: zmq.asyncio.Socket | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.dispatch_dropped = 0
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> None:
+        s = self.settings
+        log.info("runner %s (pid %d) starting: config %s", self.runner_id, os.getpid(), s.path)
+        log.info("journal directory %s", s.journal_dir)
+        s.journal_dir.mkdir(parents=True, exist_ok=True)
+        ctx = zmq.asyncio.Context()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self._signals)
+                self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm)
+                log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
+                await tg.start(self._control_loop, ctx)
+                recovered = await recover_interrupted_runs(
+                    s.journal_dir, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
+                )
+                if recovered:
+                    log.warning("recovered %d interrupted run(s): %s", len(recovered), ", ".join(r.run_id for r in recovered))
+                await tg.start(self._dispatch_loop, ctx)
+                for r in recovered:  # the scheduler learns of each as an ordinary end
+                    await self._send(RunFinished(runner_id=self.runner_id, run_id=r.run_id, attempt=r.attempt, outcome="failure"))
+                tg.start_soon(self._heartbeat_loop)
+                log.info("runner ready")
+        finally:
+            if self.publisher is not None:
+                self.publisher.close()
+            ctx.term()
+            log.info("runner stopped (events published %d, dropped %d)",
+                     self.publisher.sent if self.publisher else 0, self.publisher.dropped if self.publisher else 0)
+
+    async def _signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("received %s: cancelling %d active run(s), then stopping", signal.Signals(signum).name, len(self.runs))
+                self.shutting_down = True
+                await self._cancel_all(SHUTDOWN_REASON)
+                assert self._tg is not None
+                self._tg.cancel_scope.cancel()
+                return
+
+    async def _cancel_all(self, reason: str) -> None:
+        runs = list(self.runs.values())
+        for run in runs:
+            run.cancel(reason)
+        # each run ends its process groups (TERM, kill_grace, KILL) and writes its terminal event
+        with anyio.move_on_after(self.cfg.kill_grace + 10) as scope:
+            for run in runs:
+                await run.done.wait()
+        if scope.cancelled_caught:
+            log.error("runs still ending %.0fs after cancel: %s", self.cfg.kill_grace + 10,
+                      ", ".join(r.run_id for r in runs if not r.done.is_set()))
+
+    # ------------------------------------------------------------------------------------ heartbeat
+
+    def _status(self) -> RunnerStatus:
+        s = self.settings
+        return RunnerStatus(
+            runner_id=self.runner_id, capacity=self.cfg.capacity, pid=os.getpid(), version=__version__,
+            config_path=str(s.path), journal_dir=str(s.journal_dir), publish=self.cfg.publish,
+            control=self.cfg.control, runs={r.run_id: r.attempt for r in self.runs.values()},
+        )
+
+    def _heartbeat(self) -> Heartbeat:
+        s = self.settings
+        return Heartbeat(
+            runner_id=self.runner_id, timestamp=now_timestamp(s.tz), journal_dir=str(s.journal_dir),
+            config_path=str(s.path), runs={r.run_id: r.journal.published_seq for r in self.runs.values()},
+            interval=self.cfg.heartbeat_interval, service="runner",
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.publisher is not None
+        interval = min(self.cfg.heartbeat_interval, 2.0)
+        while True:
+            self.publisher.publish_heartbeat(self._heartbeat())
+            await self._send(self._status())
+            await anyio.sleep(interval)
+
+    # ------------------------------------------------------------------------------------- dispatch
+
+    async def _send(self, msg: msgspec.Struct) -> None:
+        """To the scheduler, never blocking: a full queue (scheduler away) drops and says so."""
+        sock = self._dispatch
+        if sock is None:
+            log.warning("dispatch socket closed: %s not sent to the scheduler", type(msg).__name__)
+            return
+        try:
+            await sock.send(encode_dispatch(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.dispatch_dropped += 1
+            log.warning("dispatch %s: send queue full (scheduler away?): %s dropped (%d so far)",
+                        self.settings.config.scheduler.dispatch, type(msg).__name__, self.dispatch_dropped)
+
+    async def _dispatch_loop(self, ctx: zmq.asyncio.Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        endpoint = self.settings.config.scheduler.dispatch
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            configure_socket(sock, sndhwm=1000, rcvhwm=1000)
+            sock.setsockopt(zmq.ROUTING_ID, self.runner_id.encode())
+            sock.connect(endpoint)
+            self._dispatch = sock
+            log.info("connected DEALER %s (routing id %s)", endpoint, self.runner_id)
+            task_status.started()
+            while True:
+                frames = await sock.recv_multipart()
+                try:
+                    msg = from_scheduler_decoder.decode(frames[-1])
+                except msgspec.DecodeError as e:
+                    log.warning("dispatch %s: ignored a bad message (%d frames): %s", endpoint, len(frames), e)
+                    continue
+                await self._on_scheduler_message(msg)
+        finally:
+            self._dispatch = None
+            sock.close(linger=0)
+
+    async def _on_scheduler_message(self, msg: DispatchRun | CancelRun | ReleaseRun) -> None:
+        run = self.runs.get(msg.run_id)
+        match msg:
+            case DispatchRun():
+                await self._on_dispatch(msg)
+            case CancelRun():
+                if run is None or run.attempt != msg.attempt:
+                    log.warning("cancel of run %s attempt %d ignored: not running here", msg.run_id, msg.attempt)
+                    return
+                log.info("run %s: cancel requested: %s", msg.run_id, msg.reason)
+                run.cancel(msg.reason)
+            case ReleaseRun():
+                if run is None or run.attempt != msg.attempt:
+                    log.info("release of run %s attempt %d: not running here (nothing to do)", msg.run_id, msg.attempt)
+                    return
+                log.warning("run %s: released by the scheduler (%s): stopping its processes, writing nothing more",
+                            msg.run_id, msg.reason)
+                run.journal.release()
+                run.cancel(f"released by the scheduler: {msg.reason}")
+
+    async def _reject(self, msg: DispatchRun, reason: str) -> None:
+        log.warning("run %s attempt %d rejected: %s", msg.run_id, msg.attempt, reason)
+        await self._send(RunRejected(runner_id=self.runner_id, run_id=msg.run_id, attempt=msg.attempt, reason=reason))
+
+    async def _on_dispatch(self, msg: DispatchRun) -> None:
+        s = self.settings
+        existing = self.runs.get(msg.run_id)
+        if existing is not None:
+            if existing.attempt == msg.attempt:  # a repeated dispatch: answer again, run once
+                await self._send(RunAccepted(runner_id=self.runner_id, run_id=msg.run_id, attempt=msg.attempt))
+            else:
+                await self._reject(msg, f"run {msg.run_id} is running here as attempt {existing.attempt}")
+            return
+        if self.shutting_down:
+            return await self._reject(msg, SHUTDOWN_REASON)
+        if len(self.runs) >= self.cfg.capacity:
+            return await self._reject(msg, f"runner {self.runner_id} at capacity ({self.cfg.capacity} runs)")
+        try:
+            check_run_id(msg.run_id)
+            pipeline = s.pipeline(msg.pipeline)
+            params = resolve_params(pipeline, dict(msg.params))
+        except (UnknownPipeline, BadParams) as e:
+            return await self._reject(msg, f"{e} (runner config {s.path})")
+        except RunwireError as e:  # an invalid run id: the reason goes back to the scheduler
+            return await self._reject(msg, str(e))
+        try:
+            writer = JournalWriter.open(s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
+        except JournalError as e:
+            return await self._reject(msg, str(e))
+        if writer.ended:
+            writer.close()
+            return await self._reject(msg, f"run {msg.run_id} has already ended (journal {writer.path})")
+        assert self.publisher is not None
+        journal = RunJournal(writer, self.publisher)
+        try:
+            ev = await journal.emit(
+                PIPELINE_STAGE, "start", f"{msg.pipeline} started on runner {self.runner_id} (attempt {msg.attempt})",
+                {"runner": self.runner_id, "attempt": msg.attempt, "pid": os.getpid()},
+            )
+        except JournalError as e:
+            journal.close()
+            return await self._reject(msg, str(e))
+        report = RunReport(run_id=msg.run_id, pipeline=msg.pipeline, params=params, runner=self.runner_id, attempt=msg.attempt)
+        report.start = ev.timestamp if ev else None
+        report._t0 = anyio.current_time()
+        run = ActiveRun(run_id=msg.run_id, attempt=msg.attempt, pipeline=msg.pipeline, journal=journal, report=report)
+        self.runs[msg.run_id] = run
+        log.info("run %s attempt %d accepted: pipeline %s, journal %s", msg.run_id, msg.attempt, msg.pipeline, writer.path)
+        await self._send(RunAccepted(runner_id=self.runner_id, run_id=msg.run_id, attempt=msg.attempt))
+        assert self._tg is not None
+        execution = RunExecution(
+            home=s.home, runner_id=self.runner_id, run_id=msg.run_id, attempt=msg.attempt, pipeline=pipeline,
+            params=params, journal=journal, report=report, kill_grace=self.cfg.kill_grace,
+            cancel_reason=lambda: run.cancel_reason or SHUTDOWN_REASON,
+        )
+        self._tg.start_soon(self._run, run, execution, name=f"run {msg.run_id}")
+
+    # ------------------------------------------------------------------------------------------ run
+
+    async def _run(self, run: ActiveRun, execution: RunExecution) -> None:
+        outcome, msg = "failure", "runner error"
+        try:
+            with run.scope:
+                outcome, msg = await execution.execute()
+            if run.scope.cancelled_caught:
+                outcome, msg = "cancelled", run.cancel_reason or SHUTDOWN_REASON
+        except anyio.get_cancelled_exc_class():
+            # the service itself is being cancelled: the run still gets its end, then cancellation goes on
+            with anyio.CancelScope(shield=True):
+                await self._finish(run, "cancelled", run.cancel_reason or SHUTDOWN_REASON)
+            raise
+        except Exception as e:  # a bug in execution must end the run loudly, not leave it "running"
+            log.exception("run %s: execution failed", run.run_id)
+            outcome, msg = "failure", f"runner error: {type(e).__name__}: {e}"
+        with anyio.CancelScope(shield=True):
+            await self._finish(run, outcome, msg)
+
+    async def _finish(self, run: ActiveRun, outcome: str, msg: str) -> None:
+        journal = run.journal
+        try:
+            if journal.released:
+                log.info("run %s: released; journal closed without a terminal event of ours", run.run_id)
+                return
+            try:
+                ev = await journal.emit(PIPELINE_STAGE, outcome, msg, {"runner": self.runner_id, "attempt": run.attempt})
+            except JournalError as e:
+                log.error("run %s: cannot write its terminal %s event: %s; the scheduler ends it when this runner "
+                          "stops reporting it", run.run_id, outcome, e)
+                return
+            report = run.report
+            report.status, report.msg = outcome, msg
+            report.end = ev.timestamp if ev else None
+            report.duration_s = round(anyio.current_time() - report._t0, 6)
+            try:
+                path = write_report(self.settings.reports_dir, report)
+                log.info("run %s ended %s: %s (report %s)", run.run_id, outcome, msg, path)
+            except OSError as e:
+                log.error("run %s: cannot write its report to %s: %s", run.run_id, self.settings.reports_dir, e)
+            await self._send(RunFinished(runner_id=self.runner_id, run_id=run.run_id, attempt=run.attempt, outcome=outcome))  # type: ignore[arg-type]
+        finally:
+            journal.close()
+            self.runs.pop(run.run_id, None)
+            run.done.set()
+
+    # -------------------------------------------------------------------------------------- control
+
+    async def _control_loop(self, ctx: zmq.asyncio.Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        endpoint = self.cfg.control
+        sock = ctx.socket(zmq.ROUTER)
+        try:
+            configure_socket(sock, sndhwm=1000, rcvhwm=1000)
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as e:
+                raise OSError(f"runner.control: cannot bind ROUTER on {endpoint}: {e}") from e
+            log.info("bound control ROUTER %s", endpoint)
+            task_status.started()
+            await serve_requests(sock, self._handle_request, f"runner control {endpoint}")
+        finally:
+            sock.close(linger=0)
+
+    async def _handle_request(self, req: Any) -> Any:
+        match req:
+            case Identity():
+                return self.identity()
+            case Probe():
+                return await self._probe(req)
+            case _:
+                raise ProtocolError(f"the runner does not serve {type(req).__name__} requests (only identity and probe); "
+                                    "send it to the scheduler's control socket")
+
+    def identity(self) -> IdentityInfo:
+        s = self.settings
+        return IdentityInfo(
+            service="runner", version=__version__, pid=os.getpid(), config_path=str(s.path),
+            journal_dir=str(s.journal_dir),
+            endpoints={**endpoints_of(s), "runner.id": self.runner_id},
+        )
+
+    async def _probe(self, req: Probe) -> dict[str, Any]:
+        """The doctor's probe: a run written and published end to end (queued, then success)."""
+        s = self.settings
+        assert self.publisher is not None
+        run_id = check_run_id(req.run_id) if req.run_id else new_run_id("probe-")
+        queued = begin_run(s.journal_dir, run_id, s.tz, pipeline="doctor-probe", params={}, trigger={"trigger": "probe"})
+        self.publisher.publish_event(queued)
+        journal = RunJournal(JournalWriter.open(s.journal_dir, run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms), self.publisher)
+        try:
+            ev = await journal.emit(PIPELINE_STAGE, "success", "probe", {"runner": self.runner_id})
+        finally:
+            journal.close()
+        assert ev is not None
+        log.info("probe run %s written and published (last seq %d)", run_id, ev.seq)
+        return {"run_id": run_id, "last_seq": ev.seq}

@@ -1,0 +1,208 @@
+"""One stage process from spawn to end: its own process group, output read line by line, stage
+messages read from a socket pair, timeout and success-marker handling, and a group that is always
+ended (TERM, grace, KILL) before this returns, whether the stage exited, timed out or was cancelled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import msgspec
+from anyio.abc import ByteReceiveStream
+
+from shared.stage import STAGE_FD_ENV, StageMessage, stage_message_decoder
+
+from .procs import end_group
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 64 * 1024  # a longer "line" is cut into pieces of this size
+DRAIN_TIMEOUT = 5.0  # seconds to read what is left in the pipes after the process group ended
+
+LineHandler = Callable[[str, str], Awaitable[None]]  # (stream, line)
+MessageHandler = Callable[[StageMessage], Awaitable[None]]
+NoteHandler = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class ProcessResult:
+    returncode: int | None
+    timed_out: bool = False
+    ended_by_marker: bool = False
+    marker_seen: bool = False
+    leftovers_ended: bool = False  # processes still in the group after the stage process exited
+    last_stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        if self.timed_out:
+            return False
+        return self.ended_by_marker or self.returncode == 0
+
+    def describe(self, timeout: float) -> str:
+        if self.timed_out:
+            return f"timed out after {timeout:g}s: process group ended"
+        if self.ended_by_marker:
+            return "printed its success marker but did not exit: process group ended"
+        rc = self.returncode
+        if rc is None:
+            return "did not exit"
+        if rc == 0:
+            return "exited with status 0"
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            why = f"killed by {name}"
+        else:
+            why = f"exited with status {rc}"
+        if self.last_stderr:
+            why += f" (last stderr line: {self.last_stderr[:300]})"
+        return why
+
+
+async def run_process(
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    kill_grace: float,
+    success_marker: str | None,
+    marker_grace: float,
+    on_line: LineHandler,
+    on_message: MessageHandler,
+    on_note: NoteHandler,
+    what: str,
+    on_spawn: Callable[[int], None] = lambda pid: None,
+) -> ProcessResult:
+    """Run argv in a new session; feed output lines and stage messages to the handlers; return how it
+    ended. Cancellation ends the process group (shielded) and propagates."""
+    parent_sock, child_sock = socket.socketpair()
+    parent_sock.setblocking(False)
+    env = {**env, STAGE_FD_ENV: str(child_sock.fileno())}
+    try:
+        proc = await anyio.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=str(cwd),
+            env=env,
+            start_new_session=True,  # its own process group: ending the group ends its children too
+            pass_fds=(child_sock.fileno(),),
+        )
+    except BaseException:
+        parent_sock.close()
+        child_sock.close()
+        raise
+    child_sock.close()  # the child holds its copy; our end sees EOF when every holder has exited
+    pgid = proc.pid
+    on_spawn(pgid)
+    result = ProcessResult(returncode=None)
+    marker_seen = anyio.Event()
+
+    async def read_lines(stream: ByteReceiveStream | None, name: str) -> None:
+        if stream is None:
+            return
+        buf = b""
+        async for chunk in stream:
+            buf += chunk
+            if b"\n" not in chunk and len(buf) < MAX_LINE_BYTES:
+                continue
+            *lines, buf = buf.split(b"\n")
+            while len(buf) >= MAX_LINE_BYTES:
+                lines.append(buf[:MAX_LINE_BYTES])
+                buf = buf[MAX_LINE_BYTES:]
+            for raw in lines:
+                await handle_line(name, raw)
+        if buf:
+            await handle_line(name, buf)
+
+    async def handle_line(name: str, raw: bytes) -> None:
+        line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
+        if name == "stderr" and line.strip():
+            result.last_stderr = line.strip()
+        if success_marker and not result.marker_seen and success_marker in line:
+            result.marker_seen = True
+            marker_seen.set()
+        await on_line(name, line)
+
+    async def read_messages() -> None:
+        buf = b""
+        while True:
+            await anyio.wait_readable(parent_sock)
+            try:
+                chunk = parent_sock.recv(65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                if not raw.strip():
+                    continue
+                try:
+                    message = stage_message_decoder.decode(raw)
+                except msgspec.DecodeError as e:
+                    await on_note(f"bad stage message ({len(raw)} bytes) ignored: {e}")
+                    continue
+                await on_message(message)
+
+    async def wait_exit() -> None:
+        async with anyio.create_task_group() as watchers:
+            async def watch_marker() -> None:
+                await marker_seen.wait()
+                with anyio.move_on_after(marker_grace):
+                    await proc.wait()
+                    return
+                result.ended_by_marker = True
+                await on_note(
+                    f"printed success marker {success_marker!r} but still running after {marker_grace:g}s: "
+                    "ending its process group; its exit status is not held against it"
+                )
+                await end_group(pgid, kill_grace, what)
+
+            if success_marker:
+                watchers.start_soon(watch_marker)
+            await proc.wait()
+            watchers.cancel_scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as readers:
+            readers.start_soon(read_lines, proc.stdout, "stdout")
+            readers.start_soon(read_lines, proc.stderr, "stderr")
+            readers.start_soon(read_messages)
+            with anyio.move_on_after(timeout) as deadline:
+                await wait_exit()
+            if deadline.cancelled_caught:
+                result.timed_out = True
+                await on_note(f"timed out after {timeout:g}s: ending its process group (TERM, then KILL after {kill_grace:g}s)")
+                await end_group(pgid, kill_grace, what)
+                await proc.wait()
+            elif not result.ended_by_marker:
+                # the stage is over: whatever it left running in its group goes too (and would hold the pipes)
+                if await end_group(pgid, kill_grace, what):
+                    result.leftovers_ended = True
+                    await on_note("the stage process exited but left processes in its group: they were ended")
+            result.returncode = proc.returncode
+            # the readers end at EOF; a process outside the group holding a pipe must not hang the stage
+            readers.cancel_scope.deadline = anyio.current_time() + DRAIN_TIMEOUT
+        if readers.cancel_scope.cancelled_caught:
+            await on_note(f"output still open {DRAIN_TIMEOUT:g}s after the stage ended (held by a process outside its group): stopped reading")
+    finally:
+        with anyio.CancelScope(shield=True):
+            if proc.returncode is None or result.returncode is None:
+                await end_group(pgid, kill_grace, what)
+            await proc.aclose()
+            parent_sock.close()
+    return result
