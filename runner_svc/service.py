@@ -305,21 +305,23 @@ class RunnerService:
             if journal.released:
                 log.info("run %s: released; journal closed without a terminal event of ours", run.run_id)
                 return
+            # the report first, so whoever sees the terminal event finds the report in place
+            report = run.report
+            report.status, report.msg = outcome, msg
+            report.end = now_timestamp(self.settings.tz)
+            report.duration_s = round(anyio.current_time() - report._t0, 6)
+            path = None
             try:
-                ev = await journal.emit(PIPELINE_STAGE, outcome, msg, {"runner": self.runner_id, "attempt": run.attempt})
+                path = write_report(self.settings.reports_dir, report)
+            except OSError as e:
+                log.error("run %s: cannot write its report to %s: %s", run.run_id, self.settings.reports_dir, e)
+            try:
+                await journal.emit(PIPELINE_STAGE, outcome, msg, {"runner": self.runner_id, "attempt": run.attempt})
             except JournalError as e:
                 log.error("run %s: cannot write its terminal %s event: %s; the scheduler ends it when this runner "
                           "stops reporting it", run.run_id, outcome, e)
                 return
-            report = run.report
-            report.status, report.msg = outcome, msg
-            report.end = ev.timestamp if ev else None
-            report.duration_s = round(anyio.current_time() - report._t0, 6)
-            try:
-                path = write_report(self.settings.reports_dir, report)
-                log.info("run %s ended %s: %s (report %s)", run.run_id, outcome, msg, path)
-            except OSError as e:
-                log.error("run %s: cannot write its report to %s: %s", run.run_id, self.settings.reports_dir, e)
+            log.info("run %s ended %s: %s (report %s)", run.run_id, outcome, msg, path)
             await self._send(RunFinished(runner_id=self.runner_id, run_id=run.run_id, attempt=run.attempt, outcome=outcome))  # type: ignore[arg-type]
         finally:
             journal.close()

@@ -172,10 +172,14 @@ class RunnerRig:
         self._services = services
 
     def start(self) -> RunnerRig:
-        self.svc.start()
-        if self._services is not None:
-            self._services.append(self.svc)
-        self.sub.wait_connected()
+        try:
+            if self._services is not None:
+                self._services.append(self.svc)
+            self.svc.start()
+            self.sub.wait_connected()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def restart(self) -> None:
