@@ -1,0 +1,307 @@
+// A run's page (#/runs/<id>): its header, the timeline of stages and items, the latest metrics per
+// stage, and the event log. The log comes from /ws/events/<id>?after_seq=N, N being the last seq
+// applied, so a reconnect resumes exactly where the page stopped; seq <= N is ignored, a gap reconnects.
+
+import { api, ApiError } from "./api.js";
+import { Stream } from "./stream.js";
+import { store } from "./store.js";
+import { reportStream, dropStream } from "./conn.js";
+import { newRun, applyEvent, runFromApi, isEnded } from "./runstate.js";
+import { renderTimeline } from "./timeline.js";
+import { VirtualList } from "./loglist.js";
+import { cancelButton } from "./home.js";
+import { el, setText, badge, parseTs, fmtWhen, fmtClock, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, KIND_ICON } from "./util.js";
+
+const ROW_HEIGHT = 24;
+const KINDS = ["queued", "start", "success", "failure", "skipped", "cancelled", "metric", "log"];
+const STAGE_EVENT_KINDS = new Set(["queued", "start", "success", "failure", "skipped", "cancelled"]);
+
+export function mountRun(root, runId) {
+  // ---- the model: this run's events in seq order, and what the page has done with each ----------
+  const model = {
+    run: newRun(runId),
+    fetched: null, // GET /api/runs/<id>, shown until the first events arrive
+    events: [],
+    appliedSeqs: [], // the seq of every event applied, in order (tests compare it with the journal)
+    receivedSeqs: [], // every seq received over the wire, duplicates included
+    duplicates: 0,
+    gaps: [],
+    kindCounts: Object.fromEntries(KINDS.map((k) => [k, 0])),
+    stageNames: new Set(),
+    filtered: [], // indices into events that pass the filters
+    milestones: [], // indices of stage events (never drowned by log lines)
+    error: null,
+  };
+  window.__runwire.runLogs.set(runId, model);
+
+  const filters = { stage: "", kinds: new Set(KINDS), text: "" };
+  let selectedSeq = null;
+
+  // ---- layout ----------------------------------------------------------------------------------------
+  const title = el("h1", { class: "mono run-id" }, runId);
+  const statusBox = el("span", { class: "run-status" });
+  const actions = el("span", { class: "actions" });
+  const facts = el("dl", { class: "facts" });
+  const runMsg = el("p", { class: "run-msg" });
+  const header = el("section", { class: "card run-head" },
+    el("div", { class: "run-title" }, el("a", { href: "#/", class: "back" }, "← runs"), title, statusBox, actions),
+    facts, runMsg);
+
+  const timelineBox = el("div", { class: "timeline", id: "timeline" });
+  const metricsBox = el("div", { class: "metrics", id: "metrics" });
+
+  const stageSel = el("select", { id: "log-stage", "aria-label": "filter by stage" }, el("option", { value: "" }, "all stages"));
+  const textInput = el("input", { id: "log-text", type: "search", placeholder: "filter text…", "aria-label": "filter by text" });
+  const chips = Object.fromEntries(KINDS.map((k) => [k, el("button", {
+    class: `chip kind-${k}`, "aria-pressed": "true", dataset: { kind: k }, title: `show/hide ${k} events`,
+    onclick: () => toggleKind(k),
+  })]));
+  const followBox = el("input", { type: "checkbox", id: "log-follow", checked: true });
+  const logCount = el("span", { class: "muted small", id: "log-count" });
+  const detail = el("pre", { class: "event-detail", id: "event-detail", hidden: true });
+
+  const log = new VirtualList({ rowHeight: ROW_HEIGHT, renderRow: renderLogRow, onFollowChange: (on) => { followBox.checked = on; } });
+  log.viewport.classList.add("log-view");
+  log.viewport.id = "log";
+  const lane = new VirtualList({ rowHeight: ROW_HEIGHT, renderRow: renderLaneRow, onFollowChange: () => {} });
+  lane.viewport.classList.add("lane-view");
+  lane.viewport.id = "stage-events";
+
+  const logCard = el("section", { class: "card log-card" },
+    el("div", { class: "card-head" }, el("h2", null, "Events"), logCount,
+      el("label", { class: "small follow" }, followBox, " follow")),
+    el("div", { class: "log-filters" }, stageSel, el("div", { class: "chips", role: "group", "aria-label": "event kinds" }, ...Object.values(chips)), textInput),
+    el("div", { class: "log-lanes" },
+      el("div", { class: "lane" }, el("h3", null, "Stage events"), lane.viewport),
+      el("div", { class: "lane lane-log" }, el("h3", null, "All events"), log.viewport)),
+    detail);
+
+  root.replaceChildren(el("div", { class: "run-page", dataset: { runId } },
+    header,
+    el("div", { class: "run-grid" },
+      el("section", { class: "card" }, el("h2", null, "Timeline"), timelineBox),
+      el("section", { class: "card" }, el("h2", null, "Latest metrics"), metricsBox)),
+    logCard));
+
+  followBox.addEventListener("change", () => log.setFollow(followBox.checked));
+  stageSel.addEventListener("change", () => { filters.stage = stageSel.value; refilter(); });
+  textInput.addEventListener("input", debounce(() => { filters.text = textInput.value.trim().toLowerCase(); refilter(); }, 120));
+
+  function toggleKind(k) {
+    if (filters.kinds.has(k)) filters.kinds.delete(k);
+    else filters.kinds.add(k);
+    chips[k].setAttribute("aria-pressed", String(filters.kinds.has(k)));
+    refilter();
+  }
+
+  // ---- applying events ---------------------------------------------------------------------------
+  function matches(ev) {
+    if (filters.stage && ev.stage !== filters.stage) return false;
+    if (!filters.kinds.has(ev.event)) return false;
+    if (filters.text) {
+      ev._hay ??= `${ev.stage} ${ev.event} ${ev.msg || ""} ${ev.data ? JSON.stringify(ev.data) : ""}`.toLowerCase();
+      if (!ev._hay.includes(filters.text)) return false;
+    }
+    return true;
+  }
+
+  function refilter() {
+    model.filtered = [];
+    for (let i = 0; i < model.events.length; i++) if (matches(model.events[i])) model.filtered.push(i);
+    log.setCount(model.filtered.length);
+    log.invalidate();
+    redraw();
+  }
+
+  function onEvents(events) {
+    for (const ev of events) {
+      model.receivedSeqs.push(ev.seq);
+      if (ev.run_id !== runId) continue;
+      const last = model.run.last_seq;
+      if (ev.seq <= last) { model.duplicates++; continue; } // the server promises exactly-once; be sure
+      if (ev.seq !== last + 1) {
+        // a gap: never show a log with a hole; reconnect from the last applied seq to refill it
+        model.gaps.push([last + 1, ev.seq - 1]);
+        stream.restart(`gap: seq ${last + 1}..${ev.seq - 1} missing`);
+        break;
+      }
+      applyEvent(model.run, ev);
+      const index = model.events.push(ev) - 1;
+      model.appliedSeqs.push(ev.seq);
+      model.kindCounts[ev.event] = (model.kindCounts[ev.event] || 0) + 1;
+      if (ev.stage !== "pipeline" && !model.stageNames.has(ev.stage)) {
+        model.stageNames.add(ev.stage);
+        stageSel.append(el("option", { value: ev.stage }, ev.stage));
+      }
+      if (STAGE_EVENT_KINDS.has(ev.event)) model.milestones.push(index);
+      if (matches(ev)) model.filtered.push(index);
+    }
+    redraw();
+  }
+
+  // ---- rendering (batched: at most once per animation frame) ---------------------------------------
+  let metricsKey = "";
+  const redraw = frameBatcher(() => {
+    const run = model.run.last_seq > 0 || !model.fetched ? model.run : model.fetched;
+    const now = Date.now();
+    statusBox.replaceChildren(badge(run.status));
+    if (actions.dataset.ended !== String(isEnded(run))) {
+      actions.dataset.ended = String(isEnded(run));
+      actions.replaceChildren(isEnded(run) ? "" : cancelButton(runId));
+    }
+    renderFacts(run, now);
+    setText(runMsg, model.error ? model.error : run.msg);
+    runMsg.className = `run-msg${model.error || run.status === "failure" ? " error" : ""}`;
+    const pipeline = store.pipelines.find((p) => p.name === run.pipeline);
+    renderTimeline(timelineBox, run, pipeline ? pipeline.stages : [], now);
+    const key = JSON.stringify([...run.stages.values()].map((s) => [s.name, s.status, s.metrics, [...s.items].map(([n, i]) => [n, i.metrics])]));
+    if (key !== metricsKey) { metricsKey = key; renderMetrics(run); }
+    for (const k of KINDS) setText(chips[k], `${KIND_ICON[k]} ${k} ${fmtCount(model.kindCounts[k])}`);
+    setText(logCount, model.filtered.length === model.events.length ? `${fmtCount(model.events.length)} events`
+      : `${fmtCount(model.filtered.length)} of ${fmtCount(model.events.length)} events`);
+    logCount.dataset.count = String(model.events.length);
+    log.setCount(model.filtered.length);
+    lane.setCount(model.milestones.length);
+  });
+
+  function renderFacts(run, now) {
+    const start = parseTs(run.started_at), end = run.ended_at ? parseTs(run.ended_at) : now;
+    const rows = [
+      ["pipeline", run.pipeline || "—"],
+      ["trigger", run.trigger === "schedule" ? `schedule ${run.schedule || ""}${run.slot ? ` (slot ${run.slot})` : ""}` : run.trigger],
+      ["queued", fmtWhen(parseTs(run.queued_at))],
+      ["started", fmtWhen(start)],
+      ["ended", run.ended_at ? fmtWhen(end) : "—"],
+      ["duration", Number.isFinite(start) ? fmtDuration(end - start) : "—"],
+      ["params", Object.keys(run.params || {}).length ? Object.entries(run.params).map(([k, v]) => `${k}=${Array.isArray(v) ? v.join(",") : v}`).join("  ") : "—"],
+    ];
+    if (facts.children.length !== rows.length * 2) {
+      facts.replaceChildren(...rows.flatMap(([k]) => [el("dt", null, k), el("dd", { dataset: { fact: k } })]));
+    }
+    rows.forEach(([, v], i) => setText(facts.children[i * 2 + 1], v));
+  }
+
+  function renderMetrics(run) {
+    const cards = [];
+    for (const stage of run.stages.values()) {
+      const entries = Object.entries(stage.metrics).filter(([k]) => k !== "item");
+      const items = [...stage.items].filter(([, it]) => Object.keys(it.metrics || {}).length);
+      if (!entries.length && !items.length) continue;
+      cards.push(el("div", { class: "metric-stage", dataset: { stage: stage.name } },
+        el("h3", null, stage.name),
+        items.length ? null : metricTable(entries),
+        items.length ? el("table", { class: "metric-items" },
+          el("thead", null, el("tr", null, el("th", null, "item"), ...itemKeys(items).map((k) => el("th", { class: "num" }, k)))),
+          el("tbody", null, items.map(([name, it]) => el("tr", null, el("td", null, name),
+            ...itemKeys(items).map((k) => el("td", { class: "num" }, k in it.metrics ? fmtValue(k, it.metrics[k]) : "")))))) : null));
+    }
+    metricsBox.replaceChildren(...(cards.length ? cards : [el("p", { class: "muted" }, "No metrics yet.")]));
+  }
+
+  function metricTable(entries) {
+    return el("dl", { class: "metric-list" }, entries.flatMap(([k, v]) => [el("dt", null, k), el("dd", { class: "num" }, fmtValue(k, v))]));
+  }
+
+  function itemKeys(items) {
+    const keys = new Set();
+    for (const [, it] of items) for (const k of Object.keys(it.metrics)) keys.add(k);
+    return [...keys];
+  }
+
+  function renderLogRow(node, index) {
+    const ev = model.events[model.filtered[index]];
+    if (!ev) { node.replaceChildren(); return; }
+    fillRow(node, ev, true);
+  }
+
+  function renderLaneRow(node, index) {
+    const ev = model.events[model.milestones[index]];
+    if (!ev) { node.replaceChildren(); return; }
+    fillRow(node, ev, false);
+  }
+
+  function fillRow(node, ev, full) {
+    const milestone = STAGE_EVENT_KINDS.has(ev.event);
+    const status = ev.event === "start" ? "running" : ev.event;
+    node.className = `vl-row ev kind-${ev.event}${milestone ? ` milestone st-${status}` : ""}${ev.seq === selectedSeq ? " selected" : ""}`;
+    node.dataset.seq = String(ev.seq);
+    const item = ev.data && ev.data.item !== undefined ? String(ev.data.item) : "";
+    let text = ev.msg || "";
+    if (ev.event === "metric") {
+      const pairs = Object.entries(ev.data || {}).filter(([k]) => k !== "item").map(([k, v]) => `${k}=${fmtValue(k, v)}`).join(" ");
+      text = text ? `${text} · ${pairs}` : pairs;
+    }
+    node.title = text;
+    node.replaceChildren(...[
+      full ? el("span", { class: "ev-seq" }, ev.seq) : null,
+      el("span", { class: "ev-time" }, fmtClock(parseTs(ev.timestamp), full)),
+      el("span", { class: "ev-stage" }, item ? `${ev.stage}/${item}` : ev.stage),
+      el("span", { class: "ev-kind" }, `${KIND_ICON[ev.event] || ""} ${ev.event}`),
+      el("span", { class: "ev-msg" }, text)].filter(Boolean));
+  }
+
+  function select(seq) {
+    selectedSeq = seq;
+    const ev = model.events.find((e) => e.seq === seq);
+    if (!ev) return;
+    const { _hay, ...shown } = ev;
+    detail.textContent = JSON.stringify(shown, null, 2);
+    detail.hidden = false;
+    log.invalidate();
+    lane.invalidate();
+  }
+
+  log.viewport.addEventListener("click", (e) => {
+    const row = e.target.closest(".vl-row");
+    if (row && row.dataset.seq) select(Number(row.dataset.seq));
+  });
+  lane.viewport.addEventListener("click", (e) => {
+    const row = e.target.closest(".vl-row");
+    if (!row || !row.dataset.seq) return;
+    const seq = Number(row.dataset.seq);
+    select(seq);
+    let pos = model.filtered.findIndex((i) => model.events[i].seq === seq);
+    if (pos < 0) { // hidden by the filters: clear them so the event can be shown in context
+      filters.stage = ""; stageSel.value = ""; filters.text = ""; textInput.value = "";
+      for (const k of KINDS) { filters.kinds.add(k); chips[k].setAttribute("aria-pressed", "true"); }
+      refilter();
+      pos = model.filtered.findIndex((i) => model.events[i].seq === seq);
+    }
+    log.scrollToIndex(pos);
+  });
+
+  // ---- the stream ---------------------------------------------------------------------------------
+  const stream = new Stream({
+    name: "run",
+    path: () => `/ws/events/${encodeURIComponent(runId)}?after_seq=${model.run.last_seq}`,
+    onHello: () => {},
+    onEvents,
+    onState: (state, d) => {
+      reportStream("run", state, d);
+      if (state === "failed") { model.error = `Event stream stopped: ${d.reason}`; redraw(); }
+    },
+    isComplete: () => isEnded(model.run),
+  });
+  stream.start();
+
+  api(`/api/runs/${encodeURIComponent(runId)}`).then((raw) => {
+    model.fetched = runFromApi(raw.run || raw);
+    redraw();
+  }, (e) => {
+    // other failures (gateway restarting) show in the connection state; the stream brings the run
+    if (e instanceof ApiError && e.status === 404) model.error = `No run ${runId}: ${e.message}`;
+    redraw();
+  });
+
+  // bars of running stages grow with time, not only with events
+  const ticker = setInterval(() => { if (!isEnded(model.run)) redraw(); }, 1000);
+  redraw();
+
+  return {
+    unmount() {
+      stream.stop();
+      clearInterval(ticker);
+      dropStream("run");
+    },
+  };
+}

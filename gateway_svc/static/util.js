@@ -1,0 +1,146 @@
+// Small helpers shared by the dashboard's views: DOM building, time and number formatting, status labels.
+
+// Every status has a label and a shape (icon) as well as a colour, so it reads without colour vision.
+export const STATUS = {
+  queued: { icon: "◷", label: "queued" },
+  pending: { icon: "○", label: "pending" },
+  running: { icon: "▶", label: "running" },
+  success: { icon: "✓", label: "success" },
+  failure: { icon: "✗", label: "failure" },
+  cancelled: { icon: "⊘", label: "cancelled" },
+  skipped: { icon: "↷", label: "skipped" },
+  unfinished: { icon: "◌", label: "unfinished" },
+  notrun: { icon: "–", label: "not run" },
+};
+
+export const KIND_ICON = {
+  queued: "◷", start: "▶", success: "✓", failure: "✗", skipped: "↷", cancelled: "⊘", log: "·", metric: "≡",
+};
+
+// el("div", {class: "x", onclick: f}, "text", child) -> element. Text is always set as text, never HTML.
+export function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  if (attrs) {
+    for (const [k, v] of Object.entries(attrs)) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k.startsWith("on") && typeof v === "function") node.addEventListener(k.slice(2), v);
+      else if (k === "class") node.className = v;
+      else if (k === "dataset") Object.assign(node.dataset, v);
+      else if (v === true) node.setAttribute(k, "");
+      else node.setAttribute(k, String(v));
+    }
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    node.append(c instanceof Node ? c : String(c));
+  }
+  return node;
+}
+
+export function setText(node, text) {
+  text = String(text);
+  if (node.textContent !== text) node.textContent = text;
+}
+
+export function badge(status, extraClass = "") {
+  const s = STATUS[status] || { icon: "?", label: status || "unknown" };
+  return el("span", { class: `badge st-${status} ${extraClass}`.trim(), title: s.label },
+    el("span", { class: "icon", "aria-hidden": "true" }, s.icon), s.label);
+}
+
+// Timestamps are RFC 3339 with microseconds ("2026-11-23T03:15:00.123456-06:00"); Date.parse only
+// promises milliseconds, so the fraction is cut to three digits first.
+const TS_RE = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?$/;
+export function parseTs(ts) {
+  if (!ts) return NaN;
+  const m = TS_RE.exec(ts);
+  if (!m) return Date.parse(ts);
+  const frac = m[2] ? m[2].slice(0, 4) : "";
+  return Date.parse(m[1] + frac + (m[3] || "Z"));
+}
+
+const pad = (n, w = 2) => String(n).padStart(w, "0");
+
+export function fmtClock(ms, withMillis = false) {
+  if (!Number.isFinite(ms)) return "—";
+  const d = new Date(ms);
+  const t = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  return withMillis ? `${t}.${pad(d.getMilliseconds(), 3)}` : t;
+}
+
+// "14:03:07" today, "Nov 23 14:03" another day.
+export function fmtWhen(ms) {
+  if (!Number.isFinite(ms)) return "—";
+  const d = new Date(ms);
+  const now = new Date();
+  if (d.toDateString() === now.toDateString()) return fmtClock(ms);
+  const month = d.toLocaleString("en", { month: "short" });
+  const year = d.getFullYear() === now.getFullYear() ? "" : ` ${d.getFullYear()}`;
+  return `${month} ${d.getDate()}${year} ${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
+export function fmtDuration(ms) {
+  if (!Number.isFinite(ms) || ms < 0) return "—";
+  const s = ms / 1000;
+  if (s < 10) return `${s.toFixed(1)}s`;
+  if (s < 60) return `${Math.floor(s)}s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m ${pad(Math.floor(s % 60))}s`;
+  const h = Math.floor(m / 60);
+  if (h < 48) return `${h}h ${pad(m % 60)}m`;
+  return `${Math.floor(h / 24)}d ${pad(h % 24)}h`;
+}
+
+// "in 3m 12s" / "4s ago"
+export function fmtRelative(ms, now = Date.now()) {
+  if (!Number.isFinite(ms)) return "";
+  const delta = ms - now;
+  return delta >= 0 ? `in ${fmtDuration(delta)}` : `${fmtDuration(-delta)} ago`;
+}
+
+const numFmt = new Intl.NumberFormat("en");
+export function fmtValue(key, value) {
+  if (typeof value === "number") {
+    if (key === "elapsed_s" || key.endsWith("_s")) return fmtDuration(value * 1000);
+    return Number.isInteger(value) ? numFmt.format(value) : numFmt.format(Math.round(value * 1000) / 1000);
+  }
+  if (value === null || value === undefined) return "—";
+  if (typeof value === "object") return JSON.stringify(value);
+  return String(value);
+}
+
+export function fmtCount(n) {
+  return numFmt.format(n);
+}
+
+// Calls fn at most once per animation frame, however often it is requested: DOM work is batched.
+export function frameBatcher(fn) {
+  let pending = false;
+  return () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      fn();
+    });
+  };
+}
+
+export function debounce(fn, ms) {
+  let timer = 0;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+let toastBox = null;
+// A short message in the corner; errors stay until dismissed, others fade.
+export function toast(text, kind = "info") {
+  toastBox ??= document.getElementById("toasts");
+  const t = el("div", { class: `toast toast-${kind}`, role: kind === "error" ? "alert" : "status" },
+    el("span", null, text),
+    el("button", { class: "link", "aria-label": "dismiss", onclick: () => t.remove() }, "×"));
+  toastBox.append(t);
+  if (kind !== "error") setTimeout(() => t.remove(), 5000);
+}
