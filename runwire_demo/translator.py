@@ -139,9 +139,10 @@ def stage_csv(path: Path, staging: Path) -> StagedFile:
         .min()
         .alias("ohlc"),
     ).collect().row(0, named=True)
-    problems = [(first_bad[c], c) for c in (*COLUMNS, "ohlc") if first_bad[c] is not None]
+    # the first bad line; on it, an unreadable value before a high/low inconsistency, columns in file order
+    problems = [(first_bad[c], i, c) for i, c in enumerate((*COLUMNS, "ohlc")) if first_bad[c] is not None]
     if problems:
-        line, column = min(problems)
+        line, _, column = min(problems)
         raw = text.filter(pl.col("line") == line).collect().row(0, named=True)
         if column == "ohlc":
             values = ", ".join(f"{c}={raw[c]}" for c in _PRICES)
