@@ -1,0 +1,117 @@
+"""The scheduler's small durable state in `<home>/state/scheduler.sqlite3`: pause flags, the last slot
+evaluated per schedule, the fire-at-start marker, and run -> (runner, attempt) assignments.
+
+Journals remain the truth for whether a run exists and how it ended; this holds only what journals do
+not say. stdlib sqlite3 in WAL mode with synchronous=FULL: every commit is durable when it returns,
+one row changes per update (an assignment per dispatch: rewriting a whole JSON file for each would
+cost more as runs pile up), and a kill -9 mid-write leaves the previous committed state.
+All writes go through one worker thread at a time (`anyio.to_thread` with a limiter of 1), in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from shared.errors import RunwireError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    paused INTEGER,            -- NULL: never paused or resumed; the config's `enabled` decides
+    last_slot TEXT,            -- ISO UTC of the newest slot evaluated (fired, skipped or passed)
+    start_fired_at TEXT        -- ISO UTC of the last fire_at_start
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    run_id TEXT PRIMARY KEY,
+    runner TEXT NOT NULL,
+    attempt INTEGER NOT NULL
+);
+"""
+
+
+class StateError(RunwireError):
+    """The scheduler's state database could not be opened or written (scheduler-only, so kept here)."""
+
+    code = "state_error"
+
+
+@dataclass
+class ScheduleState:
+    paused: bool | None = None
+    last_slot: str | None = None
+    start_fired_at: str | None = None
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StateError(f"scheduler state {path}: cannot open: {e} (remove it to start afresh; "
+                             "journals keep every run)") from e
+        self._lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- reading (at start, on the event loop: small)
+
+    def schedules(self) -> dict[str, ScheduleState]:
+        rows = self._db.execute("SELECT name, paused, last_slot, start_fired_at FROM schedules").fetchall()
+        return {n: ScheduleState(None if p is None else bool(p), s, f) for n, p, s, f in rows}
+
+    def assignments(self) -> dict[str, tuple[str, int]]:
+        rows = self._db.execute("SELECT run_id, runner, attempt FROM assignments").fetchall()
+        return {r: (runner, attempt) for r, runner, attempt in rows}
+
+    # -- writing
+
+    def _exec(self, sql: str, args: tuple[object, ...]) -> None:
+        with self._lock:
+            try:
+                self._db.execute(sql, args)
+            except sqlite3.Error as e:
+                raise StateError(f"scheduler state {self.path}: write failed: {e}") from e
+
+    async def _write(self, sql: str, *args: object) -> None:
+        await anyio.to_thread.run_sync(self._exec, sql, args, limiter=self._limiter)
+
+    async def set_paused(self, name: str, paused: bool) -> None:
+        await self._write("INSERT INTO schedules(name, paused) VALUES (?, ?) "
+                          "ON CONFLICT(name) DO UPDATE SET paused = excluded.paused", name, int(paused))
+
+    async def set_last_slot(self, name: str, slot_iso: str) -> None:
+        await self._write("INSERT INTO schedules(name, last_slot) VALUES (?, ?) "
+                          "ON CONFLICT(name) DO UPDATE SET last_slot = excluded.last_slot", name, slot_iso)
+
+    async def set_start_fired(self, name: str, at_iso: str) -> None:
+        await self._write("INSERT INTO schedules(name, start_fired_at) VALUES (?, ?) "
+                          "ON CONFLICT(name) DO UPDATE SET start_fired_at = excluded.start_fired_at", name, at_iso)
+
+    async def assign(self, run_id: str, runner: str, attempt: int) -> None:
+        await self._write("INSERT OR REPLACE INTO assignments(run_id, runner, attempt) VALUES (?, ?, ?)",
+                          run_id, runner, attempt)
+
+    def forget_sync(self, run_ids: list[str]) -> None:
+        """Drop assignments of ended runs (at start, in one transaction)."""
+        if not run_ids:
+            return
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM assignments WHERE run_id = ?", [(r,) for r in run_ids])
