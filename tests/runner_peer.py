@@ -29,6 +29,10 @@ class FakeScheduler:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A restarted runner reconnects with the same routing id while the ROUTER may still hold the dead
+        # connection (until its unread messages are drained): without handover the new connection's
+        # messages are silently dropped. The real scheduler needs this option too.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.bind(f"tcp://127.0.0.1:{port}")
         self.runner_id = runner_id.encode()
         self.received: list[Any] = []
@@ -181,6 +185,11 @@ class RunnerRig:
             self.close()
             raise
         return self
+
+    def kill9(self) -> None:
+        self.svc.kill9()
+        # harness.Service.stop() returns early for a dead process without closing its log file
+        self.svc._log.close()
 
     def restart(self) -> None:
         from tests.harness import Service
