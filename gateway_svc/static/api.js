@@ -26,6 +26,8 @@ export function forgetToken() {
 function storeToken(token) {
   try { localStorage.setItem(TOKEN_KEY, token); } catch { /* storage disabled: kept for this page only */ }
   memoryToken = token;
+  // streams waiting out a backoff reconnect at once with the new token
+  window.dispatchEvent(new Event("runwire-token"));
 }
 
 let memoryToken = "";

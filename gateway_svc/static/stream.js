@@ -26,15 +26,18 @@ export class Stream {
     this.openedAt = 0;
     this.state = "idle";
     this.lastError = null;
+    this.onToken = () => { if (this.state === "reconnecting" && !this.ws) this._schedule(0); };
   }
 
   start() {
     this.stopped = false;
+    window.addEventListener("runwire-token", this.onToken);
     this._connect();
   }
 
   stop() {
     this.stopped = true;
+    window.removeEventListener("runwire-token", this.onToken);
     clearTimeout(this.timer);
     if (this.ws) {
       const ws = this.ws;

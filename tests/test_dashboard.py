@@ -1,0 +1,273 @@
+"""The dashboard in a real browser: the OS's Chromium (/usr/bin/chromium, `make browser`) driven by
+Playwright, against the services as real processes.
+
+- The trio (scheduler, runner, gateway) with a small pipeline (a stage, a fan-out stage, a stage): the
+  page launches it from its form (after showing a 400 plainly), follows the run live, survives a gateway
+  stop and restart while the run goes on, and ends with the terminal state; the events the page applied
+  are then exactly the journal's, once each and in order. Schedules pause and resume from the page.
+- The gateway alone with a token and a journal of 10,000 log lines written by the test (through
+  shared.journal, as the runner would): the page asks for the token once, shows the run, keeps the DOM
+  small (virtualised log), and its filters keep stage events in view.
+
+Screenshots go to test-artifacts/ in the repo root (gitignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from shared.config import load_settings
+from shared.ids import new_run_id
+from shared.journal import JournalReader, JournalWriter, begin_run, journal_path
+from tests.harness import REPO, Service, write_config
+
+ARTIFACTS = REPO / "test-artifacts"
+
+# TEMPORARY while the gateway is being written in parallel: remove once gateway_svc/main.py lands.
+pytest.importorskip("gateway_svc.main", reason="gateway_svc.main not written yet")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic"]
+
+DASH_PIPELINE = """
+[pipelines.dash]
+description = "dashboard test: prepare, a fan-out over items, publish"
+[pipelines.dash.params.items]
+type = "list"
+default = ["a", "b", "c"]
+choices = ["a", "b", "c", "d"]
+description = "items the crunch stage fans out over"
+[pipelines.dash.params.pause]
+type = "float"
+default = 0.3
+description = "seconds between printed lines"
+[pipelines.dash.params.tag]
+type = "str"
+default = "t"
+pattern = "^[a-z]+$"
+description = "lower-case letters"
+[[pipelines.dash.stages]]
+name = "prepare"
+command = ["{python}", "-c", "import sys,time\\nfor i in range(8):\\n    print(f'prepare line {i} tag=' + sys.argv[2], flush=True); time.sleep(float(sys.argv[1]))", "{pause}", "{tag}"]
+timeout = 60
+progress_interval = 0.5
+[[pipelines.dash.stages]]
+name = "crunch"
+fan_out = "items"
+max_parallel = 2
+command = ["{python}", "-c", "import sys,time\\nfor i in range(3):\\n    print(f'crunch {sys.argv[1]} step {i}', flush=True); time.sleep(float(sys.argv[2]))", "{item}", "{pause}"]
+timeout = 60
+progress_interval = 0.5
+[[pipelines.dash.stages]]
+name = "publish"
+command = ["{python}", "-c", "print('published', flush=True)"]
+timeout = 60
+
+[schedules.dash-daily]
+pipeline = "dash"
+every = "1d"
+"""
+
+
+def _chromium() -> str:
+    path = os.environ.get("RUNWIRE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.fail("Chromium not found (install it with `make browser`, or set RUNWIRE_CHROMIUM)")
+    return path
+
+
+@pytest.fixture
+def browser_page() -> Iterator:
+    """A Chromium page; uncaught page errors fail the test."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page
+        finally:
+            browser.close()
+    assert not errors, f"errors in the page: {errors}"
+
+
+def _screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _page_events(page, run_id: str) -> list[list]:
+    return page.evaluate(
+        "id => (window.__runwire.runLogs.get(id)?.events ?? []).map(e => [e.seq, e.stage, e.event])", run_id)
+
+
+@pytest.mark.timeout(240)
+def test_dashboard_launches_and_follows_a_run_across_a_gateway_restart(tmp_path: Path, services: list[Service], browser_page) -> None:
+    page = browser_page
+    cfg, ports = write_config(tmp_path, DASH_PIPELINE)
+    settings = load_settings(cfg)
+    for module in ("scheduler_svc", "runner_svc", "gateway_svc"):
+        services.append(Service(module, cfg, tmp_path).start())
+    gateway = services[-1]
+    base = f"http://127.0.0.1:{ports.http}"
+
+    page.goto(base + "/")
+    page.wait_for_selector('#launch-pipeline option[value="dash"]', state="attached")
+    page.wait_for_selector('.field[data-param="tag"] input')
+
+    # a bad parameter: the server's 400 message, shown plainly in the form
+    page.fill('.field[data-param="tag"] input', "Not Lower")
+    page.click("#launch-submit")
+    error = page.wait_for_selector(".form-error:not([hidden])")
+    assert "400" in error.inner_text() and "tag" in error.inner_text(), error.inner_text()
+    assert "#/runs/" not in page.url
+
+    # a good launch: the page goes to the run's page
+    page.fill('.field[data-param="tag"] input', "ok")
+    page.fill('.field[data-param="pause"] input', "0.35")
+    page.click("#launch-submit")
+    page.wait_for_url("**/#/runs/*")
+    run_id = page.url.rsplit("/", 1)[1]
+    jpath = journal_path(settings.journal_dir, run_id)
+    assert jpath.exists(), f"the page shows run {run_id} but there is no journal {jpath}"
+
+    # the run goes live on the page: its first stage is running
+    page.wait_for_selector('.tl-row[data-name="prepare"][data-status="running"]')
+    page.wait_for_selector('[data-stream="this run"][data-state="live"]', state="attached")
+
+    # the gateway goes away while the run goes on, and comes back on the same port
+    gateway.stop()
+    seq_at_stop = len(JournalReader(jpath).read())
+    page.wait_for_selector('[data-stream="this run"][data-state="reconnecting"]', state="attached")
+    page.wait_for_selector('[data-stream="runs"][data-state="reconnecting"]', state="attached")
+    deadline = time.monotonic() + 10
+    while len(JournalReader(jpath).read()) <= seq_at_stop + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    seq_while_down = len(JournalReader(jpath).read())
+    assert seq_while_down > seq_at_stop, "the run wrote nothing while the gateway was down: the test proves no resume"
+    services[-1] = Service("gateway_svc", cfg, tmp_path).start()
+
+    # it resumes and follows the run to its end
+    page.wait_for_selector('.run-status .badge.st-success', timeout=90_000)
+    page.wait_for_selector('[data-stream="this run"][data-state="complete"]', state="attached")
+
+    journal = [[ev.seq, ev.stage, ev.event] for ev in JournalReader(jpath).read()]
+    assert journal[-1][1:] == ["pipeline", "success"], journal[-5:]
+    assert len(journal) > seq_while_down
+    # every event of the journal exactly once, in order: what the page applied and what it received
+    assert _page_events(page, run_id) == journal
+    assert page.evaluate("id => window.__runwire.eventsFor(id)", run_id) == [e[0] for e in journal]
+    received = page.evaluate("id => window.__runwire.receivedFor(id)", run_id)
+    assert sorted(received) == [e[0] for e in journal], "the gateway sent a duplicate or skipped an event"
+    assert page.get_attribute("#log-count", "data-count") == str(len(journal))
+
+    # the connection history shows the resume, for the run's stream and the all-runs stream
+    history = page.evaluate("() => window.__runwire.conn.history")
+    for stream in ("run", "all"):
+        states = [h["state"] for h in history if h["stream"] == stream]
+        assert "reconnecting" in states, (stream, states)
+        after = states[len(states) - 1 - states[::-1].index("reconnecting"):]
+        assert "live" in after, (stream, states)
+
+    # the timeline: every stage and item ended in success, items under their stage
+    rows = page.eval_on_selector_all(".tl-row", "els => els.map(e => [e.dataset.kind, e.dataset.name, e.dataset.status])")
+    assert rows[0] == ["run", "run", "success"], rows
+    assert [r for r in rows if r[0] == "stage"] == [["stage", n, "success"] for n in ("prepare", "crunch", "publish")], rows
+    kinds = [r[0] for r in rows]
+    assert kinds == ["run", "stage", "stage", "item", "item", "item", "stage"], rows  # items under their stage
+    assert sorted(r[1:] for r in rows if r[0] == "item") == [["a", "success"], ["b", "success"], ["c", "success"]], rows
+    # the stage-events lane holds every non-log, non-metric event of the journal
+    milestones = [e for e in journal if e[2] not in ("log", "metric")]
+    assert page.evaluate(f"() => window.__runwire.runLogs.get({run_id!r}).milestones.length") == len(milestones)
+    # latest metrics: a card for every stage that published metrics
+    metric_stages = sorted({e[1] for e in journal if e[2] == "metric"})
+    cards = sorted(page.eval_on_selector_all(".metric-stage", "els => els.map(e => e.dataset.stage)"))
+    assert cards == metric_stages
+    # the log filters: only stage events, then a text search
+    page.click('.chip[data-kind="log"]')
+    page.click('.chip[data-kind="metric"]')
+    page.wait_for_function(f"() => document.querySelector('#log-count').textContent.startsWith('{len(milestones)} of')")
+    page.click('.chip[data-kind="log"]')
+    page.click('.chip[data-kind="metric"]')
+    page.fill("#log-text", "prepare line 7")
+    page.wait_for_function("() => document.querySelector('#log-count').textContent.startsWith('1 of')")
+    page.fill("#log-text", "")
+    page.wait_for_function(f"() => document.querySelector('#log-count').textContent === '{len(journal)} events'")
+    shot = _screenshot(page, "dashboard-run.png")
+    assert shot.stat().st_size > 10_000
+
+    # the run list: the run, newest first, ended in success; the schedule pauses and resumes
+    page.click("a.back")
+    row = page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"][data-status="success"]')
+    assert "manual" in row.inner_text() and "dash" in row.inner_text()
+    first = page.eval_on_selector("#runs-table tbody tr", "tr => tr.dataset.runId")
+    assert first == run_id
+    sched = page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="true"]')
+    sched.query_selector("button").click()
+    page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="false"]')
+    page.click('li[data-schedule="dash-daily"] button')
+    page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="true"]')
+    _screenshot(page, "dashboard-home.png")
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services: list[Service], browser_page) -> None:
+    page = browser_page
+    token = "s3cret-dashboard-token"
+    cfg, ports = write_config(tmp_path, DASH_PIPELINE)
+    settings = load_settings(cfg)
+    tz = ZoneInfo("America/Chicago")
+    # a finished run of 10,000 log lines, written the way the runner writes (the journal's own writer)
+    run_id = new_run_id()
+    begin_run(settings.journal_dir, run_id, tz, "dash", {"items": ["a"]}, {"trigger": "manual"})
+    with JournalWriter.open(settings.journal_dir, run_id, tz) as w:
+        w.append("pipeline", "start", "started", {"runner": "test", "attempt": 1, "pid": os.getpid()})
+        w.append("prepare", "start", "prepare started")
+        for i in range(10_000):
+            w.append("prepare", "log", f"bulk line {i}")
+        w.append("prepare", "success", "prepare done")
+        w.append("pipeline", "failure", "stopped on purpose by the test")
+    total = len(JournalReader(journal_path(settings.journal_dir, run_id)).read())
+
+    services.append(Service("gateway_svc", cfg, tmp_path, env={"RUNWIRE_TOKEN": token}).start())
+    page.goto(f"http://127.0.0.1:{ports.http}/")
+    # the API says 401: the page asks once, then sends the token (header for fetch, ?token= for the socket)
+    page.wait_for_selector("#token-dialog[open]")
+    page.fill("#token-dialog input", token)
+    page.click("#token-dialog button[type=submit]")
+    page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"][data-status="failure"]')
+    page.wait_for_selector('[data-stream="runs"][data-state="live"]', state="attached")
+    assert page.evaluate("() => localStorage.getItem('runwire.token')") == token
+
+    page.click(f'#runs-table tr[data-run-id="{run_id}"] a')
+    page.wait_for_function(f"() => document.querySelector('#log-count')?.dataset.count === '{total}'", timeout=60_000)
+    page.wait_for_selector('[data-stream="this run"][data-state="complete"]', state="attached")
+    assert page.evaluate("id => window.__runwire.eventsFor(id)", run_id) == list(range(1, total + 1))
+    # virtualised: a screenful of rows in the DOM, not ten thousand
+    rows = page.evaluate("() => document.querySelectorAll('#log .vl-row').length")
+    assert 0 < rows < 200, rows
+    # the newest event is in view (the log follows its tail), the stage events stay in their own lane
+    page.wait_for_selector(f'#log .vl-row[data-seq="{total}"]')
+    lane = page.eval_on_selector_all("#stage-events .vl-row:not([hidden])", "els => els.map(e => e.dataset.seq)")
+    assert lane == ["1", "2", "3", str(total - 1), str(total)]
+    # the run's failure message is shown plainly
+    assert "stopped on purpose by the test" in page.inner_text(".run-head")
+    page.click('.chip[data-kind="log"]')
+    page.wait_for_function(f"() => document.querySelector('#log-count').textContent === '5 of {total:,} events'")
+    # scrolling to the top of the full log shows the first lines (the DOM still small)
+    page.click('.chip[data-kind="log"]')
+    page.eval_on_selector("#log", "el => { el.scrollTop = 0; }")
+    page.wait_for_selector('#log .vl-row[data-seq="1"]')
+    assert page.evaluate("() => document.querySelectorAll('#log .vl-row').length") < 200
+    _screenshot(page, "dashboard-10k.png")
