@@ -108,7 +108,8 @@ def write_daily(root: Path, session: str, day: date, rows: pl.DataFrame) -> Path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
     rows.sort("slot").write_parquet(tmp)
-    commit(tmp, target)
+    # no fsync: nothing is deleted on the strength of a daily file, and a lost one is recomputed next run
+    commit(tmp, target, durable=False)
     return target
 
 

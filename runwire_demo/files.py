@@ -53,8 +53,12 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def commit(tmp: Path, target: Path) -> None:
-    """Put a written and verified temp file in place; durable before any input is deleted."""
+def commit(tmp: Path, target: Path, *, durable: bool = True) -> None:
+    """Put a written and verified temp file in place: whole or not at all, and with `durable` on disk
+    before the caller deletes the inputs it came from (a crash must not lose both)."""
+    if not durable:
+        os.replace(tmp, target)
+        return
     fsync_file(tmp)
     os.replace(tmp, target)
     fd = os.open(target.parent, os.O_RDONLY)

@@ -66,8 +66,7 @@ def run(ctx: StageContext) -> None:
 def merge_month(target: Path, dailies: list[Path]) -> tuple[int, int]:
     """Merge `dailies` into `target` (temp file, checked, renamed); return (daily rows read, rows in target)."""
     year, month = (int(x) for x in target.stem.rsplit("_", 2)[-2:])
-    frames = [_read(p) for p in dailies]
-    new = pl.concat(frames, how="vertical")
+    new = _read_all(dailies)
     old = _read(target) if target.exists() else pl.DataFrame(schema=RESULT_SCHEMA)
     merged = (
         pl.concat([old, new], how="vertical")
@@ -91,6 +90,17 @@ def merge_month(target: Path, dailies: list[Path]) -> tuple[int, int]:
         raise DemoDataError(f"{target}: written file failed its check: {'; '.join(problems)}")
     commit(tmp, target)
     return new.height, got.height
+
+
+def _read_all(paths: list[Path]) -> pl.DataFrame:
+    """All files at once (several times faster for small files); file by file only to name a bad one."""
+    try:
+        frame = pl.read_parquet(paths)
+    except (pl.exceptions.PolarsError, OSError):
+        frame = None
+    if frame is None or frame.schema != pl.Schema(RESULT_SCHEMA):
+        frame = pl.concat([_read(p) for p in paths], how="vertical")
+    return frame
 
 
 def _read(path: Path) -> pl.DataFrame:
