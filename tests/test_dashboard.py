@@ -54,14 +54,14 @@ pattern = "^[a-z]+$"
 description = "lower-case letters"
 [[pipelines.dash.stages]]
 name = "prepare"
-command = ["{python}", "-c", "import sys,time\\nfor i in range(8):\\n    print(f'prepare line {i} tag=' + sys.argv[2], flush=True); time.sleep(float(sys.argv[1]))", "{pause}", "{tag}"]
+command = ["{python}", "-c", "import sys,time\\nfor i in range(8):\\n    print('prepare line %d tag=%s' % (i, sys.argv[2]), flush=True); time.sleep(float(sys.argv[1]))", "{pause}", "{tag}"]
 timeout = 60
 progress_interval = 0.5
 [[pipelines.dash.stages]]
 name = "crunch"
 fan_out = "items"
 max_parallel = 2
-command = ["{python}", "-c", "import sys,time\\nfor i in range(3):\\n    print(f'crunch {sys.argv[1]} step {i}', flush=True); time.sleep(float(sys.argv[2]))", "{item}", "{pause}"]
+command = ["{python}", "-c", "import sys,time\\nfor i in range(3):\\n    print('crunch %s step %d' % (sys.argv[1], i), flush=True); time.sleep(float(sys.argv[2]))", "{item}", "{pause}"]
 timeout = 60
 progress_interval = 0.5
 [[pipelines.dash.stages]]

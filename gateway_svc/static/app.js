@@ -16,10 +16,16 @@ const allRuns = new Stream({
   onHello: (hello, { reconnect }) => {
     if (hello.cursor) store.cursor = hello.cursor;
     if (reconnect && hello.recovered === false) loadRuns(); // events were lost to us: the list is the truth
+    // the gateway was down when the page loaded: what failed then is loaded now
+    if (!store.listLoaded) loadRuns();
+    if (!store.pipelines.length) loadPipelines();
+    if (store.schedulesError) loadSchedules();
   },
   onEvents: (events, cursor) => {
     foldIntoStore(events);
     if (cursor) store.cursor = cursor;
+    // a schedule fired: its next fire time moved
+    if (events.some((e) => e.event === "queued" && e.data && e.data.trigger === "schedule")) loadSchedules();
   },
   onState: (state, detail) => reportStream("all", state, detail),
 });

@@ -90,6 +90,7 @@ export async function loadPipelines() {
       params: entries(p.params).map(([pname, spec]) => ({ name: pname, ...spec })),
       stages: (p.stages || []).map((s) => (typeof s === "string" ? s : s.name)).filter(Boolean),
     }));
+    store.pipelinesError = null;
   } catch (e) {
     store.pipelinesError = e.message;
   }
