@@ -65,11 +65,17 @@ ALL: tuple[str, ...] = tuple(INSTRUMENTS)
 Progress = Callable[[int, int], None]
 
 
+def last_closed_session(now: datetime | None = None) -> date:
+    """Today in Chicago once its session has closed (16:00), else yesterday: no bars from the future."""
+    now = (now or datetime.now(CHICAGO)).astimezone(CHICAGO)
+    return now.date() if now.time() >= SESSION_CLOSE else now.date() - timedelta(days=1)
+
+
 def trading_days(days: int, end: date | None = None) -> list[date]:
-    """The `days` weekdays ending on or before `end` (default: today in Chicago), oldest first."""
+    """The `days` weekdays ending on or before `end` (default: the last closed session), oldest first."""
     if days < 1:
         raise ValueError(f"days must be at least 1 (got {days})")
-    day = end or datetime.now(CHICAGO).date()
+    day = end or last_closed_session()
     out: list[date] = []
     while len(out) < days:
         if day.weekday() < 5:

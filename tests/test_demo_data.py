@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 from pathlib import Path
 
 import polars as pl
@@ -69,6 +70,15 @@ def test_schema_ohlc_and_sessions(tmp_path: Path) -> None:
         assert set(trade_day.dt.weekday().unique().to_list()) == {1, 2, 3, 4, 5}
         # every analyzer slot hour has bars
         assert {h for h in ts.dt.hour().unique().to_list()} >= {7, 8, 9, 10, 11, 12, 13, 14, 15}
+
+
+def test_default_end_is_the_last_closed_session() -> None:
+    chicago = ZoneInfo("America/Chicago")
+    assert data.last_closed_session(datetime(2025, 3, 14, 15, 59, tzinfo=chicago)) == date(2025, 3, 13)
+    assert data.last_closed_session(datetime(2025, 3, 14, 16, 0, tzinfo=chicago)) == date(2025, 3, 14)
+    # 22:30 UTC on Friday is 17:30 in Chicago: Friday's session has closed
+    assert data.last_closed_session(datetime(2025, 3, 14, 22, 30, tzinfo=timezone.utc)) == date(2025, 3, 14)
+    assert data.trading_days(2, date(2025, 3, 16)) == [date(2025, 3, 13), date(2025, 3, 14)]  # from a Sunday
 
 
 def test_has_raw_data(tmp_path: Path) -> None:
