@@ -154,3 +154,13 @@ def test_nothing_to_do_without_raw_files(tmp_path: Path) -> None:
     ctx, got = _run(tmp_path)
     assert ctx.counters == {}
     assert "nothing to translate" in got[0].msg
+
+
+def test_a_csv_without_an_instrument_name_is_kept(tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    raw.mkdir(parents=True)
+    notes = raw / "notes.csv"
+    notes.write_text("timestamp,open,high,low,close,volume\n")
+    with pytest.raises(DemoDataError, match=r"notes.csv: cannot tell the instrument from the name"):
+        _run(tmp_path)
+    assert notes.exists()
