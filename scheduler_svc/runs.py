@@ -47,6 +47,7 @@ class RunRecord:
     rejections: int = 0
     last_rejection: str = ""
     unreported_since: float | None = None  # monotonic: its runner's status stopped listing it
+    recovered: bool = False  # found active in the journals at start: awaiting its runner's word
     phase_since: float = field(default_factory=time.monotonic)
 
     @property

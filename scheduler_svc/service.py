@@ -171,6 +171,7 @@ class Scheduler:
                 runner = self.runners[runner_id] = RunnerInfo(runner_id, last_seen=now)
             runner.runs.add(rec.run_id)
             rec.unreported_since = now
+            rec.recovered = True
             self.active[rec.run_id] = rec
             adopted += 1
         self.state.forget_sync(ended)
@@ -458,8 +459,9 @@ class Scheduler:
             elif not self._owned_by(rec, r.runner_id, attempt):
                 await self._release(r, run_id, attempt, f"is attempt {rec.attempt} on runner {rec.runner}")
             else:
-                if rec.phase != "running":
+                if rec.phase != "running" or rec.recovered:
                     rec.set_phase("running")
+                    rec.recovered = False
                     log.info("run %s re-adopted: runner %s still runs attempt %d", run_id, r.runner_id, attempt)
                 rec.unreported_since = None
         now = time.monotonic()

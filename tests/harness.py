@@ -142,6 +142,7 @@ class Service:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+        self._log.close()  # stop() returns early for a dead process, so the log is closed here
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then wait; SIGKILL the whole group if it does not end in time (and fail loudly)."""
