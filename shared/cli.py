@@ -261,7 +261,7 @@ def _demo_data(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"seed": args.seed}
     if args.days is not None:
         kwargs["days"] = args.days
-    with tqdm(total=0, unit="file", desc="demo data", disable=args.json) as bar:
+    with tqdm(total=0, unit="chunk", desc="demo data", disable=args.json) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
