@@ -37,3 +37,262 @@ Errors: {"error": {"code": str, "message": str}}: 400 bad input (invalid_run_id,
 bad_params, bad_request), 401 unauthorized, 404 not_found, 409 conflict, 413 body_too_large,
 503 unavailable (the scheduler did not answer: nothing was done).
 """
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import anyio
+from aiohttp import web
+
+from shared.config import Settings, resolve_params
+from shared.control import Cancel, ControlClient, GetRun, Launch, ListRuns, ListSchedules, Pause, Request, Resume
+from shared.errors import RunwireError
+from shared.ids import check_run_id, is_valid_run_id
+from shared.journal import JournalReader, journal_path
+from shared.runstate import RUN_STATUSES, RunState, StageState
+
+from .errors import HttpError
+from .keys import INDEX, SETTINGS, ZMQ
+from .params import flag_param, int_param, json_body
+from .runindex import RunEntry, fold_journal
+
+log = logging.getLogger(__name__)
+
+MAX_SEQ = 2**53
+_SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_ASIDE_TIMEOUT = 1.0  # seconds for scheduler calls that only add detail to an answer from the journals
+
+
+async def scheduler_call(request: web.Request, req: Request, timeout: float | None = None) -> Any:
+    """One request to the scheduler's control socket; ServiceUnavailable (-> 503) when it does not answer."""
+    settings = request.app[SETTINGS]
+    sched = settings.config.scheduler
+    async with ControlClient(sched.control, timeout or sched.request_timeout, request.app[ZMQ]) as client:
+        return await client.call(req)
+
+
+async def _scheduler_aside(request: web.Request, req: Request) -> Any:
+    """A scheduler answer that only adds detail: None (logged) when it does not come."""
+    try:
+        return await scheduler_call(request, req, _ASIDE_TIMEOUT)
+    except RunwireError as e:
+        log.debug("scheduler aside %s: %s", type(req).__name__, e)
+        return None
+
+
+def _waiting_of(info: Any) -> str | None:
+    if isinstance(info, dict):
+        for key in ("waiting", "reason", "waiting_for"):
+            value = info.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _summary(entry: RunEntry) -> dict[str, Any]:
+    st = entry.state
+    return {
+        "run_id": st.run_id, "pipeline": st.pipeline, "status": st.status, "trigger": st.trigger,
+        "schedule": st.schedule, "slot": st.slot, "params": st.params,
+        "queued_at": st.queued_at, "started_at": st.started_at, "ended_at": st.ended_at,
+        "msg": st.msg, "last_seq": st.last_seq, "waiting": None,
+    }
+
+
+def _stage(stage: StageState) -> dict[str, Any]:
+    return {
+        "name": stage.name, "status": stage.status, "started_at": stage.started_at, "ended_at": stage.ended_at,
+        "msg": stage.msg, "metrics": stage.metrics,
+        "items": {name: {"status": it.status, "started_at": it.started_at, "ended_at": it.ended_at, "msg": it.msg}
+                  for name, it in stage.items.items()},
+    }
+
+
+def _detail(settings: Settings, st: RunState) -> dict[str, Any]:
+    pipeline = settings.config.pipelines.get(st.pipeline)
+    order = [s.name for s in pipeline.stages] if pipeline is not None else []
+    order += [name for name in st.stages if name not in order]
+    stages = [_stage(st.stages.get(name) or StageState(name=name)) for name in order]
+    return {
+        "run_id": st.run_id, "pipeline": st.pipeline, "status": st.status, "trigger": st.trigger,
+        "schedule": st.schedule, "slot": st.slot, "params": st.params,
+        "queued_at": st.queued_at, "started_at": st.started_at, "ended_at": st.ended_at,
+        "msg": st.msg, "last_seq": st.last_seq, "waiting": None, "stages": stages, "scheduler": None,
+    }
+
+
+# ---------------------------------------------------------------------------- runs (from the journals)
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    index = request.app[INDEX]
+    status = request.query.get("status") or None
+    if status is not None and status not in RUN_STATUSES:
+        raise HttpError(400, "bad_request", f"query parameter 'status': expected one of {', '.join(RUN_STATUSES)}")
+    limit = int_param(request, "limit", default=100, lo=1, hi=1000)
+    include_probes = flag_param(request, "include_probes")
+    pipeline = request.query.get("pipeline") or None
+    before = request.query.get("before") or None
+    if before is not None:
+        check_run_id(before)
+    runs: list[dict[str, Any]] = []
+    skipping = before is not None
+    for entry in index.newest_first():
+        if skipping:
+            skipping = entry.run_id != before
+            continue
+        st = entry.state
+        if (status is not None and st.status != status) or (pipeline is not None and st.pipeline != pipeline):
+            continue
+        if st.trigger == "probe" and not include_probes:
+            continue
+        runs.append(_summary(entry))
+        if len(runs) > limit:
+            break
+    next_before = runs[limit - 1]["run_id"] if len(runs) > limit else None
+    runs = runs[:limit]
+    if any(r["status"] == "queued" for r in runs):
+        answer = await _scheduler_aside(request, ListRuns(status="queued", limit=1000))
+        items = answer.get("runs") if isinstance(answer, dict) else answer
+        if isinstance(items, list):
+            waiting = {i.get("run_id"): _waiting_of(i) for i in items if isinstance(i, dict)}
+            for r in runs:
+                if r["status"] == "queued":
+                    r["waiting"] = waiting.get(r["run_id"])
+    return web.json_response({"runs": runs, "next_before": next_before})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    run_id = check_run_id(request.match_info["run_id"])
+    settings, index = request.app[SETTINGS], request.app[INDEX]
+    state = index.cached_detail(run_id)
+    if state is None:
+        state = await anyio.to_thread.run_sync(fold_journal, settings.journal_dir, run_id)
+        if state is None:
+            raise HttpError(404, "not_found", f"no run {run_id} in {settings.journal_dir}")
+        index.remember_detail(state)
+    body = _detail(settings, state)
+    if not state.ended:
+        info = await _scheduler_aside(request, GetRun(run_id=run_id))
+        body["scheduler"] = info
+        body["waiting"] = _waiting_of(info)
+    return web.json_response(body)
+
+
+async def run_events(request: web.Request) -> web.Response:
+    run_id = check_run_id(request.match_info["run_id"])
+    after_seq = int_param(request, "after_seq", default=0, lo=0, hi=MAX_SEQ)
+    limit = int_param(request, "limit", default=1000, lo=1, hi=10_000)
+    settings = request.app[SETTINGS]
+    path = journal_path(settings.journal_dir, run_id)
+    if not path.exists():
+        raise HttpError(404, "not_found", f"no run {run_id} in {settings.journal_dir}")
+    reader = JournalReader(path, run_id)
+    events = await anyio.to_thread.run_sync(reader.read, after_seq, limit + 1)
+    more = len(events) > limit
+    events = events[:limit]
+    next_after = events[-1].seq if events else after_seq
+    return web.json_response(
+        {"run_id": run_id, "events": events, "next_after_seq": next_after, "more": more},
+        dumps=_dumps,
+    )
+
+
+def _dumps(obj: Any) -> str:
+    import msgspec
+
+    return msgspec.json.encode(obj).decode()
+
+
+# ---------------------------------------------------------------------------- control (the scheduler)
+
+
+async def launch_run(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    body = await json_body(request, settings.config.gateway.max_body_bytes)
+    name = body.get("pipeline")
+    params = body.get("params", {})
+    unknown = sorted(set(body) - {"pipeline", "params"})
+    if unknown:
+        raise HttpError(400, "bad_request", f"unknown field {unknown[0]!r} in the body (expected pipeline, params)")
+    if not isinstance(name, str) or not name:
+        raise HttpError(400, "bad_request", "field 'pipeline': expected the name of a configured pipeline")
+    if not isinstance(params, dict):
+        raise HttpError(400, "bad_params", "field 'params': expected an object")
+    resolve_params(settings.pipeline(name), params)  # UnknownPipeline / BadParams -> 400 before asking anyone
+    result = await scheduler_call(request, Launch(pipeline=name, params=params))
+    run_id = result.get("run_id") if isinstance(result, dict) else result
+    if not is_valid_run_id(run_id):
+        raise HttpError(502, "bad_gateway", f"the scheduler answered the launch without a run id: {str(result)[:200]}")
+    return web.json_response({"run_id": run_id, "status": "queued"}, status=202)
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    run_id = check_run_id(request.match_info["run_id"])
+    settings = request.app[SETTINGS]
+    body = await json_body(request, settings.config.gateway.max_body_bytes, required=False)
+    reason = body.get("reason", "cancelled via the API")
+    if not isinstance(reason, str) or len(reason) > 500:
+        raise HttpError(400, "bad_request", "field 'reason': expected a string of at most 500 characters")
+    result = await scheduler_call(request, Cancel(run_id=run_id, reason=reason))
+    status = result.get("status") if isinstance(result, dict) else None
+    return web.json_response({"run_id": run_id, "status": status or "cancelling"}, status=202)
+
+
+def _schedule_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if not _SCHEDULE_NAME.match(name):
+        raise HttpError(400, "bad_request", f"invalid schedule name {name[:80]!r}")
+    return name
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    result = await scheduler_call(request, ListSchedules())
+    items = result.get("schedules") if isinstance(result, dict) else result
+    return web.json_response({"schedules": items if isinstance(items, list) else []})
+
+
+async def pause_schedule(request: web.Request) -> web.Response:
+    result = await scheduler_call(request, Pause(name=_schedule_name(request)))
+    return web.json_response(result if isinstance(result, dict) else {"name": request.match_info["name"], "result": result})
+
+
+async def resume_schedule(request: web.Request) -> web.Response:
+    result = await scheduler_call(request, Resume(name=_schedule_name(request)))
+    return web.json_response(result if isinstance(result, dict) else {"name": request.match_info["name"], "result": result})
+
+
+# ---------------------------------------------------------------------------- config
+
+
+async def list_pipelines(request: web.Request) -> web.Response:
+    config = request.app[SETTINGS].config
+    pipelines = [
+        {
+            "name": name,
+            "description": p.description,
+            "stages": [s.name for s in p.stages],
+            "params": [
+                {"name": pname, "type": spec.type, "default": spec.default, "choices": spec.choices,
+                 "description": spec.description}
+                for pname, spec in p.params.items()
+            ],
+        }
+        for name, p in sorted(config.pipelines.items())
+    ]
+    return web.json_response({"pipelines": pipelines})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/pipelines", list_pipelines)
+    app.router.add_get("/api/runs", list_runs)
+    app.router.add_post("/api/runs", launch_run)
+    app.router.add_get("/api/runs/{run_id}", get_run)
+    app.router.add_get("/api/runs/{run_id}/events", run_events)
+    app.router.add_post("/api/runs/{run_id}/cancel", cancel_run)
+    app.router.add_get("/api/schedules", list_schedules)
+    app.router.add_post("/api/schedules/{name}/pause", pause_schedule)
+    app.router.add_post("/api/schedules/{name}/resume", resume_schedule)

@@ -1,0 +1,353 @@
+"""One streaming client (WebSocket or SSE): replay from the journal joined to the live path without gap
+or duplicate, then live delivery through a bounded queue.
+
+Joining: the client registers with the hub first (from then on every delivery reaches it), replays
+the journal while live batches wait in a buffer, then merges the buffer by seq. If the buffer would
+exceed the client's limits during a long replay it is dropped and the client catches up from the
+journal again (the journal holds everything the hub delivered), until nothing separates it from the
+hub's frontier; only then does it go live. In live mode a full queue or a send that takes longer than
+`gateway.send_timeout` closes the client with 4008 `slow consumer`; the hub never waits for a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import msgspec
+
+from shared.events import Event
+from shared.journal import JournalReader, journal_path
+
+from .cursor import MARGIN_S, encode_cursor
+
+if TYPE_CHECKING:
+    from .hub import Batch, Hub
+
+log = logging.getLogger(__name__)
+
+REPLAY, LIVE, CLOSING = "replay", "live", "closing"
+FRAME_BYTES = 1 << 20  # frames are cut near this size (aiohttp clients refuse frames over 4 MiB)
+REPLAY_CHUNK = 1 << 20
+KEEPALIVE = 15.0
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_SLOW = 4008
+
+
+class ClientGone(Exception):
+    """The peer went away while we were sending."""
+
+
+class Transport(Protocol):
+    kind: str
+
+    async def send_events(self, frame: bytes, cursor: str) -> None: ...
+
+    async def send_json(self, obj: dict[str, Any], cursor: str | None = None) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+    async def keepalive(self) -> None: ...
+
+
+def events_frame(parts: list[bytes], cursor: str) -> bytes:
+    return b'{"type":"events","events":[' + b",".join(parts) + b'],"cursor":"' + cursor.encode() + b'"}'
+
+
+class Piece:
+    """Events prepared for one client (the merge of its buffer after a replay)."""
+
+    __slots__ = ("data", "n", "nbytes", "cursor", "terminal")
+
+    def __init__(self, data: bytes, n: int, cursor: str, terminal: bool) -> None:
+        self.data = data
+        self.n = n
+        self.nbytes = len(data)
+        self.cursor = cursor
+        self.terminal = terminal
+
+
+class StreamClient:
+    def __init__(self, hub: Hub, transport: Transport, only_run: str | None = None) -> None:
+        cfg = hub.cfg
+        self.hub = hub
+        self.transport = transport
+        self.only_run = only_run
+        self.max_events = cfg.client_queue_events
+        self.max_bytes = cfg.client_queue_bytes
+        self.send_timeout = cfg.send_timeout
+        self.mode = REPLAY
+        self.buffer: deque[Batch] = deque()  # live batches that arrived during a replay
+        self.queue: deque[Batch | Piece] = deque()  # live mode: waiting to be sent
+        self.q_events = 0
+        self.q_bytes = 0
+        self.overflow = False
+        self.wake = asyncio.Event()
+        self.close_request: tuple[int, str] | None = None
+        # replay bookkeeping (all-runs clients: per run; per-run clients: one entry)
+        self.sent: dict[str, int] = {}
+        self.done: set[str] = set()
+        self.t = int(time.time())
+        self.registered_at = 0  # the hub's discovery count at registration: later runs are new to us
+
+    # ------------------------------------------------------------------ called by the hub (never blocks)
+
+    def offer(self, batch: Batch) -> None:
+        if self.only_run is None:
+            n, nbytes = len(batch.events), batch.nbytes
+        else:
+            n, nbytes = batch.run_size(self.only_run)
+            if n == 0:
+                return
+        if self.mode is LIVE:
+            if self.q_events + n > self.max_events or self.q_bytes + nbytes > self.max_bytes:
+                self._slow(f"queue full ({self.q_events} events, {self.q_bytes} bytes waiting)")
+                return
+            self.queue.append(batch)
+            self.q_events += n
+            self.q_bytes += nbytes
+            self.wake.set()
+        elif self.mode is REPLAY and not self.overflow:
+            if self.q_events + n > self.max_events or self.q_bytes + nbytes > self.max_bytes:
+                # the journal has all of it: drop the buffer and catch up from there
+                self.overflow = True
+                self.buffer.clear()
+                self.q_events = self.q_bytes = 0
+                return
+            self.buffer.append(batch)
+            self.q_events += n
+            self.q_bytes += nbytes
+
+    def request_close(self, code: int, reason: str) -> None:
+        if self.close_request is None:
+            self.close_request = (code, reason)
+        self.mode = CLOSING
+        self.queue.clear()
+        self.buffer.clear()
+        self.wake.set()
+
+    def _slow(self, why: str) -> None:
+        if self.close_request is None:
+            self.hub.stats.slow_consumer_closes += 1
+            log.info("%s client closed as slow consumer: %s", self.transport.kind, why)
+        self.request_close(CLOSE_SLOW, "slow consumer")
+
+    # ------------------------------------------------------------------ registration
+
+    def register_fresh(self) -> str:
+        """All runs from now on. Returns the hello cursor (the hub's own, since we start in step)."""
+        hub = self.hub
+        self.t = int(time.time())
+        self.registered_at = hub.index.discoveries
+        self.sent = {rid: e.frontier for rid, e in hub.index.active.items()}
+        self.done = set(hub.recent_done(self.t))
+        hub.register(self)
+        self.mode = LIVE
+        return hub.live_cursor()
+
+    def register_resume(self, positions: dict[str, int], done: list[str]) -> dict[str, int]:
+        """Resume: runs in `positions` from their seq; every run the hub follows now from its frontier
+        unless named. Returns the replay plan."""
+        hub = self.hub
+        self.t = int(time.time())
+        self.registered_at = hub.index.discoveries
+        self.sent = {rid: e.frontier for rid, e in hub.index.active.items()}
+        self.sent.update(positions)
+        self.done = set(done)
+        hub.register(self)
+        return dict(positions)
+
+    def register_run(self, run_id: str, after_seq: int) -> None:
+        self.t = int(time.time())
+        self.registered_at = self.hub.index.discoveries
+        self.sent = {run_id: after_seq}
+        self.hub.register(self)
+
+    def cursor(self) -> str:
+        """This client's position now (during replay; live clients carry the hub's cursors)."""
+        if self.only_run is not None:
+            return str(self.sent.get(self.only_run, 0))
+        threshold = (self.t - MARGIN_S) * 1_000_000
+        runs = self.hub.index.runs
+        positions = {rid: seq for rid, seq in self.sent.items() if rid not in self.done}
+        done = []
+        for rid in self.done:
+            entry = runs.get(rid)
+            created = entry.created_us if entry is not None else None
+            if created is None or created > threshold:
+                done.append(rid)
+        return encode_cursor(self.hub.tag, self.t, positions, done)
+
+    # ------------------------------------------------------------------ replay and join
+
+    async def catch_up(self, plan: dict[str, int]) -> None:
+        """Replay `plan` ({run_id: after seq}) from the journal, then join the live path."""
+        hub = self.hub
+        while True:
+            for run_id, after in sorted(plan.items(), key=lambda kv: self._created(kv[0])):
+                await self._replay_run(run_id, after)
+                if self.close_request:
+                    return
+            if self.overflow:
+                self.overflow = False
+                plan = self._behind()
+                continue
+            pending, anomaly = self._merge_buffer()
+            if anomaly:
+                plan = self._behind()
+                continue
+            # nothing separates us from the hub now: go live (no await between the merge and this)
+            self.mode = LIVE
+            self.q_events = self.q_bytes = 0
+            if pending is not None:
+                self.queue.append(pending)
+                self.q_events, self.q_bytes = pending.n, pending.nbytes
+                self.wake.set()
+            return
+
+    def _created(self, run_id: str) -> int:
+        entry = self.hub.index.get(run_id)
+        return entry.created_us or 0 if entry is not None else 0
+
+    def _behind(self) -> dict[str, int]:
+        """Runs where the hub has delivered more than we sent (and runs new since we registered)."""
+        hub = self.hub
+        plan: dict[str, int] = {}
+        if self.only_run is not None:
+            run_id = self.only_run
+            if hub.frontier(run_id) > self.sent[run_id]:
+                plan[run_id] = self.sent[run_id]
+            return plan
+        for run_id, seq in self.sent.items():
+            if run_id not in self.done and hub.frontier(run_id) > seq:
+                plan[run_id] = seq
+        for run_id in hub.index.discovered_after(self.registered_at):
+            if run_id not in self.sent and hub.frontier(run_id) > 0:
+                plan[run_id] = 0
+                self.sent[run_id] = 0
+        return plan
+
+    def _merge_buffer(self) -> tuple[Piece | None, bool]:
+        """The buffered live events we have not sent, in order; (None, True) if they do not join."""
+        parts: list[bytes] = []
+        terminal = False
+        last_cursor = ""
+        for batch in self.buffer:
+            last_cursor = batch.cursor
+            for ev, part in batch.items(self.only_run):
+                seq = self.sent.get(ev.run_id)
+                if seq is None:
+                    # a run learnt of after we registered: the hub delivers it from seq 1
+                    seq = self.sent[ev.run_id] = 0
+                if ev.seq <= seq:
+                    continue
+                if ev.seq != seq + 1:
+                    log.debug("merge found seq %d after %d in run %s: catching up from the journal", ev.seq, seq, ev.run_id)
+                    self.buffer.clear()
+                    return None, True
+                self.sent[ev.run_id] = ev.seq
+                parts.append(part)
+                if ev.is_terminal:
+                    self.done.add(ev.run_id)
+                    terminal = terminal or ev.run_id == self.only_run
+        self.buffer.clear()
+        if not parts:
+            return None, False
+        cursor = str(self.sent[self.only_run]) if self.only_run is not None else last_cursor
+        return Piece(b",".join(parts), len(parts), cursor, terminal), False
+
+    async def _replay_run(self, run_id: str, after: int) -> None:
+        reader = JournalReader(journal_path(self.hub.journal_dir, run_id), run_id)
+        offset = await anyio.to_thread.run_sync(reader.offset_after, after)
+        while not self.close_request:
+            seq = self.sent.get(run_id, after)
+            events, nxt, data = await anyio.to_thread.run_sync(_read_encoded, reader, offset, seq)
+            if nxt == offset:
+                return
+            offset = nxt
+            if not events:
+                continue
+            self.sent[run_id] = events[-1].seq
+            ended = events[-1].is_terminal
+            if ended:
+                self.done.add(run_id)
+            cursor = self.cursor()
+            await self._send(b'{"type":"events","events":' + data + b',"cursor":"' + cursor.encode() + b'"}', len(events), cursor)
+            self.hub.stats.replay_events += len(events)
+            if ended:
+                return
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(self, frame: bytes, n: int, cursor: str) -> None:
+        try:
+            with anyio.fail_after(self.send_timeout):
+                await self.transport.send_events(frame, cursor)
+        except TimeoutError:
+            self._slow(f"a send took longer than {self.send_timeout:g}s")
+            raise ClientGone("slow consumer") from None
+        except (ConnectionError, RuntimeError) as e:
+            raise ClientGone(str(e)) from e
+        stats = self.hub.stats
+        stats.frames_out += 1
+        stats.events_out += n
+
+    async def pump(self) -> None:
+        """Live mode: send what the hub queues, coalesced into frames; close when asked to."""
+        while True:
+            if self.close_request is not None:
+                await self._close(*self.close_request)
+                return
+            if not self.queue:
+                self.wake.clear()
+                with anyio.move_on_after(KEEPALIVE) as scope:
+                    await self.wake.wait()
+                if scope.cancelled_caught:
+                    await self.transport.keepalive()
+                continue
+            parts: list[bytes] = []
+            n = size = 0
+            cursor = ""
+            terminal = False
+            while self.queue and size < FRAME_BYTES:
+                item = self.queue.popleft()
+                if isinstance(item, Piece):
+                    parts.append(item.data)
+                    n += item.n
+                    size += item.nbytes
+                    cursor = item.cursor
+                    terminal = terminal or item.terminal
+                elif self.only_run is None:
+                    parts.append(item.joined())
+                    n += len(item.events)
+                    size += item.nbytes
+                    cursor = item.cursor
+                else:
+                    k, b = item.run_size(self.only_run)
+                    parts.append(item.run_joined(self.only_run))
+                    n += k
+                    size += b
+                    cursor = str(item.run_last_seq(self.only_run))
+                    terminal = terminal or self.only_run in item.terminal_runs
+            self.q_events -= n
+            self.q_bytes -= size
+            await self._send(events_frame(parts, cursor), n, cursor)
+            if terminal:
+                await self._close(CLOSE_NORMAL, "run ended")
+                return
+
+    async def _close(self, code: int, reason: str) -> None:
+        self.mode = CLOSING
+        await self.transport.close(code, reason)
+
+
+def _read_encoded(reader: JournalReader, offset: int, after: int) -> tuple[list[Event], int, bytes]:
+    """A journal chunk, decoded (to check it) and encoded back as one JSON array (in a worker thread)."""
+    events, nxt = reader.read_chunk(offset, after, REPLAY_CHUNK)
+    return events, nxt, msgspec.json.encode(events) if events else b""

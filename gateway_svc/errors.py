@@ -1,0 +1,78 @@
+"""HTTP errors: every failure leaves the gateway as JSON `{"error": {"code", "message"}}` with a fitting
+status, whether it was raised here, by `shared` (a RunwireError) or by aiohttp itself."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from shared.errors import (
+    BadParams,
+    Conflict,
+    InvalidRunId,
+    NotFound,
+    ProtocolError,
+    RunEnded,
+    RunwireError,
+    ServiceUnavailable,
+    UnknownPipeline,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HttpError(Exception):
+    """An error answer decided by a handler: status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+_STATUS: list[tuple[type[RunwireError], int]] = [
+    (InvalidRunId, 400),
+    (UnknownPipeline, 400),
+    (BadParams, 400),
+    (ProtocolError, 400),
+    (NotFound, 404),
+    (RunEnded, 409),
+    (Conflict, 409),
+    (ServiceUnavailable, 503),
+]
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "body_too_large", 414: "uri_too_long"}
+
+
+def status_of(exc: RunwireError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    # anything else a service answered (internal error, journal error): it did not take the request
+    return 503
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HttpError as e:
+        return error_response(e.status, e.code, e.message)
+    except RunwireError as e:
+        return error_response(status_of(e), e.code, str(e))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, f"http_{e.status}")
+        return error_response(e.status, code, e.reason if e.text is None else f"{e.reason}: {request.path}")

@@ -1,0 +1,428 @@
+"""The live path: one subscriber to every publisher's PUB socket, per-run delivery in seq order with
+gaps and lost tails filled from the journal (once per run, for all clients), and fan-out of each
+batch of events, encoded once, to the connected clients' queues.
+
+Invariant: for each run the hub delivers a gapless seq sequence starting after the run's frontier at
+the moment the hub learnt of it (its last seq on disk for runs found at start; 0 for runs learnt of
+later). A client registered at any moment receives exactly the hub's deliveries after that moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import msgspec
+import zmq
+import zmq.asyncio
+
+from shared.config import Settings
+from shared.errors import ProtocolError
+from shared.events import Event
+from shared.ids import is_valid_run_id
+from shared.journal import JournalReader, journal_path, list_run_ids
+from shared.wire import (
+    EVENT_TOPIC_PREFIX,
+    HEARTBEAT_TOPIC_PREFIX,
+    Heartbeat,
+    configure_socket,
+    decode_event_payload,
+    decode_heartbeat_payload,
+)
+
+from .cursor import MARGIN_S, encode_cursor, journal_dir_tag
+from .metrics import GatewayStats
+from .runindex import RunEntry, RunIndex, dir_mtime_ns
+
+if TYPE_CHECKING:
+    from .clients import StreamClient
+
+log = logging.getLogger(__name__)
+
+RCVHWM = 200_000
+DRAIN_MAX = 5_000  # messages taken per wake-up of the subscriber (they become one batch)
+FLUSH_EVENTS = 5_000  # a long journal fill is fanned out in batches of this size
+SWEEP_INTERVAL = 1.0  # seconds between journal-directory sweeps (new runs, tails no publisher claims)
+_WARN_EVERY = 10.0
+
+_encoder = msgspec.json.Encoder()
+
+
+class Batch:
+    """Events delivered together, each encoded once; clients take the whole batch or their run's part."""
+
+    __slots__ = ("events", "parts", "nbytes", "cursor", "by_run", "terminal_runs", "_joined", "_run_joined")
+
+    def __init__(self, events: list[Event], parts: list[bytes], by_run: dict[str, list[int]]) -> None:
+        self.events = events
+        self.parts = parts
+        self.nbytes = sum(len(p) for p in parts) + len(parts)
+        self.by_run = by_run
+        self.terminal_runs = {ev.run_id for ev in events if ev.is_terminal}
+        self.cursor = ""  # the all-runs cursor after this batch (set when all-runs clients exist)
+        self._joined: bytes | None = None
+        self._run_joined: dict[str, bytes] = {}
+
+    def joined(self) -> bytes:
+        if self._joined is None:
+            self._joined = b",".join(self.parts)
+        return self._joined
+
+    def run_size(self, run_id: str) -> tuple[int, int]:
+        idx = self.by_run.get(run_id)
+        if not idx:
+            return 0, 0
+        return len(idx), sum(len(self.parts[i]) for i in idx) + len(idx)
+
+    def run_joined(self, run_id: str) -> bytes:
+        data = self._run_joined.get(run_id)
+        if data is None:
+            data = self._run_joined[run_id] = b",".join(self.parts[i] for i in self.by_run[run_id])
+        return data
+
+    def run_last_seq(self, run_id: str) -> int:
+        return self.events[self.by_run[run_id][-1]].seq
+
+    def items(self, run_id: str | None) -> Iterable[tuple[Event, bytes]]:
+        if run_id is None:
+            return zip(self.events, self.parts)
+        return ((self.events[i], self.parts[i]) for i in self.by_run.get(run_id, ()))
+
+
+class _Out:
+    """A batch being collected."""
+
+    __slots__ = ("events", "parts", "by_run")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.parts: list[bytes] = []
+        self.by_run: dict[str, list[int]] = {}
+
+    def add(self, ev: Event) -> None:
+        i = len(self.events)
+        self.events.append(ev)
+        self.parts.append(_encoder.encode(ev))
+        idx = self.by_run.get(ev.run_id)
+        if idx is None:
+            self.by_run[ev.run_id] = [i]
+        else:
+            idx.append(i)
+
+    def take(self) -> Batch | None:
+        if not self.events:
+            return None
+        batch = Batch(self.events, self.parts, self.by_run)
+        self.__init__()  # type: ignore[misc]
+        return batch
+
+
+@dataclass
+class SeenHeartbeat:
+    at: float  # monotonic
+    hb: Heartbeat
+
+
+class Hub:
+    def __init__(self, settings: Settings, stats: GatewayStats, index: RunIndex) -> None:
+        self.settings = settings
+        self.cfg = settings.config.gateway
+        self.journal_dir: Path = settings.journal_dir
+        self.tag = journal_dir_tag(self.journal_dir)
+        self.stats = stats
+        self.index = index
+        self.all_clients: set[StreamClient] = set()
+        self.run_clients: dict[str, set[StreamClient]] = {}
+        self.publishers: dict[str, SeenHeartbeat] = {}  # publisher id -> its last heartbeat
+        self._lock = anyio.Lock()  # one deliverer at a time (fills await the journal)
+        self._warned: dict[str, float] = {}
+        self._dir_mtime = -2
+        self._d_cache: tuple[tuple[int, int, int], list[str]] | None = None
+        self._ended_count = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, ctx: zmq.asyncio.Context, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Subscribe and sweep until cancelled; `started` once the subscriber is connected."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._subscriber, ctx)
+            tg.start_soon(self._sweeper)
+            task_status.started()
+
+    async def _subscriber(self, ctx: zmq.asyncio.Context, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        sock = ctx.socket(zmq.SUB)
+        try:
+            configure_socket(sock, rcvhwm=RCVHWM)
+            for endpoint in self.cfg.subscribe:
+                try:
+                    sock.connect(endpoint)
+                except zmq.ZMQError as e:
+                    raise OSError(f"gateway.subscribe: cannot connect SUB to {endpoint!r}: {e}") from e
+                log.info("subscribed to events and heartbeats on %s", endpoint)
+            sock.setsockopt(zmq.SUBSCRIBE, EVENT_TOPIC_PREFIX)
+            sock.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC_PREFIX)
+            task_status.started()
+            while True:
+                msgs = [await sock.recv_multipart()]
+                while len(msgs) < DRAIN_MAX:
+                    try:
+                        msgs.append(await sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                async with self._lock:
+                    await self._process(msgs)
+        finally:
+            sock.close(linger=0)
+
+    async def _sweeper(self) -> None:
+        """Safety net for what no message announced: journals created while their `queued` was lost,
+        and tails of runs that no publisher's heartbeat claims (e.g. a terminal event that was dropped
+        after its writer let go of the journal)."""
+        while True:
+            await anyio.sleep(SWEEP_INTERVAL)
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        mtime = dir_mtime_ns(self.journal_dir)
+        if mtime != self._dir_mtime:
+            self._dir_mtime = mtime
+            names = await anyio.to_thread.run_sync(list_run_ids, self.journal_dir)
+            new = [rid for rid in names if rid not in self.index.runs]
+            for run_id in new:
+                async with self._lock:
+                    if run_id not in self.index.runs:
+                        out = _Out()
+                        entry = self._discover(run_id)
+                        await self._fill(entry, None, out, "found in the journal directory")
+                        self._flush(out)
+        claimed = self.claimed_runs()
+        for entry in list(self.index.active.values()):
+            if entry.run_id in claimed:
+                continue
+            try:
+                size = journal_path(self.journal_dir, entry.run_id).stat().st_size
+            except FileNotFoundError:
+                continue
+            if size == entry.size_seen:
+                continue
+            entry.size_seen = size
+            async with self._lock:
+                out = _Out()
+                await self._fill(entry, None, out, "journal sweep (no publisher claims the run)")
+                self._flush(out)
+
+    def claimed_runs(self) -> set[str]:
+        """Runs that a publisher with a fresh heartbeat says it owns now."""
+        now = time.monotonic()
+        out: set[str] = set()
+        for seen in self.publishers.values():
+            if now - seen.at <= max(self.cfg.runner_stale_after, 3 * seen.hb.interval):
+                out.update(seen.hb.runs)
+        return out
+
+    # ------------------------------------------------------------------ delivery
+
+    async def _process(self, msgs: list[list[bytes]]) -> None:
+        out = _Out()
+        for frames in msgs:
+            if len(frames) != 2:
+                self._bad(f"a message of {len(frames)} frames")
+                continue
+            topic, payload = frames
+            if topic.startswith(EVENT_TOPIC_PREFIX):
+                try:
+                    ev = decode_event_payload(payload)
+                except ProtocolError as e:
+                    self._bad(f"{topic[:80]!r}: {e}")
+                    continue
+                if not is_valid_run_id(ev.run_id):
+                    self._bad(f"event with invalid run id {ev.run_id!r:.80}")
+                    continue
+                self.stats.events_in += 1
+                await self._accept(ev, out)
+            elif topic.startswith(HEARTBEAT_TOPIC_PREFIX):
+                try:
+                    hb = decode_heartbeat_payload(payload)
+                except ProtocolError as e:
+                    self._bad(f"{topic[:80]!r}: {e}")
+                    continue
+                self.stats.heartbeats_in += 1
+                await self._heartbeat(hb, out)
+            else:
+                self._bad(f"unexpected topic {topic[:80]!r}")
+            if len(out.events) >= FLUSH_EVENTS:
+                self._flush(out)
+        self._flush(out)
+
+    async def _accept(self, ev: Event, out: _Out) -> None:
+        entry = self.index.get(ev.run_id)
+        if entry is None:
+            entry = self._discover(ev.run_id)
+        if ev.seq <= entry.frontier:
+            self.stats.duplicates_dropped += 1
+            return
+        if ev.seq > entry.frontier + 1:
+            await self._fill(entry, ev.seq - 1, out, f"seq gap before {ev.seq}")
+            if ev.seq <= entry.frontier:
+                return  # the journal had it too
+            if ev.seq > entry.frontier + 1:
+                missing = ev.seq - entry.frontier - 1
+                self.stats.gap_events_unfilled += missing
+                self._warn(
+                    ev.run_id,
+                    f"run {ev.run_id}: events {entry.frontier + 1}..{ev.seq - 1} are not in the journal "
+                    f"{journal_path(self.journal_dir, ev.run_id)} (is the gateway reading the runner's journal "
+                    "directory? see /healthz); delivering the live events without them",
+                )
+        self._deliver(entry, ev, out)
+
+    async def _heartbeat(self, hb: Heartbeat, out: _Out) -> None:
+        self.publishers[hb.runner_id] = SeenHeartbeat(time.monotonic(), hb)
+        for run_id, last in hb.runs.items():
+            if not is_valid_run_id(run_id):
+                continue
+            entry = self.index.get(run_id)
+            if entry is None:
+                entry = self._discover(run_id)
+            if last > entry.frontier and not entry.ended:
+                before = entry.frontier
+                await self._fill(entry, last, out, f"lost tail: heartbeat of {hb.runner_id} says seq {last}")
+                if entry.frontier < last:
+                    self._warn(
+                        run_id,
+                        f"run {run_id}: {hb.runner_id} reports seq {last} but the journal "
+                        f"{journal_path(self.journal_dir, run_id)} ends at {entry.frontier} (journal directory "
+                        f"mismatch? {hb.runner_id} writes to {hb.journal_dir})",
+                    )
+                elif before < entry.frontier:
+                    self.stats.lost_tails_filled += 1
+
+    def _discover(self, run_id: str) -> RunEntry:
+        self.stats.runs_discovered += 1
+        log.debug("run %s: first seen; delivering it from its first event", run_id)
+        return self.index.new_entry(run_id)
+
+    async def _fill(self, entry: RunEntry, upto: int | None, out: _Out, why: str) -> None:
+        """Deliver the run's journal events after its frontier, through `upto` (None: to the end)."""
+        reader = JournalReader(journal_path(self.journal_dir, entry.run_id), entry.run_id)
+        offset = await anyio.to_thread.run_sync(reader.offset_after, entry.frontier)
+        filled = 0
+        while not entry.ended and (upto is None or entry.frontier < upto):
+            events, nxt = await anyio.to_thread.run_sync(reader.read_chunk, offset, entry.frontier)
+            if nxt == offset:
+                break
+            offset = nxt
+            for ev in events:
+                if ev.seq <= entry.frontier:
+                    continue
+                if ev.seq != entry.frontier + 1:
+                    self.stats.gap_events_unfilled += ev.seq - entry.frontier - 1
+                    self._warn(entry.run_id, f"run {entry.run_id}: journal lacks seq {entry.frontier + 1}..{ev.seq - 1} (corrupt lines?)")
+                self._deliver(entry, ev, out)
+                filled += 1
+            if len(out.events) >= FLUSH_EVENTS:
+                self._flush(out)
+        if filled:
+            self.stats.gaps_filled += 1
+            self.stats.gap_events_filled += filled
+            log.info("run %s: %d event(s) filled from the journal (%s)", entry.run_id, filled, why)
+
+    def _deliver(self, entry: RunEntry, ev: Event, out: _Out) -> None:
+        self.index.apply(entry, ev)
+        if ev.is_terminal:
+            self._ended_count += 1
+        out.add(ev)
+
+    def _flush(self, out: _Out) -> None:
+        batch = out.take()
+        if batch is None:
+            return
+        if self.all_clients:
+            batch.cursor = self.live_cursor()
+            for client in self.all_clients:
+                client.offer(batch)
+        if self.run_clients:
+            for run_id in batch.by_run:
+                for client in self.run_clients.get(run_id, ()):
+                    client.offer(batch)
+
+    # ------------------------------------------------------------------ for clients
+
+    def live_cursor(self) -> str:
+        """The all-runs cursor of a client that has received every delivery so far."""
+        t = int(time.time())
+        positions = {rid: e.frontier for rid, e in self.index.active.items()}
+        return encode_cursor(self.tag, t, positions, self.recent_done(t))
+
+    def recent_done(self, t: int) -> list[str]:
+        key = (t, self._ended_count, self.index.discoveries)
+        if self._d_cache is None or self._d_cache[0] != key:
+            self._d_cache = (key, self.index.recent_ended((t - MARGIN_S) * 1_000_000))
+        return self._d_cache[1]
+
+    def register(self, client: StreamClient) -> None:
+        if client.only_run is None:
+            self.all_clients.add(client)
+        else:
+            self.run_clients.setdefault(client.only_run, set()).add(client)
+
+    def unregister(self, client: StreamClient) -> None:
+        if client.only_run is None:
+            self.all_clients.discard(client)
+        else:
+            group = self.run_clients.get(client.only_run)
+            if group is not None:
+                group.discard(client)
+                if not group:
+                    del self.run_clients[client.only_run]
+
+    def frontier(self, run_id: str) -> int:
+        entry = self.index.get(run_id)
+        return entry.frontier if entry is not None else 0
+
+    async def ensure_run(self, run_id: str) -> RunEntry | None:
+        """The run's entry; a journal the hub has not seen yet is taken in (and delivered) now."""
+        entry = self.index.get(run_id)
+        if entry is not None:
+            return entry
+        if not journal_path(self.journal_dir, run_id).exists():
+            return None
+        async with self._lock:
+            entry = self.index.get(run_id)
+            if entry is None:
+                out = _Out()
+                entry = self._discover(run_id)
+                await self._fill(entry, None, out, "requested by a client")
+                self._flush(out)
+        return entry
+
+    def close_all(self, code: int, reason: str) -> None:
+        for client in [*self.all_clients, *(c for group in self.run_clients.values() for c in group)]:
+            client.request_close(code, reason)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _bad(self, what: str) -> None:
+        self.stats.bad_messages += 1
+        self._warn("bad-message", f"dropped a bad message from a publisher: {what}")
+
+    def _warn(self, key: str, msg: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -_WARN_EVERY) >= _WARN_EVERY:
+            self._warned[key] = now
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            log.warning("%s", msg)
+
+    def gauges(self) -> dict[str, Any]:
+        return {
+            "runs_known": len(self.index.runs),
+            "runs_active": len(self.index.active),
+            "publishers_seen": len(self.publishers),
+        }

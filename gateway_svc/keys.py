@@ -1,0 +1,26 @@
+"""Typed keys of what the gateway's aiohttp application holds."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import zmq.asyncio
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from shared.config import Settings
+
+from .metrics import GatewayStats
+from .runindex import RunIndex
+
+if TYPE_CHECKING:
+    from .clients import StreamClient
+    from .hub import Hub
+
+SETTINGS = web.AppKey("settings", Settings)
+STATS = web.AppKey("stats", GatewayStats)
+INDEX = web.AppKey("index", RunIndex)
+HUB: web.AppKey["Hub"] = web.AppKey("hub")
+ZMQ: web.AppKey[zmq.asyncio.Context] = web.AppKey("zmq")
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+CLIENTS: web.AppKey["set[StreamClient]"] = web.AppKey("clients")

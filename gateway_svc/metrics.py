@@ -1,0 +1,91 @@
+"""The gateway's counts and their Prometheus exposition (a registry owned by the app, not the global one).
+
+Hot paths bump plain integers on `GatewayStats`; a collector turns them into metrics at scrape time, so
+counting costs nothing per event.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared import journal
+
+CONNECTION_KINDS = ("ws_run", "ws_all", "sse")
+
+
+@dataclass
+class GatewayStats:
+    events_in: int = 0  # events received from the publishers
+    heartbeats_in: int = 0
+    bad_messages: int = 0  # undecodable or malformed ZeroMQ messages
+    duplicates_dropped: int = 0  # events with seq <= the run's delivered seq
+    gaps_filled: int = 0  # gaps (and lost tails) filled from the journal, once per run for all clients
+    gap_events_filled: int = 0
+    lost_tails_filled: int = 0  # of those, found by a heartbeat or the journal sweep
+    gap_events_unfilled: int = 0  # missing events the journal did not have either (loud in the log)
+    events_out: int = 0  # events sent to clients, counted per client
+    frames_out: int = 0
+    replay_events: int = 0  # events sent from the journal in replays and catch-ups
+    slow_consumer_closes: int = 0
+    unrecovered_resumes: int = 0  # hello recovered=false
+    runs_discovered: int = 0  # runs learnt of after start (events, heartbeats, directory scan)
+    connections_total: Counter[str] = field(default_factory=Counter)
+    connections_open: Counter[str] = field(default_factory=Counter)
+
+
+_COUNTERS = (
+    ("events_in", "Events received from the publishers"),
+    ("heartbeats_in", "Heartbeats received from the publishers"),
+    ("bad_messages", "ZeroMQ messages that could not be decoded"),
+    ("duplicates_dropped", "Events dropped because their seq was already delivered"),
+    ("gaps_filled", "Seq gaps and lost tails filled from the journal"),
+    ("gap_events_filled", "Events delivered from the journal to fill gaps"),
+    ("lost_tails_filled", "Lost tails noticed by a heartbeat or the journal sweep and filled"),
+    ("gap_events_unfilled", "Missing events that the journal did not hold either"),
+    ("events_out", "Events sent to clients (each client counted)"),
+    ("frames_out", "Frames sent to clients"),
+    ("replay_events", "Events sent to clients from the journal (replay and catch-up)"),
+    ("slow_consumer_closes", "Clients closed with 4008 slow consumer"),
+    ("unrecovered_resumes", "Resumes answered with recovered=false"),
+    ("runs_discovered", "Runs learnt of after start"),
+)
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: GatewayStats, gauges: Callable[[], dict[str, float]]) -> None:
+        self.stats = stats
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        for name, doc in _COUNTERS:
+            yield CounterMetricFamily(f"runwire_gateway_{name}", doc, value=getattr(s, name))
+        total = CounterMetricFamily("runwire_gateway_connections", "Client connections accepted", labels=["kind"])
+        opened = GaugeMetricFamily("runwire_gateway_connections_open", "Client connections open now", labels=["kind"])
+        for kind in CONNECTION_KINDS:
+            total.add_metric([kind], s.connections_total[kind])
+            opened.add_metric([kind], s.connections_open[kind])
+        yield total
+        yield opened
+        yield CounterMetricFamily(
+            "runwire_journal_torn_lines_repaired", "Torn last lines repaired in journals (this process)",
+            value=journal.stats.torn_lines_repaired,
+        )
+        yield CounterMetricFamily(
+            "runwire_journal_corrupt_lines_skipped", "Corrupt journal lines skipped by readers (this process)",
+            value=journal.stats.corrupt_lines_skipped,
+        )
+        for name, value in self.gauges().items():
+            yield GaugeMetricFamily(f"runwire_gateway_{name}", name.replace("_", " "), value=value)
+
+
+def make_registry(stats: GatewayStats, gauges: Callable[[], dict[str, float]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(stats, gauges))
+    return registry

@@ -1,0 +1,294 @@
+"""The streaming routes: `/ws/events/{run_id}`, `/ws/events` and `GET /api/events` (SSE).
+
+- `/ws/events/{run_id}?after_seq=N`: hello (cursor = N as text), the run's events after N from the
+  journal, then live; closed with 1000 after the terminal event. A run whose journal does not exist
+  is waited for up to UNKNOWN_RUN_WAIT seconds (a client may connect a moment before the run is
+  queued); then an error frame `unknown_run` and close 4004. An `after_seq` beyond the run's last
+  journaled seq cannot be served exactly: hello says recovered=false and the stream continues after
+  the last journaled seq.
+- `/ws/events[?cursor=C]` and SSE `GET /api/events` (cursor from `Last-Event-ID`, `?last_event_id=` or
+  `?cursor=`): all runs; see cursor.py for what a cursor means. An unusable cursor gives hello
+  recovered=false with the reason, then events from now on. A run named by the cursor whose journal
+  is gone is reported the same way (the other runs are still served from their positions).
+- Client messages on a WebSocket: `{"type": "ping"}` is answered `{"type": "pong"}`; anything else is
+  answered with an error frame `bad_message` and close 4400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+from aiohttp import WSMsgType, web
+
+from shared.ids import check_run_id
+from shared.journal import JournalReader, journal_path
+
+from .clients import CLOSE_GOING_AWAY, ClientGone, StreamClient
+from .cursor import MARGIN_S, CursorError, decode_cursor
+from .hub import Hub
+from .keys import CLIENTS, HUB, STATS
+from .params import int_param
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_RUN_WAIT = 3.0
+MAX_CLIENT_MESSAGE = 4096
+MAX_SEQ = 2**53
+CLOSE_UNKNOWN_RUN = 4004
+CLOSE_BAD_MESSAGE = 4400
+WS_CLOSE_TIMEOUT = 5.0
+
+_json = msgspec.json.Encoder()
+
+
+class WsTransport:
+    def __init__(self, ws: web.WebSocketResponse, kind: str) -> None:
+        self.ws = ws
+        self.kind = kind
+
+    async def send_events(self, frame: bytes, cursor: str) -> None:
+        await self.ws.send_frame(frame, WSMsgType.TEXT)
+
+    async def send_json(self, obj: dict[str, Any], cursor: str | None = None) -> None:
+        await self.ws.send_frame(_json.encode(obj), WSMsgType.TEXT)
+
+    async def close(self, code: int, reason: str) -> None:
+        # a peer that reads nothing cannot take the close frame either: give up after a while
+        with anyio.move_on_after(WS_CLOSE_TIMEOUT):
+            await self.ws.close(code=code, message=reason.encode())
+
+    async def keepalive(self) -> None:
+        return  # aiohttp's heartbeat pings the peer
+
+
+class SseTransport:
+    kind = "sse"
+
+    def __init__(self, resp: web.StreamResponse) -> None:
+        self.resp = resp
+
+    async def send_events(self, frame: bytes, cursor: str) -> None:
+        await self.resp.write(b"id: " + cursor.encode() + b"\ndata: " + frame + b"\n\n")
+
+    async def send_json(self, obj: dict[str, Any], cursor: str | None = None) -> None:
+        head = b"id: " + cursor.encode() + b"\n" if cursor else b""
+        await self.resp.write(head + b"data: " + _json.encode(obj) + b"\n\n")
+
+    async def close(self, code: int, reason: str) -> None:
+        if code >= 4000:
+            code_name = "slow_consumer" if code == 4008 else "closed"
+            frame = {"type": "error", "code": code_name, "message": f"{reason}: reconnect with Last-Event-ID to resume"}
+            try:
+                await self.resp.write(b"event: error\ndata: " + _json.encode(frame) + b"\n\n")
+            except ConnectionError:
+                return
+        try:
+            await self.resp.write_eof()
+        except ConnectionError:
+            return
+
+    async def keepalive(self) -> None:
+        await self.resp.write(b": keepalive\n\n")
+
+
+def _hello(cursor: str, recovered: bool, reason: str | None, **extra: Any) -> dict[str, Any]:
+    hello: dict[str, Any] = {"type": "hello", "cursor": cursor, "recovered": recovered}
+    if not recovered:
+        hello["reason"] = reason
+    hello.update(extra)
+    return hello
+
+
+async def _journal_last_seq(hub: Hub, run_id: str) -> int:
+    reader = JournalReader(journal_path(hub.journal_dir, run_id), run_id)
+    last = await anyio.to_thread.run_sync(reader.last_event)
+    return last.seq if last is not None else 0
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
+    hub = client.hub
+    entry = None
+    with anyio.move_on_after(UNKNOWN_RUN_WAIT):
+        while (entry := await hub.ensure_run(run_id)) is None:
+            await anyio.sleep(0.1)
+    if entry is None:
+        await client.transport.send_json(
+            {"type": "error", "code": "unknown_run", "message": f"no run {run_id} in {hub.journal_dir}"}
+        )
+        await client.transport.close(CLOSE_UNKNOWN_RUN, "unknown run")
+        return
+    reason = None
+    if after_seq > entry.frontier:
+        last = await _journal_last_seq(hub, run_id)
+        if after_seq > last:
+            reason = f"after_seq {after_seq} is beyond the run's last journaled seq {last}; continuing after {last}"
+            hub.stats.unrecovered_resumes += 1
+            after_seq = last
+    client.register_run(run_id, after_seq)
+    await client.transport.send_json(_hello(str(after_seq), reason is None, reason, run_id=run_id))
+    await client.catch_up({run_id: after_seq})
+    if client.close_request is None and (run_id in client.done or (entry.ended and client.sent[run_id] >= entry.frontier)):
+        await client._close(1000, "run ended")
+        return
+    await client.pump()
+
+
+# ---------------------------------------------------------------------------- all runs
+
+
+async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
+    hub = client.hub
+    if not cursor_text:
+        cursor = client.register_fresh()
+        await client.transport.send_json(_hello(cursor, True, None), cursor)
+        await client.pump()
+        return
+    try:
+        cur = decode_cursor(cursor_text, hub.tag)
+    except CursorError as e:
+        hub.stats.unrecovered_resumes += 1
+        cursor = client.register_fresh()
+        await client.transport.send_json(_hello(cursor, False, f"{e}; streaming from now on"), cursor)
+        await client.pump()
+        return
+    reasons: list[str] = []
+    positions: dict[str, int] = {}
+    for run_id, seq in cur.p.items():
+        entry = await hub.ensure_run(run_id)
+        if entry is None:
+            reasons.append(f"the journal of run {run_id} is gone")
+            continue
+        if seq > entry.frontier:
+            last = await _journal_last_seq(hub, run_id)
+            if seq > last:
+                reasons.append(f"run {run_id}: cursor at seq {seq} but its journal ends at {last}")
+                seq = last
+        positions[run_id] = seq
+    done = set(cur.d)
+    threshold = (cur.t - MARGIN_S) * 1_000_000
+    for run_id in hub.index.created_after(threshold):
+        if run_id not in positions and run_id not in cur.p and run_id not in done:
+            positions[run_id] = 0  # created after the cursor's watermark: the client has none of it
+    plan = client.register_resume(positions, sorted(done))
+    if reasons:
+        hub.stats.unrecovered_resumes += 1
+    cursor = client.cursor()
+    reason = "; ".join(reasons)[:2000] if reasons else None
+    await client.transport.send_json(_hello(cursor, not reasons, reason), cursor)
+    await client.catch_up(plan)
+    await client.pump()
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+async def _read_client(ws: web.WebSocketResponse, client: StreamClient, scope: anyio.CancelScope) -> None:
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            try:
+                obj = json.loads(msg.data)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and obj.get("type") == "ping":
+                await client.transport.send_json({"type": "pong"})
+                continue
+            what = "not JSON" if obj is None else f"unknown message {str(obj)[:100]}"
+        else:
+            what = f"unexpected {msg.type.name} frame"
+        await client.transport.send_json(
+            {"type": "error", "code": "bad_message", "message": f"{what}: only {{\"type\": \"ping\"}} is understood"}
+        )
+        client.request_close(CLOSE_BAD_MESSAGE, "bad message")
+        return
+    if client.close_request is None:
+        scope.cancel()  # the peer went away: stop serving it
+
+
+async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: StreamClient, serve: Callable[[], Awaitable[None]]) -> None:
+    app = request.app
+    hub, stats = app[HUB], app[STATS]
+    app[CLIENTS].add(client)
+    kind = client.transport.kind
+    stats.connections_total[kind] += 1
+    stats.connections_open[kind] += 1
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_read_client, ws, client, tg.cancel_scope)
+            try:
+                await serve()
+            except ClientGone:
+                pass
+            tg.cancel_scope.cancel()
+    finally:
+        hub.unregister(client)
+        app[CLIENTS].discard(client)
+        stats.connections_open[kind] -= 1
+
+
+def _websocket() -> web.WebSocketResponse:
+    return web.WebSocketResponse(
+        compress=False, max_msg_size=MAX_CLIENT_MESSAGE, heartbeat=30.0, timeout=WS_CLOSE_TIMEOUT
+    )
+
+
+async def ws_run_events(request: web.Request) -> web.WebSocketResponse:
+    run_id = check_run_id(request.match_info["run_id"])
+    after_seq = int_param(request, "after_seq", default=0, lo=0, hi=MAX_SEQ, alias="cursor")
+    ws = _websocket()
+    await ws.prepare(request)
+    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_run"), only_run=run_id)
+    await _run_ws(request, ws, client, lambda: _serve_run(client, run_id, after_seq))
+    return ws
+
+
+async def ws_all_events(request: web.Request) -> web.WebSocketResponse:
+    cursor_text = request.query.get("cursor")
+    ws = _websocket()
+    await ws.prepare(request)
+    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_all"))
+    await _run_ws(request, ws, client, lambda: _serve_all(client, cursor_text))
+    return ws
+
+
+async def sse_events(request: web.Request) -> web.StreamResponse:
+    cursor_text = (
+        request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or request.query.get("cursor")
+    )
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await resp.prepare(request)
+    await resp.write(b"retry: 1000\n\n")
+    app = request.app
+    hub, stats = app[HUB], app[STATS]
+    client = StreamClient(hub, SseTransport(resp))
+    app[CLIENTS].add(client)
+    stats.connections_total["sse"] += 1
+    stats.connections_open["sse"] += 1
+    try:
+        await _serve_all(client, cursor_text)
+    except (ClientGone, ConnectionError):
+        pass
+    finally:
+        hub.unregister(client)
+        app[CLIENTS].discard(client)
+        stats.connections_open["sse"] -= 1
+    return resp
+
+
+async def close_streams(app: web.Application) -> None:
+    """on_shutdown: every open stream is told 1001 going away and given a moment to close."""
+    clients = list(app[CLIENTS])
+    for client in clients:
+        client.request_close(CLOSE_GOING_AWAY, "gateway shutting down")
+    with anyio.move_on_after(WS_CLOSE_TIMEOUT):
+        while app[CLIENTS]:
+            await anyio.sleep(0.05)
