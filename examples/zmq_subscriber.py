@@ -29,11 +29,10 @@ def fetch_after(gateway: str, run_id: str, after_seq: int, token: str | None) ->
         req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
         with urllib.request.urlopen(req, timeout=10) as resp:
             body = json.load(resp)
-        page = body["events"] if isinstance(body, dict) else body
-        if not page:
+        events.extend(body["events"])
+        if not body["more"]:
             return events
-        events.extend(page)
-        after_seq = page[-1]["seq"]
+        after_seq = body["next_after_seq"]
 
 
 def main() -> int:

@@ -113,7 +113,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 return EXIT_OK
             case "runs":
                 data = await client.get("/api/runs", status=args.status, limit=args.limit)
-                _print_rows(data, ["run_id", "pipeline", "status", "trigger", "queued_at", "ended_at", "reason"], args.json)
+                _print_rows(data, ["run_id", "pipeline", "status", "trigger", "queued_at", "ended_at", "waiting"], args.json)
             case "schedules":
                 data = await client.get("/api/schedules")
                 _print_rows(data, ["name", "pipeline", "spec", "timezone", "next_fire", "paused"], args.json)
