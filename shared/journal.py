@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,13 +110,16 @@ def _report_corrupt(path: Path, offset: int, reason: str) -> None:
     log.warning("journal %s: skipped corrupt line at byte %d: %s", path, offset, reason)
 
 
+_run_id_of = operator.attrgetter("run_id")
+
+
 def _decode_block(path: Path, run_id: str | None, buf: bytes, base_offset: int) -> list[Event]:
     """Decode a block of complete lines; fall back to line by line only when the block has a bad line."""
     try:
         events = json_decoder.decode_lines(buf)
     except msgspec.DecodeError:
         events = None
-    if events is not None and (run_id is None or all(e.run_id == run_id for e in events)):
+    if events is not None and (run_id is None or all(map(run_id.__eq__, map(_run_id_of, events)))):
         return events
     out: list[Event] = []
     pos = 0
@@ -305,6 +309,7 @@ class JournalWriter:
         self._group_commit = group_commit_ms / 1000.0
         self._synced_seq = last_seq
         self._sync_done: anyio.Event | None = None
+        self._valid_stages: set[str] = set()  # names already checked (a run has few stages; append is hot)
 
     # -- lifecycle
 
@@ -384,8 +389,11 @@ class JournalWriter:
         """Write the next event (seq = last + 1) in one write; return it. Raises RunEnded after a terminal."""
         if self._fd is None:
             raise JournalError(f"journal {self.path} is closed")
-        if not is_valid_stage_name(stage):
-            raise JournalError(f"invalid stage name {stage!r} for run {self.run_id}: no '/', 1-128 chars")
+        if stage not in self._valid_stages:
+            if not is_valid_stage_name(stage):
+                raise JournalError(f"invalid stage name {stage!r} for run {self.run_id}: no '/', 1-128 chars")
+            if len(self._valid_stages) < 1024:
+                self._valid_stages.add(stage)
         if self.ended:
             raise RunEnded(f"run {self.run_id} has ended; {stage}/{event} not appended to {self.path}")
         ev = Event(
@@ -409,9 +417,12 @@ class JournalWriter:
 
     def _write_line(self, line: bytes) -> None:
         assert self._fd is not None
-        view = memoryview(line)
         written = 0
         try:
+            written = os.write(self._fd, line)  # the whole line, nearly always: no loop, no view
+            if written == len(line):
+                return
+            view = memoryview(line)
             while written < len(line):
                 written += os.write(self._fd, view[written:])
         except OSError as e:
