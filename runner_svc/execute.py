@@ -215,7 +215,7 @@ class RunExecution:
                     irep.finish("cancelled", _ts(ev), reason)
                     raise
                 status = "success" if ok else "failure"
-                ev = await self.emit(stage.name, status, f"{stage.name} [{item}]: {msg}", {"item": item})
+                ev = await self.emit(stage.name, status, msg, {"item": item})
                 irep.finish(status, _ts(ev), msg)
                 results[item] = (ok, msg)
 
@@ -293,7 +293,8 @@ class RunExecution:
 
         async def on_message(message: StageMessage) -> None:
             if isinstance(message, CountersMessage):
-                counters.update(message.values)
+                # counters travel as floats; a whole number is shown as one (3, not 3.0)
+                counters.update({k: int(v) if float(v).is_integer() else v for k, v in message.values.items()})
             elif isinstance(message, LogMessage):
                 if cap.admit():
                     await self.emit(stage.name, "log", message.msg, {**(message.data or {}), "source": "stage", **item_data})
