@@ -55,9 +55,7 @@ async def _run_hub(hub: Hub, ctx: zmq.asyncio.Context, started: asyncio.Future[N
 async def _hub_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     journal_dir = settings.journal_dir
-    journal_dir.mkdir(parents=True, exist_ok=True)
-    log.info("journal directory %s", journal_dir)
-    count = await asyncio.to_thread(app[INDEX].load)
+    count = await asyncio.to_thread(app[HUB].prepare)
     log.info("indexed %d run(s) from %s", count, journal_dir)
     ctx = zmq.asyncio.Context()
     app[ZMQ] = ctx

@@ -106,7 +106,9 @@ class StreamClient:
             if n == 0:
                 return
         if self.mode is LIVE:
-            if self.q_events + n > self.max_events or self.q_bytes + nbytes > self.max_bytes:
+            # a client is behind when it still holds queued events and the next batch would pass its
+            # limits (one burst bigger than the limits, met with an empty queue, is not being behind)
+            if self.queue and (self.q_events + n > self.max_events or self.q_bytes + nbytes > self.max_bytes):
                 self._slow(f"queue full ({self.q_events} events, {self.q_bytes} bytes waiting)")
                 return
             self.queue.append(batch)
@@ -187,7 +189,12 @@ class StreamClient:
     # ------------------------------------------------------------------ replay and join
 
     async def catch_up(self, plan: dict[str, int]) -> None:
-        """Replay `plan` ({run_id: after seq}) from the journal, then join the live path."""
+        """Replay `plan` ({run_id: after seq}) from the journal, then join the live path.
+
+        A replay never goes past the hub's frontier (later events reach us through the buffer), so at
+        the join every run we follow stands exactly where the hub stands, and live batches need no
+        per-client filtering.
+        """
         hub = self.hub
         while True:
             for run_id, after in sorted(plan.items(), key=lambda kv: self._created(kv[0])):
@@ -201,6 +208,15 @@ class StreamClient:
             pending, anomaly = self._merge_buffer()
             if anomaly:
                 plan = self._behind()
+                continue
+            ahead = [rid for rid, seq in self.sent.items() if seq > hub.frontier(rid)]
+            if ahead:
+                # we hold more than the hub has delivered (a cursor from a gateway that was further on):
+                # keep buffering until the hub gets there
+                if pending is not None:
+                    await self._send(events_frame([pending.data], pending.cursor), pending.n, pending.cursor)
+                await anyio.sleep(0.05)
+                plan = {}
                 continue
             # nothing separates us from the hub now: go live (no await between the merge and this)
             self.mode = LIVE
@@ -267,12 +283,16 @@ class StreamClient:
         offset = await anyio.to_thread.run_sync(reader.offset_after, after)
         while not self.close_request:
             seq = self.sent.get(run_id, after)
-            events, nxt, data = await anyio.to_thread.run_sync(_read_encoded, reader, offset, seq)
-            if nxt == offset:
+            limit = self.hub.frontier(run_id)  # read before the chunk: it only grows meanwhile
+            if seq >= limit:
                 return
-            offset = nxt
+            events, nxt, data = await anyio.to_thread.run_sync(_read_encoded, reader, offset, seq, limit)
             if not events:
+                if nxt == offset:
+                    return
+                offset = nxt
                 continue
+            offset = nxt
             self.sent[run_id] = events[-1].seq
             ended = events[-1].is_terminal
             if ended:
@@ -290,7 +310,9 @@ class StreamClient:
             with anyio.fail_after(self.send_timeout):
                 await self.transport.send_events(frame, cursor)
         except TimeoutError:
+            # the frame is whole in the connection's buffer; the close frame goes after it
             self._slow(f"a send took longer than {self.send_timeout:g}s")
+            await self._close(CLOSE_SLOW, "slow consumer")
             raise ClientGone("slow consumer") from None
         except (ConnectionError, RuntimeError) as e:
             raise ClientGone(str(e)) from e
@@ -347,7 +369,10 @@ class StreamClient:
         await self.transport.close(code, reason)
 
 
-def _read_encoded(reader: JournalReader, offset: int, after: int) -> tuple[list[Event], int, bytes]:
-    """A journal chunk, decoded (to check it) and encoded back as one JSON array (in a worker thread)."""
+def _read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[list[Event], int, bytes]:
+    """Events after `after` up to seq `limit` from a journal chunk, decoded (to check them) and encoded
+    back as one JSON array, in a worker thread. The offset returned is where to read on."""
     events, nxt = reader.read_chunk(offset, after, REPLAY_CHUNK)
+    if events and events[-1].seq > limit:
+        events = [e for e in events if e.seq <= limit]
     return events, nxt, msgspec.json.encode(events) if events else b""

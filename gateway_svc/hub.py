@@ -134,7 +134,7 @@ class Hub:
         self.settings = settings
         self.cfg = settings.config.gateway
         self.journal_dir: Path = settings.journal_dir
-        self.tag = journal_dir_tag(self.journal_dir)
+        self.tag = b""  # set by prepare(), once the directory exists (the tag includes its inode)
         self.stats = stats
         self.index = index
         self.all_clients: set[StreamClient] = set()
@@ -147,6 +147,12 @@ class Hub:
         self._ended_count = 0
 
     # ------------------------------------------------------------------ lifecycle
+
+    def prepare(self) -> int:
+        """Make sure the journal directory exists, name it for cursors, index its runs (blocking)."""
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        self.tag = journal_dir_tag(self.journal_dir)
+        return self.index.load()
 
     async def run(self, ctx: zmq.asyncio.Context, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe and sweep until cancelled; `started` once the subscriber is connected."""

@@ -165,5 +165,6 @@ async def collect(session: aiohttp.ClientSession, url: str, *, until: Callable[[
                     got.frames.append(json.loads(msg.data))
                 if (until is not None and until(got)) or (max_frames is not None and len(got.frames) >= max_frames):
                     break
-            got.close_code = ws.close_code
+            else:
+                got.close_code = ws.close_code  # the server closed (not we, by leaving early)
     return got

@@ -1,0 +1,359 @@
+"""Exactly-once delivery through the real gateway (in-process app on a real port, real ZeroMQ, real
+WebSocket/SSE clients): resumes mid-run, a gateway restart, a publisher that drops messages and loses a
+tail, a slow client. The publisher is the test-side `FakePublisher` (journal first, then PUB, per the
+wire contract), standing in for the runner and scheduler being built in parallel.
+
+Every check compares what a client was delivered, over all its connections, with the journal: same
+events, same order, no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+
+from gateway_svc.keys import INDEX
+from shared.ids import new_run_id
+from tests.test_gateway_helpers import (
+    Collected,
+    FakePublisher,
+    collect,
+    free_port,
+    journal_of,
+    make_settings,
+    running_gateway,
+)
+
+
+def _publisher(settings: Any, ports: Any) -> FakePublisher:
+    return FakePublisher(settings.journal_dir, f"tcp://127.0.0.1:{ports.publish}")
+
+
+async def _produce(pub: FakePublisher, run_id: str, n: int, pause: float = 0.002, end: bool = True) -> None:
+    pub.emit(run_id, "pipeline", "start", "started", {"runner": pub.runner_id, "attempt": 1, "pid": 1})
+    for i in range(n):
+        pub.emit(run_id, "nap", "log", f"line {i}", {"i": i})
+        if pause:
+            await anyio.sleep(pause)
+    if end:
+        pub.emit(run_id, "pipeline", "success", "done")
+
+
+def _by_run(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for ev in events:
+        out.setdefault(ev["run_id"], []).append(ev)
+    return out
+
+
+async def test_run_stream_resumed_many_times_mid_run_equals_the_journal(tmp_path: Path) -> None:
+    settings, ports = make_settings(tmp_path)
+    pub = _publisher(settings, ports)
+    rng = random.Random(7)
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            run_id = pub.begin()
+            delivered: list[dict[str, Any]] = []
+            connections = 0
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_produce, pub, run_id, 400)
+                after = 0
+                while True:
+                    connections += 1
+                    got = await collect(http, f"{gw.ws}/ws/events/{run_id}?after_seq={after}",
+                                        max_frames=rng.randint(2, 6))
+                    assert got.frames[0]["type"] == "hello" and got.frames[0]["recovered"] is True
+                    assert got.frames[0]["cursor"] == str(after)
+                    delivered.extend(got.events)
+                    if got.events:
+                        after = got.events[-1]["seq"]
+                        assert got.last_cursor == str(after)
+                    if got.close_code == 1000:
+                        break
+            assert connections > 3
+            assert delivered == journal_of(settings, run_id)
+            assert delivered[-1]["event"] == "success"
+    finally:
+        pub.close()
+
+
+async def test_all_runs_stream_survives_gateway_restart_with_cursor(tmp_path: Path) -> None:
+    """A client follows all runs, disconnects, the gateway restarts while run A goes on and run B
+    starts (B's id sorts BELOW A's: created later by another id generator); resuming with the cursor
+    yields exactly the rest of A and all of B."""
+    settings, ports = make_settings(tmp_path)
+    pub = _publisher(settings, ports)
+    try:
+        delivered: list[dict[str, Any]] = []
+        run_a = new_run_id()
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            hello = await collect(http, f"{gw.ws}/ws/events", max_frames=1)
+            cursor = hello.frames[0]["cursor"]
+            assert hello.frames[0]["recovered"] is True
+            pub.begin(run_a)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_produce, pub, run_a, 100, 0.002, False)
+                for _ in range(3):  # resume a few times while A runs
+                    got = await collect(http, f"{gw.ws}/ws/events?cursor={cursor}", max_frames=3)
+                    assert got.frames[0]["recovered"] is True, got.frames[0]
+                    delivered.extend(got.events)
+                    cursor = got.last_cursor
+        # gateway down: A continues, B (smaller id, created later) runs and ends, A ends
+        for i in range(50):
+            pub.emit(run_a, "nap", "log", f"while down {i}")
+        run_b = "0-another-generator-" + new_run_id()
+        assert run_b < run_a
+        pub.begin(run_b)
+        pub.emit(run_b, "pipeline", "start", "started")
+        pub.emit(run_b, "nap", "log", "b working")
+        pub.emit(run_b, "pipeline", "success", "b done")
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            async with anyio.create_task_group() as tg:
+                async def finish_a() -> None:
+                    await anyio.sleep(0.3)
+                    for i in range(30):
+                        pub.emit(run_a, "nap", "log", f"after restart {i}")
+                        await anyio.sleep(0.005)
+                    pub.emit(run_a, "pipeline", "success", "a done")
+
+                tg.start_soon(finish_a)
+                ended: set[str] = set()
+                while ended != {run_a, run_b}:
+                    got = await collect(http, f"{gw.ws}/ws/events?cursor={cursor}", max_frames=4)
+                    assert got.frames[0]["recovered"] is True, got.frames[0]
+                    delivered.extend(got.events)
+                    ended |= {e["run_id"] for e in got.events if e["stage"] == "pipeline" and e["event"] == "success"}
+                    cursor = got.last_cursor
+        runs = _by_run(delivered)
+        assert set(runs) == {run_a, run_b}
+        assert runs[run_a] == journal_of(settings, run_a)
+        assert runs[run_b] == journal_of(settings, run_b)
+        # and a client resuming with the final cursor gets nothing more (both runs done)
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            got = await _collect_for(http, f"{gw.ws}/ws/events?cursor={cursor}", 0.5)
+            assert got.frames[0]["recovered"] is True
+            assert got.events == []
+    finally:
+        pub.close()
+
+
+async def _collect_for(http: aiohttp.ClientSession, url: str, seconds: float) -> Collected:
+    got = Collected()
+    async with http.ws_connect(url) as ws:
+        with anyio.move_on_after(seconds):
+            async for msg in ws:
+                got.frames.append(json.loads(msg.data))
+    return got
+
+
+async def test_publisher_drops_and_lost_tail_are_filled_from_the_journal(tmp_path: Path) -> None:
+    """Every 7th message is lost on the wire, and so is the tail of the run: the heartbeat (which
+    claims the run all along, so the journal sweep leaves it alone) is the only sign of the tail."""
+    settings, ports = make_settings(tmp_path)
+    pub = _publisher(settings, ports)
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            await anyio.sleep(0.3)  # past the slow-joiner window: the losses below are all on purpose
+            tail_from = 200
+            pub.drop = lambda ev: ev.seq % 7 == 0 or ev.seq >= tail_from
+            live_all: list[dict[str, Any]] = []
+            run_id = new_run_id()
+
+            async def all_runs_client() -> None:
+                got = await collect(http, f"{gw.ws}/ws/events",
+                                    until=lambda c: any(e["event"] == "success" for e in c.events), timeout=30)
+                live_all.extend(got.events)
+
+            async def produce_and_heartbeat() -> None:
+                await anyio.sleep(0.3)
+                pub.begin(run_id)
+                pub.heartbeat()
+                pub.emit(run_id, "pipeline", "start", "started")
+                for i in range(tail_from + 10):  # the last 10+ are lost on the wire
+                    pub.emit(run_id, "nap", "log", f"line {i}")
+                    if i % 50 == 0:
+                        pub.heartbeat()
+                    await anyio.sleep(0.001)
+                last = pub.writers[run_id].last_seq
+                with anyio.fail_after(10):
+                    while gw.app[INDEX].get(run_id).frontier < last:
+                        pub.heartbeat()  # only the heartbeat tells the gateway that seq `last` exists
+                        await anyio.sleep(0.2)
+                pub.drop = lambda ev: False
+                pub.emit(run_id, "pipeline", "success", "done")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(all_runs_client)
+                tg.start_soon(produce_and_heartbeat)
+            journal = journal_of(settings, run_id)
+            assert len(pub.dropped) > 30
+            assert [e for e in live_all if e["run_id"] == run_id] == journal
+            stats = gw.stats
+            assert stats.gaps_filled >= 20 and stats.lost_tails_filled >= 1
+            assert stats.gap_events_unfilled == 0
+    finally:
+        pub.close()
+
+
+async def test_a_run_whose_messages_come_from_two_publishers_is_joined_in_order(tmp_path: Path) -> None:
+    """The scheduler publishes `queued` (seq 1) and the runner the rest; the runner's events may
+    arrive first (another socket): the gateway takes seq 1 from the journal, drops the late copy."""
+    settings, ports = make_settings(tmp_path)
+    runner = _publisher(settings, ports)
+    scheduler = FakePublisher(settings.journal_dir, f"tcp://127.0.0.1:{ports.scheduler_publish}", "scheduler", "scheduler")
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            await anyio.sleep(0.3)
+            async with anyio.create_task_group() as tg:
+                async def client() -> None:
+                    got = await collect(http, f"{gw.ws}/ws/events", until=lambda c: any(
+                        e["stage"] == "pipeline" and e["event"] == "success" for e in c.events))
+                    assert [e["seq"] for e in got.events] == list(range(1, 6))
+                    assert got.events == journal_of(settings, run_id)
+                tg.start_soon(client)
+                await anyio.sleep(0.3)
+                scheduler.drop = lambda ev: True  # hold back queued...
+                run_id = scheduler.begin()
+                runner.writers[run_id] = scheduler.writers.pop(run_id)
+                runner.emit(run_id, "pipeline", "start", "s")
+                runner.emit(run_id, "nap", "start", "")
+                runner.emit(run_id, "nap", "success", "")
+                scheduler.drop = lambda ev: False
+                scheduler.publish(scheduler.dropped[0])  # ...and send it late
+                await anyio.sleep(0.2)
+                runner.emit(run_id, "pipeline", "success", "done")
+            assert gw.stats.duplicates_dropped >= 1
+    finally:
+        runner.close()
+        scheduler.close()
+
+
+async def test_slow_client_is_closed_4008_while_a_fast_one_gets_everything(tmp_path: Path) -> None:
+    settings, ports = make_settings(
+        tmp_path, gateway="client_queue_events = 1000\nclient_queue_bytes = 2000000\nsend_timeout = 2.0"
+    )
+    pub = _publisher(settings, ports)
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            run_id = pub.begin()
+            slow = await http.ws_connect(f"{gw.ws}/ws/events/{run_id}?after_seq=0")
+            fast_events: list[dict[str, Any]] = []
+            big = "x" * 4000
+            async with anyio.create_task_group() as tg:
+                async def fast() -> None:
+                    got = await collect(http, f"{gw.ws}/ws/events/{run_id}?after_seq=0", timeout=60)
+                    fast_events.extend(got.events)
+                    assert got.close_code == 1000
+
+                tg.start_soon(fast)
+                await anyio.sleep(0.3)
+                pub.emit(run_id, "pipeline", "start", "s")
+                for i in range(4000):
+                    pub.emit(run_id, "nap", "log", big, {"i": i})
+                    if i % 50 == 0:
+                        await anyio.sleep(0.005)
+                pub.emit(run_id, "pipeline", "success", "done")
+            assert fast_events == journal_of(settings, run_id)
+            with anyio.fail_after(30):
+                async for _msg in slow:
+                    pass
+            assert slow.close_code == 4008
+            assert gw.stats.slow_consumer_closes == 1
+            await slow.close()
+    finally:
+        pub.close()
+
+
+async def _sse_read(http: aiohttp.ClientSession, url: str, headers: dict[str, str], frames: int,
+                    window: float = 2.0) -> list[tuple[str | None, dict[str, Any]]]:
+    """Up to `frames` SSE messages (id, data) read within `window` seconds; then disconnect."""
+    out: list[tuple[str | None, dict[str, Any]]] = []
+    async with http.get(url, headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        ident: str | None = None
+        with anyio.move_on_after(window):
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("id: "):
+                    ident = line[4:]
+                elif line.startswith("data: "):
+                    out.append((ident, json.loads(line[6:])))
+                    ident = None
+                    if len(out) >= frames:
+                        break
+    return out
+
+
+async def test_sse_resumes_with_last_event_id(tmp_path: Path) -> None:
+    settings, ports = make_settings(tmp_path)
+    pub = _publisher(settings, ports)
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            first = await _sse_read(http, f"{gw.base}/api/events", {}, 1)
+            cursor, hello = first[0]
+            assert hello["type"] == "hello" and hello["recovered"] is True and cursor == hello["cursor"]
+            run_id = pub.begin()
+            delivered: list[dict[str, Any]] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_produce, pub, run_id, 300, 0.002)
+                while not any(e["stage"] == "pipeline" and e["event"] == "success" for e in delivered):
+                    msgs = await _sse_read(http, f"{gw.base}/api/events", {"Last-Event-ID": cursor}, 3)
+                    assert msgs[0][1]["type"] == "hello" and msgs[0][1]["recovered"] is True
+                    for ident, frame in msgs[1:]:
+                        assert frame["type"] == "events" and ident == frame["cursor"]
+                        delivered.extend(frame["events"])
+                        cursor = ident
+            assert delivered == journal_of(settings, run_id)
+            # the query form works too, and a bad cursor is said out loud
+            msgs = await _sse_read(http, f"{gw.base}/api/events?last_event_id=garbage", {}, 1)
+            assert msgs[0][1]["recovered"] is False and "undecodable" in msgs[0][1]["reason"]
+    finally:
+        pub.close()
+
+
+async def test_cursor_from_another_journal_directory_is_not_recovered(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    settings, _ = make_settings(tmp_path / "one")
+    other, _ = make_settings(tmp_path / "two")
+    async with running_gateway(other, port=free_port()) as gw, aiohttp.ClientSession() as http:
+        got = await collect(http, f"{gw.ws}/ws/events", max_frames=1)
+        foreign = got.frames[0]["cursor"]
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+        got = await collect(http, f"{gw.ws}/ws/events?cursor={foreign}", max_frames=1)
+        assert got.frames[0]["recovered"] is False
+        assert "another journal directory" in got.frames[0]["reason"]
+        assert gw.stats.unrecovered_resumes == 1
+
+
+async def test_unknown_run_gets_error_frame_and_4004(tmp_path: Path) -> None:
+    settings, _ = make_settings(tmp_path)
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+        got = await collect(http, f"{gw.ws}/ws/events/{new_run_id()}")
+        assert got.frames[-1]["type"] == "error" and got.frames[-1]["code"] == "unknown_run"
+        assert got.close_code == 4004
+
+
+async def test_run_created_just_after_connect_is_waited_for(tmp_path: Path) -> None:
+    settings, ports = make_settings(tmp_path)
+    pub = _publisher(settings, ports)
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            run_id = new_run_id()
+            async with anyio.create_task_group() as tg:
+                async def later() -> None:
+                    await anyio.sleep(0.5)
+                    pub.begin(run_id)
+                    await _produce(pub, run_id, 5, pause=0)
+                tg.start_soon(later)
+                got = await collect(http, f"{gw.ws}/ws/events/{run_id}")
+            assert got.close_code == 1000
+            assert got.events == journal_of(settings, run_id)
+    finally:
+        pub.close()
