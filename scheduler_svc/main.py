@@ -8,7 +8,6 @@ import signal
 import sys
 
 import anyio
-import anyio.abc
 
 from shared.config import ConfigError, Settings, load_settings
 from shared.errors import RunwireError

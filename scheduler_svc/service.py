@@ -31,7 +31,7 @@ from shared.dispatch import (
     from_runner_decoder,
 )
 from shared.dispatch import encode as encode_dispatch
-from shared.errors import BadParams, Conflict, JournalError, NotFound, ProtocolError, RunwireError, ServiceUnavailable
+from shared.errors import BadParams, Conflict, JournalError, NotFound, ProtocolError, ServiceUnavailable
 from shared.events import PIPELINE_STAGE, Event, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events

@@ -348,3 +348,35 @@ async def test_bad_control_input_gets_an_error_and_the_scheduler_keeps_serving(t
             from shared.control import Probe
             await client.call(Probe())
         assert (await client.call(Identity()))["service"] == "scheduler"
+
+
+EVERY_SECOND = SLEEP_PIPELINE + """
+[schedules.tick]
+pipeline = "sleepy"
+every = "1s"
+overlap = "allow"
+misfire = "coalesce"
+misfire_grace = 60
+"""
+
+
+async def test_every_slot_is_recorded_exactly_once_across_a_kill9(tmp_path: Path, services: list[Service]) -> None:
+    """No runner: slots only queue. Across a kill -9 and restart, each second between the first and the
+    last slot has exactly one run (fired, or skipped as coalesced while the scheduler was down)."""
+    cfg, settings = setup(tmp_path, EVERY_SECOND)
+    sched = Service("scheduler_svc", cfg, tmp_path).start()
+    await anyio.sleep(2.5)
+    sched.kill9()
+    await anyio.sleep(2.0)
+    sched = Service("scheduler_svc", cfg, tmp_path).start()
+    services.append(sched)
+    await anyio.sleep(2.5)
+    sched.stop()
+    slots = []
+    for path in settings.journal_dir.glob("pipeline_*.jsonl"):
+        first = read_events(settings.journal_dir, path.name[len("pipeline_"):-len(".jsonl")], limit=1)[0]
+        slots.append(datetime.fromisoformat(first.data["slot"].replace("Z", "+00:00")))
+    slots.sort()
+    assert len(slots) == len(set(slots)) >= 5
+    assert [int((s - slots[0]).total_seconds()) for s in slots] == list(range(len(slots)))
+    assert "coalesced into" in sched.output()
