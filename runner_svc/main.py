@@ -9,7 +9,7 @@ import sys
 import anyio
 
 from shared.config import load_settings
-from shared.errors import ConfigError
+from shared.errors import ConfigError, RunwireError
 from shared.logs import setup_logging
 
 from .service import RunnerService
@@ -28,5 +28,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.config.log_level, "runner")
     service = RunnerService(settings)
-    anyio.run(service.serve)
+    try:
+        anyio.run(service.serve)
+    except BaseExceptionGroup as group:
+        # a socket that cannot be bound (port taken) or a journal directory that cannot be made: say
+        # which, without a traceback; anything else is a bug and keeps its traceback
+        leaves = _leaves(group)
+        if not all(isinstance(e, (OSError, RunwireError)) for e in leaves):
+            raise
+        for e in leaves:
+            log.error("runner cannot start: %s", e)
+        return 1
+    except (OSError, RunwireError) as e:
+        log.error("runner cannot start: %s", e)
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

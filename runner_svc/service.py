@@ -38,6 +38,7 @@ from shared.journal import JournalWriter, begin_run
 from shared.wire import Heartbeat, configure_socket
 
 from .execute import RunExecution
+from .procs import kill_orphans
 from .publish import Publisher, RunJournal
 from .recovery import recover_interrupted_runs
 from .report import RunReport, write_report
@@ -227,6 +228,15 @@ class RunnerService:
         await self._send(RunRejected(runner_id=self.runner_id, run_id=msg.run_id, attempt=msg.attempt, reason=reason))
 
     async def _on_dispatch(self, msg: DispatchRun) -> None:
+        try:
+            await self._take_run(msg)
+        except Exception as e:  # a bug or an unexpected OS error: refuse the run loudly, keep serving
+            if msg.run_id in self.runs:
+                raise  # the run was taken: its own task ends it; this is a bug worth ending the service
+            log.exception("run %s: dispatch failed", msg.run_id)
+            await self._reject(msg, f"runner error while taking the run: {type(e).__name__}: {e}")
+
+    async def _take_run(self, msg: DispatchRun) -> None:
         s = self.settings
         existing = self.runs.get(msg.run_id)
         if existing is not None:
@@ -299,9 +309,22 @@ class RunnerService:
         with anyio.CancelScope(shield=True):
             await self._finish(run, outcome, msg)
 
+    async def _sweep(self, run: ActiveRun) -> None:
+        """Kill what a stage left behind outside its process group (e.g. a daemon that called setsid);
+        such processes still carry the run's RUNWIRE_RUN_ID."""
+        killed = kill_orphans(run.run_id)
+        if killed:
+            log.warning("run %s: killed %d process(es) left running outside their stage's group: %s", run.run_id, len(killed), killed)
+            try:
+                await run.journal.emit(PIPELINE_STAGE, "log", f"killed {len(killed)} process(es) the stages left running",
+                                       {"pids": killed, "source": "runner"})
+            except JournalError as e:
+                log.error("run %s: cannot journal the sweep of left-over processes: %s", run.run_id, e)
+
     async def _finish(self, run: ActiveRun, outcome: str, msg: str) -> None:
         journal = run.journal
         try:
+            await self._sweep(run)
             if journal.released:
                 log.info("run %s: released; journal closed without a terminal event of ours", run.run_id)
                 return

@@ -22,6 +22,14 @@ def hang() -> int:
     return 0
 
 
+def daemon() -> int:
+    """Leave a process behind outside the stage's process group (its own session), then succeed."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"daemon {child.pid}", flush=True)
+    return 0
+
+
 def fail_once(marker: str) -> int:
     path = Path(marker)
     if path.exists():
@@ -82,6 +90,8 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "hang":
         sys.exit(hang())
+    if mode == "daemon":
+        sys.exit(daemon())
     if mode == "fail_once":
         sys.exit(fail_once(args[0]))
     if mode == "item":

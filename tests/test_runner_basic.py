@@ -118,3 +118,31 @@ async def test_identity_probe_and_garbage(rig: RunnerRig) -> None:
             from shared.control import ListRuns
             await client.call(ListRuns())
         assert (await client.call(Identity()))["service"] == "runner"
+
+
+def test_start_errors_are_clear(tmp_path: Path) -> None:
+    """A taken port ends the runner with a one-line reason (exit 1); a bad config with exit 2."""
+    import subprocess
+    import sys
+
+    from tests.harness import REPO, write_config
+
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.PUB)
+    squatter.setsockopt(zmq.LINGER, 0)
+    try:
+        config, ports = write_config(tmp_path)
+        squatter.bind(f"tcp://127.0.0.1:{ports.publish}")
+        proc = subprocess.run([sys.executable, "-m", "runner_svc", "--config", str(config)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert f"runner cannot start: runner.publish: cannot bind PUB socket on tcp://127.0.0.1:{ports.publish}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        squatter.close()
+        ctx.term()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[runner]\ncapacityy = 3\n")
+    proc = subprocess.run([sys.executable, "-m", "runner_svc", "--config", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "capacityy" in proc.stderr and str(bad) in proc.stderr

@@ -105,6 +105,11 @@ command = ["{{python}}", "{STAGES}", "linger", "[SUCCESS] all done"]
 success_marker = "[SUCCESS]"
 marker_grace = 0.5
 
+[pipelines.daemon]
+[[pipelines.daemon.stages]]
+name = "leaves-one"
+command = ["{{python}}", "{STAGES}", "daemon"]
+
 [pipelines.bad-placeholder]
 [[pipelines.bad-placeholder.stages]]
 name = "typo"
@@ -255,6 +260,15 @@ def test_success_marker_ends_a_lingering_process(rig: RunnerRig) -> None:
     notes = [e for e in events if e.event == "log" and "success marker" in e.msg]
     assert notes and "ending its process group" in notes[0].msg
     assert ("lingers", "success") in kinds(events) and events[-1].event == "success"
+
+
+def test_process_left_outside_the_group_is_swept_at_run_end(rig: RunnerRig) -> None:
+    _, events, _ = rig.run("daemon")
+    (pid,) = pids_from_logs(events, "daemon")
+    assert wait_gone(pid, 10), "a process the stage left in its own session survived the run"
+    sweep = [e for e in events if e.stage == "pipeline" and e.event == "log"]
+    assert len(sweep) == 1 and sweep[0].data["pids"] == [pid]
+    assert events[-1].event == "success"
 
 
 def test_unknown_placeholder_fails_the_stage_clearly(rig: RunnerRig) -> None:
