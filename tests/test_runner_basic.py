@@ -35,9 +35,9 @@ outputs = ["out.txt"]
 """
 
 
-@pytest.fixture
-def rig(tmp_path: Path, services: list) -> RunnerRig:
-    r = RunnerRig(tmp_path, TWO_STAGES, services=services).start()
+@pytest.fixture(params=["flush", "fsync"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path, services: list) -> RunnerRig:
+    r = RunnerRig(tmp_path, TWO_STAGES, services=services, runner=f'durability = "{request.param}"').start()
     yield r
     r.close()
 

@@ -164,3 +164,28 @@ def test_capacity_rejects_the_run_beyond_it(rig: RunnerRig) -> None:
     rig.sched.cancel(second)
     assert wait_journal_terminal(rig.home, first)[-1].event == "cancelled"
     assert wait_journal_terminal(rig.home, second)[-1].event == "cancelled"
+
+
+def test_heartbeat_carries_each_active_runs_last_seq(rig: RunnerRig) -> None:
+    from tests.runner_peer import EventSub
+    from shared.wire import decode_heartbeat_payload
+
+    run_id, _ = start_hanging(rig)
+    hb_sub = EventSub(rig.ports.publish, topic=b"hb/")
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            if not hb_sub.sock.poll(1000):
+                continue
+            topic, payload = hb_sub.sock.recv_multipart()
+            assert topic == b"hb/test-runner"
+            hb = decode_heartbeat_payload(payload)
+            assert hb.service == "runner" and hb.journal_dir == str(rig.home / "events")
+            if hb.runs.get(run_id) == journal(rig.home, run_id)[-1].seq:
+                break
+        else:
+            raise AssertionError("no heartbeat with the run's last seq")
+    finally:
+        hb_sub.close()
+    rig.sched.cancel(run_id)
+    wait_journal_terminal(rig.home, run_id)
