@@ -18,7 +18,7 @@ import pytest
 from shared.dispatch import RunAccepted, RunFinished, RunnerStatus, RunRejected
 from shared.events import Event
 from shared.journal import JournalWriter, journal_path
-from tests.runner_peer import RunnerRig, journal, pid_alive, queue_run, wait_gone, wait_journal_terminal
+from tests.runner_peer import RunnerRig, journal, queue_run, wait_gone, wait_journal_terminal
 from tests.test_runner_stages import pids_from_logs
 
 STAGES = Path(__file__).with_name("runner_stages.py")

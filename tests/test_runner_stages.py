@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 
 from shared.dispatch import RunAccepted, RunFinished
-from tests.runner_peer import RunnerRig, pid_alive, queue_run, wait_gone, wait_journal_terminal
+from tests.runner_peer import RunnerRig, journal, queue_run, wait_gone, wait_journal_terminal
 
 STAGES = Path(__file__).with_name("runner_stages.py")
 TESTS_DIR = Path(__file__).parent
@@ -160,13 +161,11 @@ def test_cancel_mid_stage(rig: RunnerRig) -> None:
     run_id = queue_run(rig.home, "cancel-me")
     rig.sched.dispatch(run_id, "cancel-me")
     rig.sched.wait_for(RunAccepted, run_id=run_id)
-    # wait until the stage has started its grandchild, then cancel
-    import time
+    # wait until the stage has started its grandchild (both pids are in the journal), then cancel
     end = time.monotonic() + 30
-    while time.monotonic() < end:
-        rig.sub.sock.poll(100) and rig.sub._keep(*rig.sub.sock.recv_multipart())
-        if any(e["msg"].startswith("stage ") and e["run_id"] == run_id for e in rig.sub.events):
-            break
+    while len(pids_from_logs(journal(rig.home, run_id), "(?:grandchild|stage)")) < 2:
+        assert time.monotonic() < end, "the stage never printed its pids"
+        time.sleep(0.05)
     rig.sched.cancel(run_id, reason="operator said stop")
     events = wait_journal_terminal(rig.home, run_id)
     pids = pids_from_logs(events, "grandchild") + pids_from_logs(events, "stage")
