@@ -119,6 +119,7 @@ class StreamClient:
             if self.q_events + n > self.max_events or self.q_bytes + nbytes > self.max_bytes:
                 # the journal has all of it: drop the buffer and catch up from there
                 self.overflow = True
+                self.hub.stats.replay_overflows += 1
                 self.buffer.clear()
                 self.q_events = self.q_bytes = 0
                 return
@@ -207,6 +208,8 @@ class StreamClient:
                 continue
             pending, anomaly = self._merge_buffer()
             if anomaly:
+                if pending is not None:
+                    await self._send(events_frame([pending.data], pending.cursor), pending.n, pending.cursor)
                 plan = self._behind()
                 continue
             ahead = [rid for rid, seq in self.sent.items() if seq > hub.frontier(rid)]
@@ -250,11 +253,15 @@ class StreamClient:
         return plan
 
     def _merge_buffer(self) -> tuple[Piece | None, bool]:
-        """The buffered live events we have not sent, in order; (None, True) if they do not join."""
+        """The buffered live events we have not sent, in order, up to the first that does not join
+        (then the flag is True and the rest is for the journal to supply)."""
         parts: list[bytes] = []
         terminal = False
+        anomaly = False
         last_cursor = ""
         for batch in self.buffer:
+            if anomaly:
+                break
             last_cursor = batch.cursor
             for ev, part in batch.items(self.only_run):
                 seq = self.sent.get(ev.run_id)
@@ -265,8 +272,9 @@ class StreamClient:
                     continue
                 if ev.seq != seq + 1:
                     log.debug("merge found seq %d after %d in run %s: catching up from the journal", ev.seq, seq, ev.run_id)
-                    self.buffer.clear()
-                    return None, True
+                    anomaly = True
+                    break
+
                 self.sent[ev.run_id] = ev.seq
                 parts.append(part)
                 if ev.is_terminal:
@@ -274,9 +282,14 @@ class StreamClient:
                     terminal = terminal or ev.run_id == self.only_run
         self.buffer.clear()
         if not parts:
-            return None, False
-        cursor = str(self.sent[self.only_run]) if self.only_run is not None else last_cursor
-        return Piece(b",".join(parts), len(parts), cursor, terminal), False
+            return None, anomaly
+        if self.only_run is not None:
+            cursor = str(self.sent[self.only_run])
+        elif anomaly:
+            cursor = self.cursor()  # the hub's cursor of that batch would claim events we did not send
+        else:
+            cursor = last_cursor
+        return Piece(b",".join(parts), len(parts), cursor, terminal), anomaly
 
     async def _replay_run(self, run_id: str, after: int) -> None:
         reader = JournalReader(journal_path(self.hub.journal_dir, run_id), run_id)
@@ -286,9 +299,9 @@ class StreamClient:
             limit = self.hub.frontier(run_id)  # read before the chunk: it only grows meanwhile
             if seq >= limit:
                 return
-            events, nxt, data = await anyio.to_thread.run_sync(_read_encoded, reader, offset, seq, limit)
+            events, nxt, data, truncated = await anyio.to_thread.run_sync(_read_encoded, reader, offset, seq, limit)
             if not events:
-                if nxt == offset:
+                if nxt == offset or truncated:
                     return
                 offset = nxt
                 continue
@@ -300,8 +313,8 @@ class StreamClient:
             cursor = self.cursor()
             await self._send(b'{"type":"events","events":' + data + b',"cursor":"' + cursor.encode() + b'"}', len(events), cursor)
             self.hub.stats.replay_events += len(events)
-            if ended:
-                return
+            if ended or truncated:
+                return  # what lies beyond the hub's frontier comes live (or from a fresh replay)
 
     # ------------------------------------------------------------------ sending
 
@@ -369,10 +382,13 @@ class StreamClient:
         await self.transport.close(code, reason)
 
 
-def _read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[list[Event], int, bytes]:
+def _read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[list[Event], int, bytes, bool]:
     """Events after `after` up to seq `limit` from a journal chunk, decoded (to check them) and encoded
-    back as one JSON array, in a worker thread. The offset returned is where to read on."""
+    back as one JSON array, in a worker thread; the offset to read on; whether the limit cut the chunk
+    (then the offset is not to be used: events past the limit lie before it)."""
     events, nxt = reader.read_chunk(offset, after, REPLAY_CHUNK)
+    truncated = False
     if events and events[-1].seq > limit:
         events = [e for e in events if e.seq <= limit]
-    return events, nxt, msgspec.json.encode(events) if events else b""
+        truncated = True
+    return events, nxt, msgspec.json.encode(events) if events else b"", truncated

@@ -33,6 +33,7 @@ class GatewayStats:
     frames_out: int = 0
     replay_events: int = 0  # events sent from the journal in replays and catch-ups
     slow_consumer_closes: int = 0
+    replay_overflows: int = 0  # live buffers dropped during a replay (the client caught up from the journal)
     unrecovered_resumes: int = 0  # hello recovered=false
     runs_discovered: int = 0  # runs learnt of after start (events, heartbeats, directory scan)
     connections_total: Counter[str] = field(default_factory=Counter)
@@ -52,6 +53,7 @@ _COUNTERS = (
     ("frames_out", "Frames sent to clients"),
     ("replay_events", "Events sent to clients from the journal (replay and catch-up)"),
     ("slow_consumer_closes", "Clients closed with 4008 slow consumer"),
+    ("replay_overflows", "Live buffers dropped during a replay; the client caught up from the journal instead"),
     ("unrecovered_resumes", "Resumes answered with recovered=false"),
     ("runs_discovered", "Runs learnt of after start"),
 )

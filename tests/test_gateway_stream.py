@@ -357,3 +357,84 @@ async def test_run_created_just_after_connect_is_waited_for(tmp_path: Path) -> N
             assert got.events == journal_of(settings, run_id)
     finally:
         pub.close()
+
+
+async def test_replay_of_a_long_run_under_a_live_flood_catches_up_from_the_journal(tmp_path: Path) -> None:
+    """A client replays a long run while live events pour in faster than its small queue holds: the
+    live buffer is dropped and the client catches up from the journal (no 4008 for replaying), and
+    a client resuming after any close still gets each event exactly once."""
+    settings, ports = make_settings(tmp_path, gateway="client_queue_events = 50\nclient_queue_bytes = 100000")
+    pub = _publisher(settings, ports)
+    try:
+        run_id = pub.begin()
+        pub.emit(run_id, "pipeline", "start", "s")
+        for i in range(30_000):  # journaled before the gateway starts
+            pub.emit(run_id, "nap", "log", f"early {i}")
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            delivered: list[dict[str, Any]] = []
+
+            async def flood() -> None:
+                for i in range(3_000):
+                    pub.emit(run_id, "nap", "log", f"live {i}")
+                    if i % 20 == 0:
+                        await anyio.sleep(0)
+                pub.emit(run_id, "pipeline", "success", "done")
+
+            async with anyio.create_task_group() as tg:
+                after = 0
+                tg.start_soon(flood)
+                while True:
+                    got = await collect(http, f"{gw.ws}/ws/events/{run_id}?after_seq={after}", timeout=60)
+                    delivered.extend(got.events)
+                    if got.events:
+                        after = got.events[-1]["seq"]
+                    if got.close_code == 1000:
+                        break
+                    assert got.close_code == 4008, got.close_code
+            assert delivered == journal_of(settings, run_id)
+            assert gw.stats.replay_overflows >= 1
+    finally:
+        pub.close()
+
+
+async def test_all_runs_resume_under_a_live_flood_catches_up_from_the_journal(tmp_path: Path) -> None:
+    """The same on the all-runs stream: a cursor from before two long runs, resumed while they flood."""
+    settings, ports = make_settings(tmp_path, gateway="client_queue_events = 50\nclient_queue_bytes = 100000")
+    pub = _publisher(settings, ports)
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            cursor = (await collect(http, f"{gw.ws}/ws/events", max_frames=1)).frames[0]["cursor"]
+        runs = [pub.begin(), pub.begin()]
+        for run_id in runs:
+            pub.emit(run_id, "pipeline", "start", "s")
+            for i in range(15_000):
+                pub.emit(run_id, "nap", "log", f"early {i}")
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            delivered: list[dict[str, Any]] = []
+
+            async def flood() -> None:
+                for i in range(2_000):
+                    for run_id in runs:
+                        pub.emit(run_id, "nap", "log", f"live {i}")
+                    if i % 10 == 0:
+                        await anyio.sleep(0)
+                for run_id in runs:
+                    pub.emit(run_id, "pipeline", "success", "done")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flood)
+                ended: set[str] = set()
+                while ended != set(runs):
+                    got = await collect(http, f"{gw.ws}/ws/events?cursor={cursor}", timeout=60,
+                                        until=lambda c: len({e["run_id"] for e in c.events if e["event"] == "success"}) == 2)
+                    assert got.frames[0]["recovered"] is True
+                    delivered.extend(got.events)
+                    ended |= {e["run_id"] for e in got.events if e["event"] == "success"}
+                    cursor = got.last_cursor or cursor
+            by_run = _by_run(delivered)
+            assert set(by_run) == set(runs)
+            for run_id in runs:
+                assert by_run[run_id] == journal_of(settings, run_id)
+            assert gw.stats.replay_overflows >= 1
+    finally:
+        pub.close()
