@@ -204,12 +204,35 @@ def test_dashboard_launches_and_follows_a_run_across_a_gateway_restart(tmp_path:
     shot = _screenshot(page, "dashboard-run.png")
     assert shot.stat().st_size > 10_000
 
-    # the run list: the run, newest first, ended in success; the schedule pauses and resumes
+    # a second run, cancelled from its page while it runs
     page.click("a.back")
+    page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"][data-status="success"]')
+    page.fill('.field[data-param="pause"] input', "5")
+    page.click("#launch-submit")
+    page.wait_for_url(lambda url: "#/runs/" in url and not url.endswith(run_id))
+    second = page.url.rsplit("/", 1)[1]
+    page.wait_for_selector('.tl-row[data-name="prepare"][data-status="running"]')
+    page.click(".run-head button.btn-danger")
+    page.wait_for_selector(".run-status .badge.st-cancelled", timeout=60_000)
+    page.wait_for_selector('[data-stream="this run"][data-state="complete"]', state="attached")
+    second_journal = [[ev.seq, ev.stage, ev.event] for ev in JournalReader(journal_path(settings.journal_dir, second)).read()]
+    assert second_journal[-1][1:] == ["pipeline", "cancelled"], second_journal[-3:]
+    assert _page_events(page, second) == second_journal
+
+    # the run list: newest first, live statuses, filters by status and pipeline
+    page.click("a.back")
+    page.wait_for_selector(f'#runs-table tr[data-run-id="{second}"][data-status="cancelled"]')
     row = page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"][data-status="success"]')
     assert "manual" in row.inner_text() and "dash" in row.inner_text()
-    first = page.eval_on_selector("#runs-table tbody tr", "tr => tr.dataset.runId")
-    assert first == run_id
+    assert page.eval_on_selector_all("#runs-table tbody tr", "trs => trs.map(tr => tr.dataset.runId)") == [second, run_id]
+    page.select_option("#filter-status", "success")
+    page.wait_for_function("() => document.querySelectorAll('#runs-table tbody tr').length === 1")
+    assert page.eval_on_selector("#runs-table tbody tr", "tr => tr.dataset.runId") == run_id
+    page.select_option("#filter-status", "")
+    page.select_option("#filter-pipeline", "dash")
+    page.wait_for_function("() => document.querySelectorAll('#runs-table tbody tr').length === 2")
+
+    # the schedule pauses and resumes from the page (the scheduler's state, read back)
     sched = page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="true"]')
     sched.query_selector("button").click()
     page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="false"]')
@@ -268,3 +291,14 @@ def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services
     page.wait_for_selector('#log .vl-row[data-seq="1"]')
     assert page.evaluate("() => document.querySelectorAll('#log .vl-row').length") < 200
     _screenshot(page, "dashboard-10k.png")
+
+    # a cursor the gateway cannot serve: the page says so plainly (recovered: false and the reason)
+    page.evaluate("() => { window.__runwire.store.cursor = 'not-a-cursor'; window.__runwire.streams.all.restart('test'); }")
+    page.wait_for_selector('[data-stream="runs"].conn-gap', state="attached")
+    banner = page.wait_for_selector("#banner:not([hidden])")
+    assert "gap" in banner.inner_text(), banner.inner_text()
+    history = page.evaluate("() => window.__runwire.conn.history")
+    unrecovered = [h for h in history if h["stream"] == "all" and h.get("recovered") is False]
+    assert unrecovered and unrecovered[-1]["reason"], history
+    assert unrecovered[-1]["reason"] in banner.inner_text()
+    _screenshot(page, "dashboard-gap.png")

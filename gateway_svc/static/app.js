@@ -61,7 +61,10 @@ window.__runwire = {
   eventsFor: (runId) => (window.__runwire.runLogs.get(runId)?.appliedSeqs ?? []).slice(),
   receivedFor: (runId) => (window.__runwire.runLogs.get(runId)?.receivedSeqs ?? []).slice(),
   runLogs: new Map(), // run_id -> the run page's log model (see runview.js)
+  streams: {}, // "all" -> the all-runs Stream (restart() forces a resume from the cursor)
 };
+
+window.__runwire.streams.all = allRuns;
 
 async function boot() {
   // The stream first, the list second: every event after the stream's start comes on the stream, every
