@@ -11,27 +11,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import anyio
 import polars as pl
 import pytest
 
-from shared.config import load_settings
+from shared.config import Settings, load_settings
 from shared.journal import JournalReader, journal_path
-from tests.harness import REPO, demo_config
+from tests.harness import REPO, Ports, demo_config
 
 BIN = Path(sys.executable).parent
 
 
-def _honcho(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+def _honcho(cfg: Path, log: BinaryIO) -> subprocess.Popen[bytes]:
     env = {**os.environ, "RUNWIRE_CONFIG": str(cfg), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONUNBUFFERED": "1"}
     env.pop("RUNWIRE_HOME", None)
     env.pop("RUNWIRE_TOKEN", None)
     return subprocess.Popen(
         [str(BIN / "honcho"), "start", "-f", str(REPO / "Procfile"), "-d", str(REPO)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
 
 
@@ -60,7 +61,12 @@ async def test_procfile_trio_runs_the_demo_pipeline_end_to_end(tmp_path: Path) -
     assert raw, "demo-data wrote no CSV"
 
     log = tmp_path / "honcho.log"
-    proc = _honcho(cfg, log)
+    with open(log, "wb") as log_file:
+        await _run_demo(cfg, ports, settings, log, log_file)
+
+
+async def _run_demo(cfg: Path, ports: Ports, settings: Settings, log: Path, log_file: BinaryIO) -> None:
+    proc = _honcho(cfg, log_file)
     base = f"http://127.0.0.1:{ports.http}"
     try:
         await _wait_healthy(base, proc, log)
@@ -85,6 +91,8 @@ async def test_procfile_trio_runs_the_demo_pipeline_end_to_end(tmp_path: Path) -
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"honcho did not stop on Ctrl-C:\n{log.read_text(errors='replace')[-3000:]}")
     output = log.read_text(errors="replace")
+    for name in ("scheduler", "runner", "gateway"):
+        assert f"{name}.1 stopped (rc=0)" in output, output[-3000:]  # a clean exit on Ctrl-C, not a kill
     # every service said where its journal is, absolutely, at start
     assert output.count(str(settings.journal_dir)) >= 3, output[-3000:]
 
