@@ -116,6 +116,8 @@ function updateRow(row, run, now) {
   cells.trigger.title = run.slot ? `slot ${run.slot}` : "";
   const start = parseTs(run.started_at);
   setText(cells.started, Number.isFinite(start) ? fmtWhen(start) : run.queued_at ? `queued ${fmtWhen(parseTs(run.queued_at))}` : "—");
+  // a queued run says why it waits (the gateway's `waiting`, as the scheduler put it)
+  cells.started.title = run.status === "queued" && run.waiting ? run.waiting : "";
   const end = run.ended_at ? parseTs(run.ended_at) : now;
   setText(cells.duration, Number.isFinite(start) ? fmtDuration(end - start) : run.status === "queued" ? `(${fmtDuration(now - parseTs(run.queued_at))})` : "—");
   const ended = isEnded(run);

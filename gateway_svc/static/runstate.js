@@ -84,7 +84,7 @@ function itemOf(stage, name) {
 // -> the dashboard's shape. Unknown fields are ignored so the page tolerates a richer API.
 export function runFromApi(raw) {
   const run = newRun(String(raw.run_id));
-  for (const k of ["status", "pipeline", "trigger", "schedule", "slot", "queued_at", "started_at", "ended_at", "msg"]) {
+  for (const k of ["status", "pipeline", "trigger", "schedule", "slot", "queued_at", "started_at", "ended_at", "msg", "waiting"]) {
     if (raw[k] !== undefined && raw[k] !== null) run[k] = raw[k];
   }
   if (raw.params && typeof raw.params === "object") run.params = raw.params;

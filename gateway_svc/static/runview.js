@@ -150,7 +150,8 @@ export function mountRun(root, runId) {
       actions.replaceChildren(isEnded(run) ? "" : cancelButton(runId));
     }
     renderFacts(run, now);
-    setText(runMsg, model.error ? model.error : run.msg);
+    const waiting = run.status === "queued" && model.fetched && model.fetched.waiting ? `queued: ${model.fetched.waiting}` : "";
+    setText(runMsg, model.error || run.msg || waiting);
     runMsg.className = `run-msg${model.error || run.status === "failure" ? " error" : ""}`;
     const pipeline = store.pipelines.find((p) => p.name === run.pipeline);
     renderTimeline(timelineBox, run, pipeline ? pipeline.stages : [], now);

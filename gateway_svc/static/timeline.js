@@ -79,9 +79,11 @@ function bar(x, status, pos, runEnd) {
 
 function seg(left, right, status, label, showLabel = true) {
   const width = Math.max(right - left, 0);
+  // the timeline is redrawn often; a negative delay keeps the running stripes' motion continuous
+  const phase = status === "running" ? `;animation-delay:-${(Date.now() % 1000) / 1000}s` : "";
   return el("div", {
     class: `tl-bar st-${status}`,
-    style: `left:${left}%;width:max(${width}%, 3px)`,
+    style: `left:${left}%;width:max(${width}%, 3px)${phase}`,
     title: label,
   }, showLabel ? el("span", { class: "tl-bar-label" }, label) : null);
 }
