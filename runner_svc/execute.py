@@ -22,6 +22,7 @@ from shared.events import Event
 from shared.stage import STAGE_INFO_ENV, CountersMessage, LogMessage, MetricMessage, StageInfo, StageMessage, info_to_env
 
 from .argv import fill_argv
+from . import child
 from .child import RUNNER_PID_ENV
 from .logcap import LogCap
 from .procs import RUN_ID_ENV
@@ -32,6 +33,7 @@ from .stageproc import run_process
 log = logging.getLogger(__name__)
 
 _cancelled = anyio.get_cancelled_exc_class
+CHILD_SCRIPT = str(Path(child.__file__).resolve())
 
 
 @dataclass
@@ -266,7 +268,9 @@ class RunExecution:
         try:
             stage_env = {k: fill_argv([v], values)[0] for k, v in stage.env.items()}
             if stage.command is not None:
-                argv = [sys.executable, "-m", "runner_svc.child", "--exec", "--", *fill_argv(stage.command, values)]
+                # the bootstrap as a plain script without `site` (-S): it needs the standard library only,
+                # and starts ~4x faster than `-m runner_svc.child`, which matters for short commands
+                argv = [sys.executable, "-S", CHILD_SCRIPT, "--exec", "--", *fill_argv(stage.command, values)]
             else:
                 assert stage.callable is not None
                 argv = [sys.executable, "-m", "runner_svc.child", stage.callable]
