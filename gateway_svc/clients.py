@@ -90,6 +90,7 @@ class StreamClient:
         self.overflow = False
         self.wake = asyncio.Event()
         self.close_request: tuple[int, str] | None = None
+        self.last_send = 0.0
         # replay bookkeeping (all-runs clients: per run; per-run clients: one entry)
         self.sent: dict[str, int] = {}
         self.done: set[str] = set()
@@ -346,6 +347,14 @@ class StreamClient:
                 if scope.cancelled_caught:
                     await self.transport.keepalive()
                 continue
+            interval = self.hub.frame_interval()
+            if interval:
+                delay = self.last_send + interval - time.monotonic()
+                if delay > 0:
+                    await anyio.sleep(delay)  # more events join this frame meanwhile
+                    if self.close_request is not None:
+                        continue
+                self.last_send = time.monotonic()
             parts: list[bytes] = []
             n = size = 0
             cursor = ""

@@ -50,6 +50,9 @@ DRAIN_MAX = 5_000  # messages taken per wake-up of the subscriber (they become o
 FLUSH_EVENTS = 5_000  # a long journal fill is fanned out in batches of this size
 SWEEP_INTERVAL = 1.0  # seconds between journal-directory sweeps (new runs, tails no publisher claims)
 _WARN_EVERY = 10.0
+FRAME_PACING_FROM = 50  # clients; below this every batch goes out at once
+FRAME_INTERVAL_PER_CLIENT = 50e-6  # 500 clients: at most one frame per 25 ms each
+MAX_FRAME_INTERVAL = 0.025
 
 _encoder = msgspec.json.Encoder()
 
@@ -139,6 +142,7 @@ class Hub:
         self.index = index
         self.all_clients: set[StreamClient] = set()
         self.run_clients: dict[str, set[StreamClient]] = {}
+        self._client_count = 0
         self.publishers: dict[str, SeenHeartbeat] = {}  # publisher id -> its last heartbeat
         self._lock = anyio.Lock()  # one deliverer at a time (fills await the journal)
         self._warned: dict[str, float] = {}
@@ -372,7 +376,20 @@ class Hub:
             self._d_cache = (key, self.index.recent_ended((t - MARGIN_S) * 1_000_000))
         return self._d_cache[1]
 
+    def frame_interval(self) -> float:
+        """The least time between two frames to one client: nothing with few clients; with many, a few
+        milliseconds, so each frame carries more events and the per-frame cost (ours and every
+        client's) does not grow with clients x batches."""
+        if self._client_count < FRAME_PACING_FROM:
+            return 0.0
+        return min(MAX_FRAME_INTERVAL, self._client_count * FRAME_INTERVAL_PER_CLIENT)
+
+    @property
+    def client_count(self) -> int:
+        return self._client_count
+
     def register(self, client: StreamClient) -> None:
+        self._client_count += 1
         if client.only_run is None:
             self.all_clients.add(client)
         else:
@@ -380,10 +397,13 @@ class Hub:
 
     def unregister(self, client: StreamClient) -> None:
         if client.only_run is None:
-            self.all_clients.discard(client)
+            if client in self.all_clients:
+                self._client_count -= 1
+                self.all_clients.discard(client)
         else:
             group = self.run_clients.get(client.only_run)
-            if group is not None:
+            if group is not None and client in group:
+                self._client_count -= 1
                 group.discard(client)
                 if not group:
                     del self.run_clients[client.only_run]

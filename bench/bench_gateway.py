@@ -1,0 +1,372 @@
+"""Gateway figures: publisher -> gateway -> WebSocket latency at 1k and 10k events/s, the sustained rate
+to one client with nothing lost, fan-out to 500 clients at 1k events/s (with the gateway's CPU), replay
+of a 1,000,000-event run from seq 0, and memory per idle connection with 5,000 connections.
+
+The gateway runs as `python -m gateway_svc` (a real subprocess); the publisher is a separate process
+that journals each event (JournalWriter) and then publishes it (PUB), as the runner does; the clients
+are aiohttp WebSockets in this process. Prints figures; asserts nothing.
+Goals: p99 <= 1 ms at 10k/s; >= 50k events/s to one client; 500 clients held at 1k/s with p99 <= 50 ms;
+replay >= 500k events/s; <= 30 KB per idle connection.
+
+    python bench/bench_gateway.py [--only latency|rate|fanout|replay|idle ...] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import anyio
+import msgspec
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shared.config import load_settings  # noqa: E402
+from shared.ids import new_run_id  # noqa: E402
+from shared.journal import JournalWriter, begin_run  # noqa: E402
+from tests.harness import Service, write_config  # noqa: E402
+
+TZ = ZoneInfo("UTC")
+PARTS = ("latency", "rate", "fanout", "replay", "idle")
+
+
+class _Frame(msgspec.Struct):
+    type: str
+    events: list[msgspec.Raw] = []
+    cursor: str = ""
+
+
+class _Stamp(msgspec.Struct):
+    seq: int
+    data: dict[str, Any] = {}
+
+
+_frame = msgspec.json.Decoder(_Frame)
+_stamp = msgspec.json.Decoder(_Stamp)
+
+# The publisher: its own process, as the runner is. Paced at RATE events/s (0: as fast as it can),
+# journal first, then PUB; heartbeats every 0.5 s; the send time (ns) rides in data.t.
+_PUBLISHER = r"""
+import sys, time, zmq
+from zoneinfo import ZoneInfo
+from pathlib import Path
+from shared.journal import JournalWriter, begin_run
+from shared.wire import Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
+endpoint, journal_dir, run_id, rate, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+ctx = zmq.Context(); sock = ctx.socket(zmq.PUB); configure_socket(sock, sndhwm=1_000_000); sock.bind(endpoint)
+tz = ZoneInfo("UTC")
+print("bound", flush=True); sys.stdin.readline()  # go
+def send(frames):
+    try: sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again: pass  # counted by the gateway as a gap it fills from the journal
+ev = begin_run(journal_dir, run_id, tz, "bench", {}, {"trigger": "manual"}); send(encode_event_frames(ev))
+w = JournalWriter.open(journal_dir, run_id, tz)
+def hb():
+    send(encode_heartbeat_frames(Heartbeat(runner_id="bench", timestamp="", journal_dir=str(journal_dir),
+         config_path="", runs={run_id: w.last_seq}, interval=0.5)))
+start = time.perf_counter(); next_hb = start; i = 0
+while i < count:
+    # paced in 1 ms ticks (no busy wait: the machine has two cores for everything)
+    due = count if not rate else min(count, int((time.perf_counter() - start) * rate) + 1)
+    while i < due:
+        e = w.append("stage", "log", "a line of output", {"t": time.time_ns()})
+        send(encode_event_frames(e))
+        i += 1
+    if time.perf_counter() >= next_hb:
+        hb(); next_hb += 0.5
+    if rate and i < count:
+        time.sleep(0.001)
+e = w.append("pipeline", "success", "done"); send(encode_event_frames(e)); hb()
+print("done", time.perf_counter() - start, flush=True)
+sys.stdin.readline()
+"""
+
+
+class Bench:
+    def __init__(self, tmp: Path, gateway_extra: str = "") -> None:
+        self.tmp = tmp
+        self.cfg, self.ports = write_config(tmp, gateway=gateway_extra)
+        self.settings = load_settings(self.cfg)
+        self.settings.journal_dir.mkdir(parents=True, exist_ok=True)
+        self.gateway = Service("gateway_svc", self.cfg, tmp).start()
+        self.base = f"http://127.0.0.1:{self.ports.http}"
+        self.ws = f"ws://127.0.0.1:{self.ports.http}"
+
+    def close(self) -> None:
+        self.gateway.stop()
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.gateway.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.gateway.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def publisher(self, run_id: str, rate: float, count: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PUBLISHER, f"tcp://127.0.0.1:{self.ports.publish}", str(self.settings.journal_dir),
+             run_id, str(rate), str(count)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(REPO),
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "bound"
+        return proc
+
+
+def _finish(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    proc.wait(30)
+
+
+def _go(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+class Receiver:
+    """Counts one run's events on a WebSocket and records publish-to-receive latency (ms)."""
+
+    def __init__(self, run_id: str, per_event: bool = True) -> None:
+        self.run_id = run_id
+        self.per_event = per_event
+        self.latencies: list[float] = []
+        self.count = 0
+        self.last_seq = 0
+        self.gaps = 0
+        self.first_at = 0.0
+        self.last_at = 0.0
+        self.ended = False
+
+    def frame(self, data: bytes | str) -> None:
+        now = time.time_ns()
+        f = _frame.decode(data)
+        if f.type != "events" or not f.events:
+            return
+        if not self.first_at:
+            self.first_at = time.perf_counter()
+        self.last_at = time.perf_counter()
+        stamps = [_stamp.decode(raw) for raw in f.events] if self.per_event else [_stamp.decode(f.events[0]), _stamp.decode(f.events[-1])]
+        for s in stamps:
+            t = s.data.get("t")
+            if t:
+                self.latencies.append((now - t) / 1e6)
+        first, last = stamps[0].seq, stamps[-1].seq
+        if first != self.last_seq + 1:
+            self.gaps += 1
+        self.count += len(f.events)
+        self.last_seq = last
+        if last and not stamps[-1].data:
+            self.ended = True
+
+
+async def _receive(http: aiohttp.ClientSession, url: str, rec: Receiver, *, connected: Callable[[], None] | None = None,
+                   timeout: float = 60) -> None:
+    with anyio.move_on_after(timeout):
+        async with http.ws_connect(url, max_msg_size=64 * 1024 * 1024, compress=0) as ws:
+            if connected:
+                connected()
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    rec.frame(msg.data)
+                    if rec.ended:
+                        return
+
+
+# ------------------------------------------------------------------------------------------- parts
+
+
+async def latency(b: Bench, rate: int, seconds: float) -> dict[str, float]:
+    run_id = new_run_id("lat")
+    count = int(rate * seconds)
+    pub = b.publisher(run_id, rate, count)
+    rec = Receiver(run_id)
+    async with aiohttp.ClientSession() as http:
+        async with anyio.create_task_group() as tg:
+            ready = anyio.Event()
+            tg.start_soon(lambda: _receive(http, f"{b.ws}/ws/events/{run_id}?after_seq=0", rec, connected=ready.set))
+            await anyio.sleep(0.3)
+            cpu0 = b.cpu_seconds()
+            t0 = time.perf_counter()
+            _go(pub)
+            await ready.wait()
+        cpu = (b.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+    _finish(pub)
+    # the first events may be read from the journal (the client connects as the run is created): skip 5%
+    lat = rec.latencies[len(rec.latencies) // 20 :]
+    return {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "received": rec.count, "expected": count + 2, "cpu": cpu * 100}
+
+
+async def sustained(b: Bench, count: int) -> dict[str, float]:
+    run_id = new_run_id("rate")
+    pub = b.publisher(run_id, 0, count)
+    rec = Receiver(run_id, per_event=False)
+    async with aiohttp.ClientSession() as http:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: _receive(http, f"{b.ws}/ws/events/{run_id}?after_seq=0", rec))
+            await anyio.sleep(0.3)
+            t0 = time.perf_counter()
+            _go(pub)
+        elapsed = rec.last_at - t0
+    _finish(pub)
+    return {"rate": rec.count / elapsed, "received": rec.count, "expected": count + 2, "gaps_seen": rec.gaps}
+
+
+async def fanout(b: Bench, clients: int, rate: int, seconds: float) -> dict[str, float]:
+    run_id = new_run_id("fan")
+    count = int(rate * seconds)
+    pub = b.publisher(run_id, rate, count)
+    recs = [Receiver(run_id, per_event=False) for _ in range(clients)]
+    connected = 0
+
+    def one_connected() -> None:
+        nonlocal connected
+        connected += 1
+
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        async with anyio.create_task_group() as tg:
+            for rec in recs:
+                tg.start_soon(lambda r=rec: _receive(http, f"{b.ws}/ws/events", r, connected=one_connected, timeout=seconds + 40))
+            with anyio.fail_after(60):
+                while connected < clients:
+                    await anyio.sleep(0.05)
+            await anyio.sleep(0.5)
+            cpu0 = b.cpu_seconds()
+            own0 = time.process_time()
+            t0 = time.perf_counter()
+            _go(pub)
+        wall = time.perf_counter() - t0
+        cpu = (b.cpu_seconds() - cpu0) / wall
+        own = (time.process_time() - own0) / wall
+    _finish(pub)
+    lat = [x for r in recs for x in r.latencies]
+    complete = sum(1 for r in recs if r.ended and r.gaps <= 1)  # gaps<=1: the first frame starts past seq 1
+    return {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "complete": complete, "clients": clients, "cpu": cpu * 100,
+            "client_cpu": own * 100}
+
+
+async def replay(b: Bench, run_id: str, count: int) -> dict[str, float]:
+    rec = Receiver(run_id, per_event=False)
+    async with aiohttp.ClientSession() as http:
+        t0 = time.perf_counter()
+        await _receive(http, f"{b.ws}/ws/events/{run_id}?after_seq=0", rec, timeout=120)
+        elapsed = time.perf_counter() - t0
+    return {"rate": rec.count / elapsed, "received": rec.count, "expected": count + 2}
+
+
+def write_long_run(journal_dir: Path, count: int) -> str:
+    run_id = new_run_id("replay")
+    begin_run(journal_dir, run_id, TZ, "bench", {}, {"trigger": "manual"})
+    with JournalWriter.open(journal_dir, run_id, TZ) as w:
+        for i in range(count):
+            w.append("stage", "log", "a line of output", {"i": i})
+        w.append("pipeline", "success", "done")
+    return run_id
+
+
+async def idle(b: Bench, n: int) -> dict[str, float]:
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        await anyio.sleep(0.5)
+        before = b.rss_kb()
+        sockets = []
+        for i in range(n):
+            ws = await http.ws_connect(f"{b.ws}/ws/events", compress=0)
+            await ws.receive()  # hello
+            sockets.append(ws)
+        await anyio.sleep(1.0)
+        after = b.rss_kb()
+        for ws in sockets:
+            await ws.close()
+    return {"per_conn_kb": (after - before) / n, "rss_mb": after / 1024, "n": n}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+async def run(parts: list[str], repeat: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))  # the gateway inherits it
+    with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp_name:
+        tmp = Path(tmp_name)
+        b = Bench(tmp, gateway_extra="client_queue_events = 200000\nclient_queue_bytes = 134217728")
+        try:
+            if "latency" in parts:
+                for rate in (1_000, 10_000):
+                    runs = [await latency(b, rate, 3.0) for _ in range(repeat)]
+                    print(f"latency at {rate:>6,}/s: p50 {_median(runs, 'p50'):.2f} ms  p99 {_median(runs, 'p99'):.2f} ms"
+                          f"  (median of {repeat}; received {runs[0]['received']:,.0f}/{runs[0]['expected']:,.0f};"
+                          f" gateway CPU {_median(runs, 'cpu'):.0f}%)  goal at 10k/s: p99 <= 1 ms", flush=True)
+            if "rate" in parts:
+                runs = [await sustained(b, 300_000) for _ in range(repeat)]
+                lost = [r["expected"] - r["received"] for r in runs]
+                print(f"sustained to one client: {_median(runs, 'rate'):,.0f} events/s  (median of {repeat};"
+                      f" lost {max(lost):.0f}; gaps seen by client {max(r['gaps_seen'] for r in runs):.0f})"
+                      f"  goal >= 50,000/s, nothing lost", flush=True)
+            if "fanout" in parts:
+                r = await fanout(b, 500, 1_000, 5.0)
+                print(f"fan-out 500 clients at 1k/s: p50 {r['p50']:.1f} ms  p99 {r['p99']:.1f} ms; clients with every event"
+                      f" {r['complete']:.0f}/{r['clients']:.0f}; gateway CPU {r['cpu']:.0f}% (the 500 clients' process:"
+                      f" {r['client_cpu']:.0f}%)  goal p99 <= 50 ms", flush=True)
+            if "replay" in parts:
+                t0 = time.perf_counter()
+                run_id = await anyio.to_thread.run_sync(write_long_run, b.settings.journal_dir, 1_000_000)
+                print(f"(wrote a 1,000,000-event journal in {time.perf_counter() - t0:.1f}s)", flush=True)
+                runs = [await replay(b, run_id, 1_000_000) for _ in range(repeat)]
+                print(f"replay of 1,000,000 events from seq 0: {_median(runs, 'rate'):,.0f} events/s  (median of {repeat};"
+                      f" received {runs[0]['received']:,.0f}/{runs[0]['expected']:,.0f})  goal >= 500,000/s", flush=True)
+        finally:
+            b.close()
+        if "idle" in parts:
+            (tmp / "idle").mkdir()
+            b = Bench(tmp / "idle")
+            try:
+                r = await idle(b, 5_000)
+                print(f"idle connections: {r['per_conn_kb']:.1f} KB each with {r['n']:,.0f} open (gateway RSS"
+                      f" {r['rss_mb']:.0f} MB)  goal <= 30 KB", flush=True)
+            finally:
+                b.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv if argv is not None else [])
+    anyio.run(run, args.only, args.repeat)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
