@@ -45,7 +45,7 @@ class SchedulerConfig(_Strict):
 class RunnerConfig(_Strict):
     publish: str = "tcp://127.0.0.1:5556"  # PUB of the event stream (the contract's default)
     control: str = "tcp://127.0.0.1:5558"  # ROUTER for identity and the doctor's probe
-    id: str = ""  # default: <hostname>-<pid>
+    id: str = ""  # default: the host name (stable across restarts: a restarted runner finds its runs)
     capacity: int = 4  # runs at once
     heartbeat_interval: float = 1.0
     send_hwm: int = 100_000
