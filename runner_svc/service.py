@@ -84,6 +84,7 @@ class RunnerService:
         self._dispatch: zmq.asyncio.Socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.dispatch_dropped = 0
+        self._dispatch_warned_at = float("-inf")
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -178,8 +179,11 @@ class RunnerService:
             await sock.send(encode_dispatch(msg), zmq.NOBLOCK)
         except zmq.Again:
             self.dispatch_dropped += 1
-            log.warning("dispatch %s: send queue full (scheduler away?): %s dropped (%d so far)",
-                        self.settings.config.scheduler.dispatch, type(msg).__name__, self.dispatch_dropped)
+            now = anyio.current_time()
+            if now - self._dispatch_warned_at >= 10.0 or not isinstance(msg, RunnerStatus):
+                self._dispatch_warned_at = now
+                log.warning("dispatch %s: send queue full (scheduler away?): %s dropped (%d messages so far)",
+                            self.settings.config.scheduler.dispatch, type(msg).__name__, self.dispatch_dropped)
 
     async def _dispatch_loop(self, ctx: zmq.asyncio.Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         endpoint = self.settings.config.scheduler.dispatch
