@@ -45,6 +45,7 @@ import re
 from typing import Any
 
 import anyio
+import msgspec
 from aiohttp import web
 
 from shared.config import Settings, resolve_params
@@ -202,8 +203,6 @@ async def run_events(request: web.Request) -> web.Response:
 
 
 def _dumps(obj: Any) -> str:
-    import msgspec
-
     return msgspec.json.encode(obj).decode()
 
 

@@ -326,7 +326,7 @@ class StreamClient:
         except TimeoutError:
             # the frame is whole in the connection's buffer; the close frame goes after it
             self._slow(f"a send took longer than {self.send_timeout:g}s")
-            await self._close(CLOSE_SLOW, "slow consumer")
+            await self.close(CLOSE_SLOW, "slow consumer")
             raise ClientGone("slow consumer") from None
         except (ConnectionError, RuntimeError) as e:
             raise ClientGone(str(e)) from e
@@ -338,7 +338,7 @@ class StreamClient:
         """Live mode: send what the hub queues, coalesced into frames; close when asked to."""
         while True:
             if self.close_request is not None:
-                await self._close(*self.close_request)
+                await self.close(*self.close_request)
                 return
             if not self.queue:
                 self.wake.clear()
@@ -383,10 +383,10 @@ class StreamClient:
             self.q_bytes -= size
             await self._send(events_frame(parts, cursor), n, cursor)
             if terminal:
-                await self._close(CLOSE_NORMAL, "run ended")
+                await self.close(CLOSE_NORMAL, "run ended")
                 return
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str) -> None:
         self.mode = CLOSING
         await self.transport.close(code, reason)
 

@@ -136,7 +136,7 @@ async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
     await client.transport.send_json(_hello(str(after_seq), reason is None, reason, run_id=run_id))
     await client.catch_up({run_id: after_seq})
     if client.close_request is None and (run_id in client.done or (entry.ended and client.sent[run_id] >= entry.frontier)):
-        await client._close(1000, "run ended")
+        await client.close(1000, "run ended")
         return
     await client.pump()
 

@@ -4,7 +4,6 @@ Events come from the test-side `FakePublisher` (journal first, then PUB, per the
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
