@@ -127,6 +127,9 @@ class Scheduler:
         configure_socket(sock, sndhwm=self.cfg.runner.send_hwm if kind == zmq.PUB else 10_000, rcvhwm=10_000)
         if mandatory:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a runner that is gone raises, not vanishes
+            # a runner restarted after kill -9 reconnects with the same routing id while the dead
+            # connection may still be held: without handover its messages would be silently ignored
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
