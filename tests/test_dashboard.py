@@ -290,6 +290,9 @@ def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services
     page.wait_for_function(f"() => document.querySelector('#log-count').textContent === '5 of {total:,} events'")
     # scrolling to the top of the full log shows the first lines (the DOM still small)
     page.click('.chip[data-kind="log"]')
+    # the list has grown back (the tail rendered again) before we scroll: scrolling a list that has not
+    # re-rendered yet is a no-op, and follow mode then rightly keeps the tail in view
+    page.wait_for_selector(f'#log .vl-row[data-seq="{total}"]')
     page.eval_on_selector("#log", "el => { el.scrollTop = 0; }")
     page.wait_for_selector('#log .vl-row[data-seq="1"]')
     assert page.evaluate("() => document.querySelectorAll('#log .vl-row').length") < 200

@@ -223,6 +223,11 @@ async def test_a_run_whose_messages_come_from_two_publishers_is_joined_in_order(
                 runner.emit(run_id, "pipeline", "start", "s")
                 runner.emit(run_id, "nap", "start", "")
                 runner.emit(run_id, "nap", "success", "")
+                # the late copy must arrive after the gateway took seq 1 from the journal (the two
+                # sockets do not order between them), or there is no duplicate to drop
+                with anyio.fail_after(10):
+                    while gw.stats.events_in < 3:
+                        await anyio.sleep(0.01)
                 scheduler.drop = lambda ev: False
                 scheduler.publish(scheduler.dropped[0])  # ...and send it late
                 await anyio.sleep(0.2)

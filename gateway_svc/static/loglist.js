@@ -18,16 +18,19 @@ export class VirtualList {
     this.pool = [];
     this.generation = 0;
     this.scheduled = false;
-    this.programmatic = false;
+    this.programmaticTop = null; // the scrollTop this list set itself (its scroll event is not the user's)
     this.viewport.addEventListener("scroll", () => {
-      if (!this.programmatic) {
-        const atBottom = this.viewport.scrollTop + this.viewport.clientHeight >= this.viewport.scrollHeight - this.rowHeight;
+      const top = this.viewport.scrollTop;
+      if (this.programmaticTop === null || Math.abs(top - this.programmaticTop) > 1) {
+        // measured against the rows we hold, not the spacer's current height, which lags a frame
+        // behind a count change: a scroll to the top right after rows arrive must stop following
+        const atBottom = top + this.viewport.clientHeight >= this.count * this.rowHeight - this.rowHeight;
         if (atBottom !== this.follow) {
           this.follow = atBottom;
           this.onFollowChange(atBottom);
         }
       }
-      this.programmatic = false;
+      this.programmaticTop = null;
       this.schedule();
     }, { passive: true });
     new ResizeObserver(() => this.schedule()).observe(this.viewport);
@@ -60,7 +63,7 @@ export class VirtualList {
     if (this.follow) {
       const bottom = Math.max(0, this.count * h - vp.clientHeight);
       if (Math.abs(vp.scrollTop - bottom) > 1) {
-        this.programmatic = true;
+        this.programmaticTop = bottom;
         vp.scrollTop = bottom;
       }
     }
