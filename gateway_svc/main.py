@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
-import sys
 
 import anyio
 from aiohttp import web
 
-from shared.config import Settings, load_settings
-from shared.errors import ConfigError
-from shared.logs import setup_logging
+from shared.config import Settings
+from shared.entry import service_main, watch_signals
 
 from .app import HUB_TASK, make_app
 from .security import check_bind
@@ -42,19 +38,12 @@ async def serve(settings: Settings) -> None:
         hub_task = app[HUB_TASK]
         async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("%s received: shutting down", signal.Signals(signum).name)
-                        tg.cancel_scope.cancel()
-                        return
-
             async def watch_hub() -> None:
                 # the hub runs for the app's lifetime; if it ever ends, the gateway must not keep serving stale
                 await asyncio.wait([hub_task])
                 raise RuntimeError(f"the event hub stopped: {hub_task.exception() if not hub_task.cancelled() else 'cancelled'}")
 
-            tg.start_soon(watch_signals)
+            await tg.start(watch_signals, tg.cancel_scope)
             tg.start_soon(watch_hub)
     finally:
         with anyio.CancelScope(shield=True):
@@ -63,19 +52,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gateway_svc", description="runwire gateway: live events and the HTTP API")
-    parser.add_argument("--config", help="path of runwire.toml (default: $RUNWIRE_CONFIG, then ./runwire.toml)")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
+    def check(settings: Settings) -> None:
         check_bind(settings.config.gateway.host, settings.token, settings.path)
-    except ConfigError as e:
-        print(f"gateway: {e}", file=sys.stderr)
-        return 2
-    setup_logging(settings.config.log_level, "gateway")
-    try:
-        anyio.run(serve, settings)
-    except OSError as e:
-        log.error("%s", e)
-        return 1
-    return 0
+
+    return service_main("gateway", "runwire gateway: live events and the HTTP API", argv, serve, check)

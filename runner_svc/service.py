@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from anyio.abc import TaskStatus
 from shared import __version__
 from shared.config import Settings, endpoints_of, resolve_params
 from shared.control import Identity, IdentityInfo, Probe, serve_requests
+from shared.entry import watch_signals
 from shared.dispatch import (
     CancelRun,
     DispatchRun,
@@ -97,7 +97,7 @@ class RunnerService:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await tg.start(self._signals)
+                await tg.start(watch_signals, tg.cancel_scope, self._before_stop)
                 self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm)
                 log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
                 await tg.start(self._control_loop, ctx)
@@ -118,16 +118,10 @@ class RunnerService:
             log.info("runner stopped (events published %d, dropped %d)",
                      self.publisher.sent if self.publisher else 0, self.publisher.dropped if self.publisher else 0)
 
-    async def _signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            task_status.started()
-            async for signum in signals:
-                log.info("received %s: cancelling %d active run(s), then stopping", signal.Signals(signum).name, len(self.runs))
-                self.shutting_down = True
-                await self._cancel_all(SHUTDOWN_REASON)
-                assert self._tg is not None
-                self._tg.cancel_scope.cancel()
-                return
+    async def _before_stop(self, signame: str) -> None:
+        log.info("cancelling %d active run(s) before stopping", len(self.runs))
+        self.shutting_down = True
+        await self._cancel_all(SHUTDOWN_REASON)
 
     async def _cancel_all(self, reason: str) -> None:
         runs = list(self.runs.values())

@@ -5,7 +5,6 @@ ended (TERM, grace, KILL) before this returns, whether the stage exited, timed o
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess

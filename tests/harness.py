@@ -142,12 +142,15 @@ class Service:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
-        self._log.close()  # stop() returns early for a dead process, so the log is closed here
+        self._log.close()
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then wait; SIGKILL the whole group if it does not end in time (and fail loudly)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is not None:  # already gone (killed by the test, or crashed)
+            self._log.close()
+            return self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)

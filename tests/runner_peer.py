@@ -8,7 +8,6 @@ here): it receives RunnerStatus/RunAccepted/RunFinished, and sends DispatchRun/C
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -188,8 +187,6 @@ class RunnerRig:
 
     def kill9(self) -> None:
         self.svc.kill9()
-        # harness.Service.stop() returns early for a dead process without closing its log file
-        self.svc._log.close()
 
     def restart(self) -> None:
         from tests.harness import Service

@@ -5,7 +5,6 @@ because it fills the gap from the gateway."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 

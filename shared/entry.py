@@ -1,0 +1,82 @@
+"""How every runwire service starts and stops: its arguments, config, logging, the one owner of
+SIGINT/SIGTERM, and exit codes (0 clean stop, 1 could not start or failed, 2 bad config)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .config import Settings, load_settings
+from .errors import ConfigError, RunwireError
+from .logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def service_main(
+    name: str,
+    description: str,
+    argv: list[str] | None,
+    serve: Callable[[Settings], Awaitable[None]],
+    check: Callable[[Settings], None] | None = None,
+) -> int:
+    """Parse `--config`, load and check the settings, set up logging, run `serve` until it returns.
+
+    A service that cannot start because of its environment (a port taken, a directory it cannot make:
+    OSError or RunwireError, alone or in a task group) says so in one line and exits 1; anything else
+    is a bug and keeps its traceback.
+    """
+    parser = argparse.ArgumentParser(prog=f"{name}_svc", description=description)
+    parser.add_argument("--config", help="runwire.toml (default: $RUNWIRE_CONFIG, then ./runwire.toml)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if check is not None:
+            check(settings)
+    except ConfigError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    setup_logging(settings.config.log_level, name)
+    try:
+        anyio.run(serve, settings)
+    except KeyboardInterrupt:
+        return 0
+    except (OSError, RunwireError, BaseExceptionGroup) as e:
+        leaves = _leaves(e)
+        if not all(isinstance(x, (OSError, RunwireError)) for x in leaves):
+            raise
+        for x in leaves:
+            log.error("%s cannot run: %s", name, x)
+        return 1
+    return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+async def watch_signals(
+    scope: anyio.CancelScope,
+    before_stop: Callable[[str], Awaitable[None]] | None = None,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The service's one owner of SIGINT/SIGTERM: on the first, run `before_stop` (e.g. cancel runs
+    cleanly), then cancel `scope`, the service's task group."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            log.info("%s received: shutting down", name)
+            if before_stop is not None:
+                await before_stop(name)
+            scope.cancel()
+            return
