@@ -101,7 +101,7 @@ def make_app(settings: Settings) -> web.Application:
     app[INDEX] = index
     app[HUB] = hub
     app[CLIENTS] = set()
-    app[REGISTRY] = make_registry(stats, hub.gauges)
+    app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()])
     app.cleanup_ctx.append(_hub_context)
     app.on_shutdown.append(streams.close_streams)
 

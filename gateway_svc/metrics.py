@@ -7,7 +7,7 @@ counting costs nothing per event.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from shared import journal
+from shared.wire import Heartbeat
 
 CONNECTION_KINDS = ("ws_run", "ws_all", "sse")
 
@@ -60,9 +61,15 @@ _COUNTERS = (
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: GatewayStats, gauges: Callable[[], dict[str, float]]) -> None:
+    def __init__(
+        self,
+        stats: GatewayStats,
+        gauges: Callable[[], dict[str, float]],
+        heartbeats: Callable[[], Iterable[Heartbeat]],
+    ) -> None:
         self.stats = stats
         self.gauges = gauges
+        self.heartbeats = heartbeats
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -75,19 +82,28 @@ class _StatsCollector(Collector):
             opened.add_metric([kind], s.connections_open[kind])
         yield total
         yield opened
-        yield CounterMetricFamily(
-            "runwire_journal_torn_lines_repaired", "Torn last lines repaired in journals (this process)",
-            value=journal.stats.torn_lines_repaired,
-        )
-        yield CounterMetricFamily(
-            "runwire_journal_corrupt_lines_skipped", "Corrupt journal lines skipped by readers (this process)",
-            value=journal.stats.corrupt_lines_skipped,
-        )
+        # journal repairs happen where journals are written and read: in each publisher (from its last
+        # heartbeat) and in the gateway itself
+        torn = CounterMetricFamily("runwire_journal_torn_lines_repaired", "Torn last lines repaired in journals",
+                                   labels=["process"])
+        corrupt = CounterMetricFamily("runwire_journal_corrupt_lines_skipped", "Corrupt journal lines skipped",
+                                      labels=["process"])
+        torn.add_metric(["gateway"], journal.stats.torn_lines_repaired)
+        corrupt.add_metric(["gateway"], journal.stats.corrupt_lines_skipped)
+        for hb in self.heartbeats():
+            torn.add_metric([hb.runner_id], hb.journal_torn_repaired)
+            corrupt.add_metric([hb.runner_id], hb.journal_corrupt_skipped)
+        yield torn
+        yield corrupt
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"runwire_gateway_{name}", name.replace("_", " "), value=value)
 
 
-def make_registry(stats: GatewayStats, gauges: Callable[[], dict[str, float]]) -> CollectorRegistry:
+def make_registry(
+    stats: GatewayStats,
+    gauges: Callable[[], dict[str, float]],
+    heartbeats: Callable[[], Iterable[Heartbeat]] = tuple,
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats, gauges))
+    registry.register(_StatsCollector(stats, gauges, heartbeats))
     return registry

@@ -35,6 +35,7 @@ from shared.errors import BadParams, JournalError, ProtocolError, RunwireError, 
 from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run
+from shared.journal import stats_fields as journal_stats_fields
 from shared.wire import Heartbeat, configure_socket
 
 from .execute import RunExecution
@@ -150,7 +151,7 @@ class RunnerService:
         return Heartbeat(
             runner_id=self.runner_id, timestamp=now_timestamp(s.tz), journal_dir=str(s.journal_dir),
             config_path=str(s.path), runs={r.run_id: r.journal.published_seq for r in self.runs.values()},
-            interval=self.cfg.heartbeat_interval, service="runner",
+            interval=self.cfg.heartbeat_interval, service="runner", **journal_stats_fields(),
         )
 
     async def _heartbeat_loop(self) -> None:

@@ -35,6 +35,7 @@ from shared.errors import BadParams, Conflict, JournalError, NotFound, ProtocolE
 from shared.events import PIPELINE_STAGE, Event, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events
+from shared.journal import stats_fields as journal_stats_fields
 from shared.runstate import RUN_STATUSES, fold
 from shared.wire import Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
 
@@ -203,7 +204,8 @@ class Scheduler:
             owned = {r.run_id: r.last_seq for r in self.queue.values()}
             owned.update({r.run_id: r.last_seq for r in self.active.values() if r.phase in ("dispatching", "dispatched")})
             hb = Heartbeat(runner_id="scheduler", timestamp=now_timestamp(self.tz), journal_dir=str(self.journal_dir),
-                           config_path=str(self.settings.path), runs=owned, interval=interval, service="scheduler")
+                           config_path=str(self.settings.path), runs=owned, interval=interval, service="scheduler",
+                           **journal_stats_fields())
             await self._send_pub(encode_heartbeat_frames(hb))
             await anyio.sleep(interval)
 

@@ -58,6 +58,11 @@ class JournalStats:
 stats = JournalStats()
 
 
+def stats_fields() -> dict[str, int]:
+    """This process's journal repair counts, as a heartbeat carries them."""
+    return {"journal_torn_repaired": stats.torn_lines_repaired, "journal_corrupt_skipped": stats.corrupt_lines_skipped}
+
+
 def journal_path(journal_dir: Path, run_id: str) -> Path:
     """The journal file of a run; the run id is checked, so no request can name another path."""
     return journal_dir / f"{JOURNAL_PREFIX}{check_run_id(run_id)}{JOURNAL_SUFFIX}"

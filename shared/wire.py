@@ -53,6 +53,10 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     runs: dict[str, int] = {}
     interval: float = 1.0
     service: str = "runner"  # "runner" or "scheduler"
+    # the publisher's journal repairs so far (shared.journal.stats): torn lines it cut off when it took
+    # a journal over, corrupt lines its readers skipped; the gateway exports them on /metrics
+    journal_torn_repaired: int = 0
+    journal_corrupt_skipped: int = 0
 
 
 _hb_encoder = msgspec.msgpack.Encoder()
