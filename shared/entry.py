@@ -52,7 +52,7 @@ def service_main(
         if not all(isinstance(x, (OSError, RunwireError)) for x in leaves):
             raise
         for x in leaves:
-            log.error("%s cannot run: %s", name, x)
+            log.error("%s cannot start: %s", name, x)
         return 1
     return 0
 
