@@ -7,6 +7,7 @@ exceed the client's limits during a long replay it is dropped and the client cat
 journal again (the journal holds everything the hub delivered), until nothing separates it from the
 hub's frontier; only then does it go live. In live mode a full queue or a send that takes longer than
 `gateway.send_timeout` closes the client with 4008 `slow consumer`; the hub never waits for a client.
+Live sends are timed (and idle clients kept alive) by the hub's watchdog, not by a timer per send.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from shared.events import Event
 from shared.journal import JournalReader, journal_path
 
 from .cursor import MARGIN_S, encode_cursor
+from .hub import events_frame
 
 if TYPE_CHECKING:
     from .hub import Batch, Hub
@@ -56,10 +58,6 @@ class Transport(Protocol):
     async def keepalive(self) -> None: ...
 
 
-def events_frame(parts: list[bytes], cursor: str) -> bytes:
-    return b'{"type":"events","events":[' + b",".join(parts) + b'],"cursor":"' + cursor.encode() + b'"}'
-
-
 class Piece:
     """Events prepared for one client (the merge of its buffer after a replay)."""
 
@@ -90,7 +88,10 @@ class StreamClient:
         self.overflow = False
         self.wake = asyncio.Event()
         self.close_request: tuple[int, str] | None = None
-        self.last_send = 0.0
+        self.last_send = time.monotonic()
+        self.send_started = 0.0  # monotonic start of the live send in progress (0: none)
+        self.keepalive_due = False
+        self._pump_scope: anyio.CancelScope | None = None
         # replay bookkeeping (all-runs clients: per run; per-run clients: one entry)
         self.sent: dict[str, int] = {}
         self.done: set[str] = set()
@@ -135,6 +136,16 @@ class StreamClient:
         self.queue.clear()
         self.buffer.clear()
         self.wake.set()
+
+    def check(self, now: float) -> None:
+        """The hub's watchdog: cancel a live send that is taking too long; wake an idle client for a
+        keepalive."""
+        if self.send_started:
+            if now - self.send_started > self.send_timeout and self._pump_scope is not None:
+                self._pump_scope.cancel()
+        elif self.mode is LIVE and not self.queue and now - self.last_send >= KEEPALIVE:
+            self.keepalive_due = True
+            self.wake.set()
 
     def _slow(self, why: str) -> None:
         if self.close_request is None:
@@ -203,6 +214,7 @@ class StreamClient:
                 await self._replay_run(run_id, after)
                 if self.close_request:
                     return
+            hub.flush()  # every event the hub delivered so far is in our buffer now (or overflowed it)
             if self.overflow:
                 self.overflow = False
                 plan = self._behind()
@@ -335,56 +347,97 @@ class StreamClient:
         stats.events_out += n
 
     async def pump(self) -> None:
-        """Live mode: send what the hub queues, coalesced into frames; close when asked to."""
+        """Live mode: send what the hub queues, coalesced into frames; close when asked to. A send the
+        watchdog finds running longer than send_timeout is cancelled: 4008 slow consumer."""
+        with anyio.CancelScope() as scope:
+            self._pump_scope = scope
+            try:
+                await self._pump()
+            finally:
+                self._pump_scope = None
+        if scope.cancelled_caught:
+            self._slow(f"a send took longer than {self.send_timeout:g}s")
+            await self.close(CLOSE_SLOW, "slow consumer")
+            raise ClientGone("slow consumer")
+
+    async def _pump(self) -> None:
         while True:
             if self.close_request is not None:
                 await self.close(*self.close_request)
                 return
             if not self.queue:
+                if self.keepalive_due:
+                    self.keepalive_due = False
+                    await self._live_send(None, 0, "")
+                    continue
                 self.wake.clear()
-                with anyio.move_on_after(KEEPALIVE) as scope:
-                    await self.wake.wait()
-                if scope.cancelled_caught:
-                    await self.transport.keepalive()
+                await self.wake.wait()
                 continue
-            interval = self.hub.frame_interval()
-            if interval:
-                delay = self.last_send + interval - time.monotonic()
-                if delay > 0:
-                    await anyio.sleep(delay)  # more events join this frame meanwhile
-                    if self.close_request is not None:
-                        continue
-                self.last_send = time.monotonic()
-            parts: list[bytes] = []
-            n = size = 0
-            cursor = ""
-            terminal = False
-            while self.queue and size < FRAME_BYTES:
-                item = self.queue.popleft()
-                if isinstance(item, Piece):
-                    parts.append(item.data)
-                    n += item.n
-                    size += item.nbytes
-                    cursor = item.cursor
-                    terminal = terminal or item.terminal
-                elif self.only_run is None:
-                    parts.append(item.joined())
-                    n += len(item.events)
-                    size += item.nbytes
-                    cursor = item.cursor
+            item = self.queue[0]
+            if len(self.queue) == 1 and not isinstance(item, Piece):
+                # the usual case: one batch since the last frame, whose frame other clients share
+                self.queue.popleft()
+                terminal = False
+                if self.only_run is None:
+                    n, size = len(item.events), item.nbytes
+                    frame, cursor = item.frame(), item.cursor
                 else:
-                    k, b = item.run_size(self.only_run)
-                    parts.append(item.run_joined(self.only_run))
-                    n += k
-                    size += b
-                    cursor = str(item.run_last_seq(self.only_run))
-                    terminal = terminal or self.only_run in item.terminal_runs
+                    n, size = item.run_size(self.only_run)
+                    frame, cursor = item.run_frame(self.only_run), str(item.run_last_seq(self.only_run))
+                    terminal = self.only_run in item.terminal_runs
+            else:
+                frame, n, size, cursor, terminal = self._coalesce()
             self.q_events -= n
             self.q_bytes -= size
-            await self._send(events_frame(parts, cursor), n, cursor)
+            await self._live_send(frame, n, cursor)
             if terminal:
                 await self.close(CLOSE_NORMAL, "run ended")
                 return
+
+    def _coalesce(self) -> tuple[bytes, int, int, str, bool]:
+        """One frame of what is queued (up to about FRAME_BYTES)."""
+        parts: list[bytes] = []
+        n = size = 0
+        cursor = ""
+        terminal = False
+        while self.queue and size < FRAME_BYTES:
+            item = self.queue.popleft()
+            if isinstance(item, Piece):
+                parts.append(item.data)
+                n += item.n
+                size += item.nbytes
+                cursor = item.cursor
+                terminal = terminal or item.terminal
+            elif self.only_run is None:
+                parts.append(item.joined())
+                n += len(item.events)
+                size += item.nbytes
+                cursor = item.cursor
+            else:
+                k, b = item.run_size(self.only_run)
+                parts.append(item.run_joined(self.only_run))
+                n += k
+                size += b
+                cursor = str(item.run_last_seq(self.only_run))
+                terminal = terminal or self.only_run in item.terminal_runs
+        return events_frame(parts, cursor), n, size, cursor, terminal
+
+    async def _live_send(self, frame: bytes | None, n: int, cursor: str) -> None:
+        """One frame (None: a keepalive), timed by the hub's watchdog through `send_started`."""
+        self.send_started = self.last_send = time.monotonic()
+        try:
+            if frame is None:
+                await self.transport.keepalive()
+            else:
+                await self.transport.send_events(frame, cursor)
+        except (ConnectionError, RuntimeError) as e:
+            raise ClientGone(str(e)) from e
+        finally:
+            self.send_started = 0.0
+        if frame is not None:
+            stats = self.hub.stats
+            stats.frames_out += 1
+            stats.events_out += n
 
     async def close(self, code: int, reason: str) -> None:
         self.mode = CLOSING

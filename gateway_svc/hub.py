@@ -5,10 +5,16 @@ batch of events, encoded once, to the connected clients' queues.
 Invariant: for each run the hub delivers a gapless seq sequence starting after the run's frontier at
 the moment the hub learnt of it (its last seq on disk for runs found at start; 0 for runs learnt of
 later). A client registered at any moment receives exactly the hub's deliveries after that moment.
+
+With many clients, delivered events wait for the hub's next tick (a few ms) and are then offered as
+one batch: every caught-up client wakes once per tick and sends one frame, built once for all of
+them. Whatever reads the hub's state for a client (registration, the end of a replay) flushes the
+waiting events first, so "after that moment" stays exact.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -51,16 +57,23 @@ FLUSH_EVENTS = 5_000  # a long journal fill is fanned out in batches of this siz
 SWEEP_INTERVAL = 1.0  # seconds between journal-directory sweeps (new runs, tails no publisher claims)
 _WARN_EVERY = 10.0
 FRAME_PACING_FROM = 50  # clients; below this every batch goes out at once
-FRAME_INTERVAL_PER_CLIENT = 50e-6  # 500 clients: at most one frame per 25 ms each
+FRAME_INTERVAL_PER_CLIENT = 50e-6  # 500 clients: one tick (one frame per client) per 25 ms
 MAX_FRAME_INTERVAL = 0.025
+WATCHDOG_INTERVAL = 0.25  # seconds between checks of clients' sends (timeout) and idleness (keepalive)
 
 _encoder = msgspec.json.Encoder()
 
 
-class Batch:
-    """Events delivered together, each encoded once; clients take the whole batch or their run's part."""
+def events_frame(parts: list[bytes], cursor: str) -> bytes:
+    return b'{"type":"events","events":[' + b",".join(parts) + b'],"cursor":"' + cursor.encode() + b'"}'
 
-    __slots__ = ("events", "parts", "nbytes", "cursor", "by_run", "terminal_runs", "_joined", "_run_joined")
+
+class Batch:
+    """Events delivered together, each encoded once; clients take the whole batch or their run's part.
+    A client with nothing else queued sends the batch's frame, built once for all such clients."""
+
+    __slots__ = ("events", "parts", "nbytes", "cursor", "by_run", "terminal_runs", "_joined", "_run_joined",
+                 "_frame", "_run_frames")
 
     def __init__(self, events: list[Event], parts: list[bytes], by_run: dict[str, list[int]]) -> None:
         self.events = events
@@ -71,6 +84,21 @@ class Batch:
         self.cursor = ""  # the all-runs cursor after this batch (set when all-runs clients exist)
         self._joined: bytes | None = None
         self._run_joined: dict[str, bytes] = {}
+        self._frame: bytes | None = None
+        self._run_frames: dict[str, bytes] = {}
+
+    def frame(self) -> bytes:
+        """The all-runs `events` frame of this batch alone."""
+        if self._frame is None:
+            self._frame = events_frame([self.joined()], self.cursor)
+        return self._frame
+
+    def run_frame(self, run_id: str) -> bytes:
+        """The `events` frame of this batch's part for one run (its cursor: that run's last seq)."""
+        data = self._run_frames.get(run_id)
+        if data is None:
+            data = self._run_frames[run_id] = events_frame([self.run_joined(run_id)], str(self.run_last_seq(run_id)))
+        return data
 
     def joined(self) -> bytes:
         if self._joined is None:
@@ -149,6 +177,10 @@ class Hub:
         self._dir_mtime = -2
         self._d_cache: tuple[tuple[int, int, int], list[str]] | None = None
         self._ended_count = 0
+        self._out = _Out()  # delivered, not yet offered to the clients
+        self._tick = asyncio.Event()  # set when events wait for the next tick
+        self._last_flush = 0.0
+        self.pacing_from = FRAME_PACING_FROM  # clients; a test may lower it to exercise the ticks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,6 +195,8 @@ class Hub:
         async with anyio.create_task_group() as tg:
             await tg.start(self._subscriber, ctx)
             tg.start_soon(self._sweeper)
+            tg.start_soon(self._ticker)
+            tg.start_soon(self._watchdog)
             task_status.started()
 
     async def _subscriber(self, ctx: zmq.asyncio.Context, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -207,10 +241,9 @@ class Hub:
             for run_id in new:
                 async with self._lock:
                     if run_id not in self.index.runs:
-                        out = _Out()
                         entry = self._discover(run_id)
-                        await self._fill(entry, None, out, "found in the journal directory")
-                        self._flush(out)
+                        await self._fill(entry, None, "found in the journal directory")
+                        self._flush()
         claimed = self.claimed_runs()
         for entry in list(self.index.active.values()):
             if entry.run_id in claimed:
@@ -223,9 +256,8 @@ class Hub:
                 continue
             entry.size_seen = size
             async with self._lock:
-                out = _Out()
-                await self._fill(entry, None, out, "journal sweep (no publisher claims the run)")
-                self._flush(out)
+                await self._fill(entry, None, "journal sweep (no publisher claims the run)")
+                self._flush()
 
     def claimed_runs(self) -> set[str]:
         """Runs that a publisher with a fresh heartbeat says it owns now."""
@@ -238,8 +270,29 @@ class Hub:
 
     # ------------------------------------------------------------------ delivery
 
+    async def _ticker(self) -> None:
+        """With many clients: offer what waits once per frame interval (see frame_interval)."""
+        while True:
+            await self._tick.wait()
+            self._tick.clear()
+            delay = self._last_flush + self.frame_interval() - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)  # more events join this tick meanwhile
+            self.flush()
+
+    async def _watchdog(self) -> None:
+        """Send timeouts and keepalives for every client, from one task: a timer per send or per wait
+        would cost more than the send itself when hundreds of clients each take a frame per tick."""
+        while True:
+            await anyio.sleep(WATCHDOG_INTERVAL)
+            now = time.monotonic()
+            for client in self.all_clients:
+                client.check(now)
+            for group in self.run_clients.values():
+                for client in group:
+                    client.check(now)
+
     async def _process(self, msgs: list[list[bytes]]) -> None:
-        out = _Out()
         for frames in msgs:
             if len(frames) != 2:
                 self._bad(f"a message of {len(frames)} frames")
@@ -255,7 +308,7 @@ class Hub:
                     self._bad(f"event with invalid run id {ev.run_id!r:.80}")
                     continue
                 self.stats.events_in += 1
-                await self._accept(ev, out)
+                await self._accept(ev)
             elif topic.startswith(HEARTBEAT_TOPIC_PREFIX):
                 try:
                     hb = decode_heartbeat_payload(payload)
@@ -263,14 +316,12 @@ class Hub:
                     self._bad(f"{topic[:80]!r}: {e}")
                     continue
                 self.stats.heartbeats_in += 1
-                await self._heartbeat(hb, out)
+                await self._heartbeat(hb)
             else:
                 self._bad(f"unexpected topic {topic[:80]!r}")
-            if len(out.events) >= FLUSH_EVENTS:
-                self._flush(out)
-        self._flush(out)
+        self._flush()
 
-    async def _accept(self, ev: Event, out: _Out) -> None:
+    async def _accept(self, ev: Event) -> None:
         entry = self.index.get(ev.run_id)
         if entry is None:
             entry = self._discover(ev.run_id)
@@ -278,7 +329,7 @@ class Hub:
             self.stats.duplicates_dropped += 1
             return
         if ev.seq > entry.frontier + 1:
-            await self._fill(entry, ev.seq - 1, out, f"seq gap before {ev.seq}")
+            await self._fill(entry, ev.seq - 1, f"seq gap before {ev.seq}")
             if ev.seq <= entry.frontier:
                 return  # the journal had it too
             if ev.seq > entry.frontier + 1:
@@ -290,9 +341,9 @@ class Hub:
                     f"{journal_path(self.journal_dir, ev.run_id)} (is the gateway reading the runner's journal "
                     "directory? see /healthz); delivering the live events without them",
                 )
-        self._deliver(entry, ev, out)
+        self._deliver(entry, ev)
 
-    async def _heartbeat(self, hb: Heartbeat, out: _Out) -> None:
+    async def _heartbeat(self, hb: Heartbeat) -> None:
         self.publishers[hb.runner_id] = SeenHeartbeat(time.monotonic(), hb)
         for run_id, last in hb.runs.items():
             if not is_valid_run_id(run_id):
@@ -302,7 +353,7 @@ class Hub:
                 entry = self._discover(run_id)
             if last > entry.frontier and not entry.ended:
                 before = entry.frontier
-                await self._fill(entry, last, out, f"lost tail: heartbeat of {hb.runner_id} says seq {last}")
+                await self._fill(entry, last, f"lost tail: heartbeat of {hb.runner_id} says seq {last}")
                 if entry.frontier < last:
                     self._warn(
                         run_id,
@@ -318,7 +369,7 @@ class Hub:
         log.debug("run %s: first seen; delivering it from its first event", run_id)
         return self.index.new_entry(run_id)
 
-    async def _fill(self, entry: RunEntry, upto: int | None, out: _Out, why: str) -> None:
+    async def _fill(self, entry: RunEntry, upto: int | None, why: str) -> None:
         """Deliver the run's journal events after its frontier, through `upto` (None: to the end)."""
         reader = JournalReader(journal_path(self.journal_dir, entry.run_id), entry.run_id)
         offset = await anyio.to_thread.run_sync(reader.offset_after, entry.frontier)
@@ -334,25 +385,37 @@ class Hub:
                 if ev.seq != entry.frontier + 1:
                     self.stats.gap_events_unfilled += ev.seq - entry.frontier - 1
                     self._warn(entry.run_id, f"run {entry.run_id}: journal lacks seq {entry.frontier + 1}..{ev.seq - 1} (corrupt lines?)")
-                self._deliver(entry, ev, out)
+                self._deliver(entry, ev)
                 filled += 1
-            if len(out.events) >= FLUSH_EVENTS:
-                self._flush(out)
         if filled:
             self.stats.gaps_filled += 1
             self.stats.gap_events_filled += filled
             log.info("run %s: %d event(s) filled from the journal (%s)", entry.run_id, filled, why)
 
-    def _deliver(self, entry: RunEntry, ev: Event, out: _Out) -> None:
+    def _deliver(self, entry: RunEntry, ev: Event) -> None:
         self.index.apply(entry, ev)
         if ev.is_terminal:
             self._ended_count += 1
-        out.add(ev)
+        self._out.add(ev)
+        if len(self._out.events) >= FLUSH_EVENTS:
+            self.flush()  # a long journal fill goes out in pieces
 
-    def _flush(self, out: _Out) -> None:
-        batch = out.take()
+    def _flush(self) -> None:
+        """Offer what was delivered now, or (with many clients) at the next tick."""
+        if not self._out.events:
+            return
+        if self._client_count < self.pacing_from:
+            self.flush()
+        else:
+            self._tick.set()
+
+    def flush(self) -> None:
+        """Offer every delivered event to the clients now. Call before reading the hub's state on a
+        client's behalf, so that state and the client's share of deliveries meet exactly."""
+        batch = self._out.take()
         if batch is None:
             return
+        self._last_flush = time.monotonic()
         if self.all_clients:
             batch.cursor = self.live_cursor()
             for client in self.all_clients:
@@ -380,7 +443,7 @@ class Hub:
         """The least time between two frames to one client: nothing with few clients; with many, a few
         milliseconds, so each frame carries more events and the per-frame cost (ours and every
         client's) does not grow with clients x batches."""
-        if self._client_count < FRAME_PACING_FROM:
+        if self._client_count < self.pacing_from:
             return 0.0
         return min(MAX_FRAME_INTERVAL, self._client_count * FRAME_INTERVAL_PER_CLIENT)
 
@@ -389,6 +452,7 @@ class Hub:
         return self._client_count
 
     def register(self, client: StreamClient) -> None:
+        self.flush()  # what was delivered before this moment is not the new client's
         self._client_count += 1
         if client.only_run is None:
             self.all_clients.add(client)
@@ -422,10 +486,9 @@ class Hub:
         async with self._lock:
             entry = self.index.get(run_id)
             if entry is None:
-                out = _Out()
                 entry = self._discover(run_id)
-                await self._fill(entry, None, out, "requested by a client")
-                self._flush(out)
+                await self._fill(entry, None, "requested by a client")
+                self._flush()
         return entry
 
     def close_all(self, code: int, reason: str) -> None:

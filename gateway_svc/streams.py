@@ -135,7 +135,10 @@ async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
     client.register_run(run_id, after_seq)
     await client.transport.send_json(_hello(str(after_seq), reason is None, reason, run_id=run_id))
     await client.catch_up({run_id: after_seq})
-    if client.close_request is None and (run_id in client.done or (entry.ended and client.sent[run_id] >= entry.frontier)):
+    # the end of the run may wait in the queue (merged from the live buffer): then pump sends it and closes
+    if client.close_request is None and not client.queue and (
+        run_id in client.done or (entry.ended and client.sent[run_id] >= entry.frontier)
+    ):
         await client.close(1000, "run ended")
         return
     await client.pump()
