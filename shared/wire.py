@@ -49,7 +49,9 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     timestamp: str
     journal_dir: str
     config_path: str
-    # run_id -> last seq written to the journal (and published) for every run this runner owns now
+    # run_id -> last seq written to the journal (and published) for every run this publisher owns now,
+    # and for the runs it ended in the last ENDED_RUNS_KEPT_S seconds: a subscriber that lost a run's
+    # last events (its terminal one included) learns of them here
     runs: dict[str, int] = {}
     interval: float = 1.0
     service: str = "runner"  # "runner" or "scheduler"
@@ -57,6 +59,10 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     # a journal over, corrupt lines its readers skipped; the gateway exports them on /metrics
     journal_torn_repaired: int = 0
     journal_corrupt_skipped: int = 0
+    stopping: bool = False  # the publisher's last heartbeat before a clean stop: it is gone, not late
+
+
+ENDED_RUNS_KEPT_S = 60.0
 
 
 _hb_encoder = msgspec.msgpack.Encoder()
