@@ -50,8 +50,8 @@ class Publisher:
             raise OSError(f"runner.publish: cannot bind PUB socket on {endpoint}: {e}") from e
         return cls(sock, endpoint)
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        self.sock.close(linger=linger_ms)
 
     def send(self, frames: list[bytes]) -> bool:
         # Two frames sent by hand with int flags: send_multipart's per-call enum arithmetic costs more

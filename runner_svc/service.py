@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run
 from shared.journal import stats_fields as journal_stats_fields
-from shared.wire import Heartbeat, configure_socket
+from shared.wire import ENDED_RUNS_KEPT_S, Heartbeat, configure_socket
 
 from .execute import RunExecution
 from .procs import kill_orphans
@@ -80,6 +81,9 @@ class RunnerService:
         self.cfg = settings.config.runner
         self.runner_id = self.cfg.id or default_runner_id()
         self.runs: dict[str, ActiveRun] = {}
+        # run_id -> (last seq published, when it ended): heartbeats keep listing a run for a minute after
+        # its end, so a subscriber that lost the last events (the terminal one too) still learns of them
+        self.recently_ended: dict[str, tuple[int, float]] = {}
         self.shutting_down = False
         self.publisher: Publisher | None = None
         self._dispatch: zmq.asyncio.Socket | None = None
@@ -114,7 +118,10 @@ class RunnerService:
                 log.info("runner ready")
         finally:
             if self.publisher is not None:
-                self.publisher.close()
+                # a last heartbeat saying "stopping", so watchers know at once that this runner is gone
+                # rather than late; a short linger lets it leave before the context terminates
+                self.publisher.publish_heartbeat(self._heartbeat(stopping=True))
+                self.publisher.close(linger_ms=200)
             ctx.term()
             log.info("runner stopped (events published %d, dropped %d)",
                      self.publisher.sent if self.publisher else 0, self.publisher.dropped if self.publisher else 0)
@@ -146,12 +153,17 @@ class RunnerService:
             control=self.cfg.control, runs={r.run_id: r.attempt for r in self.runs.values()},
         )
 
-    def _heartbeat(self) -> Heartbeat:
+    def _heartbeat(self, stopping: bool = False) -> Heartbeat:
         s = self.settings
+        horizon = time.monotonic() - ENDED_RUNS_KEPT_S
+        for run_id in [r for r, (_, at) in self.recently_ended.items() if at < horizon]:
+            del self.recently_ended[run_id]
+        runs = {run_id: seq for run_id, (seq, _) in self.recently_ended.items()}
+        runs.update({r.run_id: r.journal.published_seq for r in self.runs.values()})
         return Heartbeat(
             runner_id=self.runner_id, timestamp=now_timestamp(s.tz), journal_dir=str(s.journal_dir),
-            config_path=str(s.path), runs={r.run_id: r.journal.published_seq for r in self.runs.values()},
-            interval=self.cfg.heartbeat_interval, service="runner", **journal_stats_fields(),
+            config_path=str(s.path), runs=runs, interval=self.cfg.heartbeat_interval, service="runner",
+            stopping=stopping, **journal_stats_fields(),
         )
 
     async def _heartbeat_loop(self) -> None:
@@ -348,6 +360,7 @@ class RunnerService:
         finally:
             journal.close()
             self.runs.pop(run.run_id, None)
+            self.recently_ended[run.run_id] = (journal.published_seq, time.monotonic())
             run.done.set()
 
     # -------------------------------------------------------------------------------------- control

@@ -189,3 +189,34 @@ def test_heartbeat_carries_each_active_runs_last_seq(rig: RunnerRig) -> None:
         hb_sub.close()
     rig.sched.cancel(run_id)
     wait_journal_terminal(rig.home, run_id)
+
+
+def test_heartbeats_list_an_ended_run_and_say_when_the_runner_stops(rig: RunnerRig) -> None:
+    """A subscriber that lost a run's last events, terminal included, learns of them from the next
+    heartbeats (ended runs stay listed for a while); a clean stop ends with a `stopping` heartbeat."""
+    from tests.runner_peer import EventSub
+    from shared.wire import decode_heartbeat_payload
+
+    run_id, _ = start_hanging(rig)
+    rig.sched.cancel(run_id)
+    last = wait_journal_terminal(rig.home, run_id)[-1].seq
+    hb_sub = EventSub(rig.ports.publish, topic=b"hb/")
+    try:
+        seen_after_end = False
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not seen_after_end:
+            if hb_sub.sock.poll(1000):
+                hb = decode_heartbeat_payload(hb_sub.sock.recv_multipart()[1])
+                seen_after_end = hb.runs.get(run_id) == last and not hb.stopping
+        assert seen_after_end, "no heartbeat listing the ended run with its terminal seq"
+        rig.svc.stop()
+        stopping = None
+        end = time.monotonic() + 10
+        while time.monotonic() < end and stopping is None:
+            if hb_sub.sock.poll(500):
+                hb = decode_heartbeat_payload(hb_sub.sock.recv_multipart()[1])
+                if hb.stopping:
+                    stopping = hb
+        assert stopping is not None, "no final heartbeat with stopping=True"
+    finally:
+        hb_sub.close()
