@@ -380,3 +380,31 @@ async def test_every_slot_is_recorded_exactly_once_across_a_kill9(tmp_path: Path
     assert len(slots) == len(set(slots)) >= 5
     assert [int((s - slots[0]).total_seconds()) for s in slots] == list(range(len(slots)))
     assert "coalesced into" in sched.output()
+
+
+async def test_heartbeat_lists_a_run_the_scheduler_ended(tmp_path: Path, services: list[Service]) -> None:
+    """A run cancelled while queued ends by the scheduler's hand: its heartbeats keep listing the run
+    with its terminal seq for a while, so a subscriber that lost that event learns of it."""
+    cfg, settings = setup(tmp_path)
+    services.append(Service("scheduler_svc", cfg, tmp_path).start())
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"hb/")
+    sub.connect(settings.config.scheduler.publish)
+    try:
+        async with ControlClient(settings.config.scheduler.control) as client:
+            run_id = (await client.call(Launch(pipeline="slow")))["run_id"]
+            await client.call(Cancel(run_id=run_id))
+        terminal = read_events(settings.journal_dir, run_id)[-1].seq
+
+        async def listed() -> bool:
+            while await sub.poll(100):
+                hb = decode_heartbeat_payload((await sub.recv_multipart())[1])
+                if hb.runs.get(run_id) == terminal:
+                    return True
+            return False
+        await wait_until("heartbeat listing the ended run", listed, 10)
+    finally:
+        sub.close(0)
+        ctx.term()
