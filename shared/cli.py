@@ -18,6 +18,7 @@ import anyio
 from .client import GatewayClient, gateway_url
 from .config import Settings, load_settings, parse_param_text
 from .errors import BadParams, ConfigError, RunwireError, ServiceUnavailable
+from .ids import check_run_id
 from .render import event_line, json_line, print_table, use_colour
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
@@ -25,12 +26,15 @@ SERVICES = {"scheduler": "scheduler_svc.main", "runner": "runner_svc.main", "gat
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $RUNWIRE_CONFIG, then ./runwire.toml)")
-    common.add_argument("--gateway", help="gateway URL (default: $RUNWIRE_GATEWAY_URL, then the config's)")
-    common.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
-
     p = argparse.ArgumentParser(prog="runwire", description="Scheduled data pipelines, watched live.")
+    # the common options work before the command (`runwire --json runs`) and after it (`runwire runs
+    # --json`): the command's copies default to SUPPRESS so they do not overwrite what came before
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for parser in (p, common):
+        parser.add_argument("--config", help="config file (default: $RUNWIRE_CONFIG, then ./runwire.toml)")
+        parser.add_argument("--gateway", help="gateway URL (default: $RUNWIRE_GATEWAY_URL, then the config's)")
+        parser.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
+
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service", add_help=False)
@@ -106,6 +110,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 assert settings is not None
                 return await _launch(client, settings, args)
             case "tail":
+                if args.after_seq and not args.run_id:
+                    raise BadParams("--after-seq needs a RUN_ID (the all-runs stream resumes by cursor)")
                 if args.run_id:
                     outcome = await follow_run(client, args.run_id, args.after_seq, as_json=args.json)
                     return _exit_for(outcome)
@@ -121,6 +127,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 data = await client.post(f"/api/schedules/{args.name}/{args.command}")
                 _print_result(data, f"schedule {args.name}: {args.command}d", args.json)
             case "cancel":
+                check_run_id(args.run_id)
                 data = await client.post(f"/api/runs/{args.run_id}/cancel")
                 _print_result(data, f"run {args.run_id}: {(data or {}).get('status', 'cancel requested')}", args.json)
     return EXIT_OK
@@ -191,7 +198,8 @@ def _exit_for(outcome: str | None) -> int:
 
 async def follow_run(client: GatewayClient, run_id: str, after_seq: int, *, as_json: bool) -> str | None:
     """Print one run's events from after_seq until its terminal event; reconnect with the last seq
-    printed, so nothing is printed twice or skipped. Returns the terminal event's kind."""
+    printed, so nothing is printed twice or skipped. Returns the run's outcome."""
+    check_run_id(run_id)
     colour = use_colour(sys.stdout) and not as_json
     last = after_seq
     backoff = 0.2
@@ -202,7 +210,7 @@ async def follow_run(client: GatewayClient, run_id: str, after_seq: int, *, as_j
                 if kind == "hello" and frame.get("recovered") is False:
                     print(f"runwire: resume not exact: {frame.get('reason')}", file=sys.stderr)
                 elif kind == "error":
-                    raise RunwireError(f"{frame.get('code')}: {frame.get('message')}")
+                    print(f"runwire: {frame.get('code')}: {frame.get('message')}", file=sys.stderr)
                 elif kind == "events":
                     for ev in frame["events"]:
                         if ev.seq <= last:
@@ -212,10 +220,14 @@ async def follow_run(client: GatewayClient, run_id: str, after_seq: int, *, as_j
                         if ev.is_terminal:
                             return ev.event
                 backoff = 0.2
+            # closed normally without a terminal after `last`: the run ended at or before it
+            state = await client.get(f"/api/runs/{run_id}")
+            if state.get("status") in ("success", "failure", "cancelled"):
+                return str(state["status"])
         except ServiceUnavailable as e:
             print(f"runwire: {e}; reconnecting after seq {last}", file=sys.stderr)
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await anyio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
 
 
 async def tail_all(client: GatewayClient, *, as_json: bool) -> None:
@@ -233,7 +245,7 @@ async def tail_all(client: GatewayClient, *, as_json: bool) -> None:
                         print(f"runwire: resume not exact: {frame.get('reason')}", file=sys.stderr)
                     cursor = frame.get("cursor") or cursor
                 elif kind == "error":
-                    raise RunwireError(f"{frame.get('code')}: {frame.get('message')}")
+                    print(f"runwire: {frame.get('code')}: {frame.get('message')}", file=sys.stderr)
                 elif kind == "events":
                     for ev in frame["events"]:
                         if ev.seq <= last.get(ev.run_id, 0):
@@ -244,8 +256,8 @@ async def tail_all(client: GatewayClient, *, as_json: bool) -> None:
                 backoff = 0.2
         except ServiceUnavailable as e:
             print(f"runwire: {e}; reconnecting", file=sys.stderr)
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await anyio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
 
 
 def _demo_data(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from .errors import ERRORS_BY_CODE, RunwireError, ServiceUnavailable
 from .events import Event
 
 GATEWAY_URL_ENV = "RUNWIRE_GATEWAY_URL"
+RETRYABLE_CLOSES = frozenset({1001, 1006, 1011, 1012, 1013, 4008})  # going away, dropped, restart, slow consumer
+NON_FATAL_ERRORS = frozenset({"journal_gap"})  # the stream goes on after these
 
 _frame_decoder = msgspec.json.Decoder()
 
@@ -92,25 +94,40 @@ class GatewayClient:
         return f"{base}{path}" + (f"?{qs}" if qs else "")
 
     async def frames(self, path: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
-        """The JSON frames of one WebSocket connection, until the server closes it.
+        """The JSON frames of one WebSocket connection, until the server closes it with 1000.
 
-        An `events` frame's `events` are decoded into `Event`s. A close other than 1000 raises
-        ServiceUnavailable with the code, so the caller reconnects with its cursor.
+        An `events` frame's `events` are decoded into `Event`s. What a reconnect can mend (the gateway
+        away or restarting, 1001, 4008 slow consumer, a dropped connection) raises ServiceUnavailable, so
+        the caller resumes with its cursor; what it cannot (a refused handshake: bad run id, no or wrong
+        token; an error frame followed by a 4xxx close) raises RunwireError with the server's words.
         """
         url = self.ws_url(path, **params)
         try:
             ws = await self.session.ws_connect(url, heartbeat=20)
-        except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError, TimeoutError) as e:
-            raise ServiceUnavailable(f"cannot open {path} on {self.base_url}: {e}") from e
+        except aiohttp.WSServerHandshakeError as e:
+            if 400 <= e.status < 500:
+                hint = " (set RUNWIRE_TOKEN)" if e.status == 401 else ""
+                raise RunwireError(f"{path} refused by {self.base_url}: HTTP {e.status}{hint}") from e
+            raise ServiceUnavailable(f"cannot open {path} on {self.base_url}: HTTP {e.status}") from e
+        except (aiohttp.ClientConnectionError, TimeoutError) as e:
+            raise ServiceUnavailable(f"cannot open {path} on {self.base_url}: {e or type(e).__name__}") from e
+        fatal: dict[str, Any] | None = None
         async with ws:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     frame = _frame_decoder.decode(msg.data)
-                    if isinstance(frame, dict) and frame.get("type") == "events":
+                    if not isinstance(frame, dict):
+                        continue
+                    if frame.get("type") == "events":
                         frame["events"] = msgspec.convert(frame.get("events", []), list[Event])
+                    elif frame.get("type") == "error" and frame.get("code") not in NON_FATAL_ERRORS:
+                        fatal = frame
                     yield frame
-                elif msg.type in (aiohttp.WSMsgType.ERROR,):
+                elif msg.type == aiohttp.WSMsgType.ERROR:
                     raise ServiceUnavailable(f"WebSocket {path} failed: {ws.exception()}")
             code = ws.close_code
-        if code not in (None, 1000):
+        if code in (None, 1000):
+            return
+        if code in RETRYABLE_CLOSES or fatal is None:
             raise ServiceUnavailable(f"WebSocket {path} closed with {code}")
+        raise RunwireError(f"{fatal.get('code')}: {fatal.get('message')} (WebSocket {path} closed with {code})")

@@ -131,38 +131,51 @@ class Doctor:
         how long its terminal event takes to come back over the WebSocket."""
         started = anyio.Event()
         send, receive = anyio.create_memory_object_stream[tuple[str, float]](1000)
+        refused: list[RunwireError] = []
 
         async def watch() -> None:
             async with send:
-                async for frame in client.frames("/ws/events"):
-                    if frame.get("type") == "hello":
-                        started.set()
-                    elif frame.get("type") == "events":
-                        for ev in frame["events"]:
-                            if ev.is_terminal:
-                                await send.send((ev.run_id, time.perf_counter()))
+                try:
+                    async for frame in client.frames("/ws/events"):
+                        if frame.get("type") == "hello":
+                            started.set()
+                        elif frame.get("type") == "events":
+                            for ev in frame["events"]:
+                                if ev.is_terminal:
+                                    await send.send((ev.run_id, time.perf_counter()))
+                except RunwireError as e:  # refused (no token?) or gone: that is the finding
+                    refused.append(e)
+                    started.set()
 
         run_id = None
         arrived: float | None = None
-        try:
-            async with anyio.create_task_group() as tg, receive:
-                tg.start_soon(watch)
-                with anyio.fail_after(5):
-                    await started.wait()
+        failure: str | None = None
+        t0 = 0.0
+        # failures are recorded inside the task group, not raised through it (it would wrap them)
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(watch)
+            with anyio.move_on_after(5):
+                await started.wait()
+            if refused:
+                failure = str(refused[0])
+            elif not started.is_set():
+                failure = "no hello from the gateway's /ws/events within 5 s"
+            else:
                 t0 = time.perf_counter()
-                async with ControlClient(self.settings.config.runner.control, timeout=2.0) as rc:
-                    run_id = (await rc.call(Probe()))["run_id"]
-                with anyio.move_on_after(PROBE_DEADLINE * 3):
-                    async for rid, when in receive:
-                        if rid == run_id:
-                            arrived = when
-                            break
-                tg.cancel_scope.cancel()
-        except TimeoutError:
-            self.add("probe event", False, "no hello from the gateway's /ws/events within 5 s")
-            return
-        except RunwireError as e:
-            self.add("probe event", False, str(e))
+                try:
+                    async with ControlClient(self.settings.config.runner.control, timeout=2.0) as rc:
+                        run_id = (await rc.call(Probe()))["run_id"]
+                except RunwireError as e:
+                    failure = str(e)
+                else:
+                    with anyio.move_on_after(PROBE_DEADLINE * 3):
+                        async for rid, when in receive:
+                            if rid == run_id:
+                                arrived = when
+                                break
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            self.add("probe event", False, failure)
             return
         if arrived is None:
             self.add("probe event", False, f"probe run {run_id} written by the runner never reached the "

@@ -141,3 +141,21 @@ def test_demo_data_writes_once_with_if_absent(tmp_path: Path) -> None:
     assert len(raw) == 6
     second = rw(cfg, "demo-data", "--days", "2", "--if-absent")
     assert second.returncode == 0 and "nothing written" in second.stdout
+
+
+def test_tail_of_an_ended_run_ends_and_permanent_refusals_do_not_retry(tmp_path: Path, services: list[Service]) -> None:
+    cfg, _ = trio(tmp_path, services)
+    run_id = json.loads(rw(cfg, "launch", "quick", "--follow", "--json").stdout.splitlines()[0])["run_id"]
+    last = journal_seqs(cfg, run_id)[-1]
+    for after in (last, last + 50):  # at and past the terminal event: nothing to print, the outcome is known
+        done = rw(cfg, "tail", run_id, "--after-seq", str(after), timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == ""
+    before_end = rw(cfg, "tail", run_id, "--after-seq", str(last - 1), "--json")
+    assert [json.loads(line)["seq"] for line in before_end.stdout.splitlines()] == [last]
+    unknown = rw(cfg, "tail", "20000101T000000000000Z-none", timeout=30)
+    assert unknown.returncode == 1 and "unknown_run" in unknown.stderr
+    bad = rw(cfg, "tail", "a b", timeout=30)
+    assert bad.returncode == 1 and "invalid run id" in bad.stderr
+    # common options before the command work too
+    assert run_id in rw(cfg, "--json", "runs").stdout

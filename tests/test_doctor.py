@@ -66,3 +66,15 @@ def test_doctor_names_a_gateway_reading_another_journal_directory(tmp_path: Path
     assert result.returncode == 1, result.stdout
     bad = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     assert any("gateway" in line and str(other) in line for line in bad), result.stdout
+
+
+def test_doctor_without_the_gateways_token_fails_plainly(tmp_path: Path, services: list[Service]) -> None:
+    cfg, _ = write_config(tmp_path)
+    for module in ("scheduler_svc", "runner_svc"):
+        services.append(Service(module, cfg, tmp_path).start())
+    services.append(Service("gateway_svc", cfg, tmp_path, env={"RUNWIRE_TOKEN": "s3cret"}).start())
+    result = _doctor(cfg)  # no RUNWIRE_TOKEN in the doctor's environment
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    line = _line(result.stdout, "probe event")
+    assert line.startswith("FAIL") and "401" in line and "RUNWIRE_TOKEN" in line
