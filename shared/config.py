@@ -75,6 +75,7 @@ class ParamSpec(_Strict):
     description: str = ""
     choices: list[Any] | None = None
     pattern: str | None = None  # for str and list items
+    min_items: int = 1  # for lists: an empty fan-out is refused unless this is 0
 
 
 class StageConfig(_Strict):
@@ -342,6 +343,14 @@ def check_param_value(name: str, spec: ParamSpec, value: Any) -> Any:
         ok = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
     if not ok:
         raise BadParams(f"parameter {name!r}: expected {spec.type}, got {type(value).__name__} {value!r:.60}")
+    if spec.type == "list":
+        if len(value) < spec.min_items:
+            raise BadParams(f"parameter {name!r}: expected at least {spec.min_items} item(s), got {len(value)}")
+        seen: set[Any] = set()
+        for v in value:
+            if v in seen:  # a fan-out item twice would run twice, in parallel, on the same files
+                raise BadParams(f"parameter {name!r}: {v!r} appears more than once")
+            seen.add(v)
     if spec.choices is not None:
         items = value if isinstance(value, list) else [value]
         bad = [v for v in items if v not in spec.choices]
