@@ -39,8 +39,19 @@ async def test_token_is_required_on_api_ws_and_sse_but_not_healthz(tmp_path: Pat
             assert resp.status == 401
         async with http.get(gw.base + "/api/runs", headers={"Authorization": "Bearer s3cret-token"}) as resp:
             assert resp.status == 200
-        async with http.get(gw.base + "/api/pipelines?token=s3cret-token") as resp:
-            assert resp.status == 200
+        # ?token= only where browsers cannot set a header (WebSocket, SSE): elsewhere it is refused even
+        # when right (and with a right header too), saying to use the header
+        for path in ("/api/pipelines", "/api/runs", "/metrics"):
+            for headers in ({}, {"Authorization": "Bearer s3cret-token"}):
+                async with http.get(gw.base + path + "?token=s3cret-token", headers=headers) as resp:
+                    assert resp.status == 401, path
+                    message = (await _json(resp))["error"]["message"]
+                    assert "Authorization: Bearer" in message and "logs" in message
+        async with http.post(gw.base + "/api/runs?token=s3cret-token", json={"pipeline": "sleepy"}) as resp:
+            assert resp.status == 401
+        async with http.get(gw.base + "/api/events?token=s3cret-token") as resp:
+            assert resp.status == 200  # EventSource cannot set headers
+            assert b"hello" in await resp.content.readuntil(b"hello")
         try:
             await http.ws_connect(f"{gw.ws}/ws/events")
             raise AssertionError("a WebSocket without token was accepted")
