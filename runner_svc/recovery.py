@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 from shared.errors import JournalError
 from shared.events import PIPELINE_STAGE, Event
 from shared.journal import JournalReader, JournalWriter, journal_path, list_run_ids
+from shared.runstate import fold, open_stages
 
 from .procs import kill_orphans
 from .publish import Publisher, RunJournal
@@ -65,6 +66,9 @@ async def recover_interrupted_runs(
             attempt = int((start.data or {}).get("attempt", 1))
             last_seq = writer.last_seq
             msg = f"runner {runner_id} restarted: run interrupted (last seq {last_seq})"
+            for stage, item in open_stages(fold(run_id, reader.read())):
+                data = {"item": item} if item is not None else None
+                await journal.emit(stage, "failure", f"interrupted: {msg}", data)
             await journal.emit(PIPELINE_STAGE, "failure", msg, {"runner": runner_id, "attempt": attempt, "last_seq": last_seq})
             log.warning("run %s: %s; terminal failure written to %s", run_id, msg, path)
             out.append(Recovered(run_id, attempt, last_seq))

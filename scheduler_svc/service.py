@@ -36,7 +36,7 @@ from shared.events import PIPELINE_STAGE, Event, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events
 from shared.journal import stats_fields as journal_stats_fields
-from shared.runstate import RUN_STATUSES, fold
+from shared.runstate import RUN_STATUSES, fold, open_stages
 from shared.wire import ENDED_RUNS_KEPT_S, Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
 
 from .runs import ACTIVE_PHASES, RunRecord, read_record, record_from_queued, scan_journals
@@ -249,16 +249,22 @@ class Scheduler:
             w.sync()
         return [queued, skipped, cancelled]
 
-    def _write_end_sync(self, run_id: str, kind: str, msg: str, data: dict[str, Any] | None) -> tuple[Event, bool]:
-        """Take the journal (flock), write the terminal event unless one is there; (event, was_there)."""
+    def _write_end_sync(self, run_id: str, kind: str, msg: str, data: dict[str, Any] | None) -> tuple[list[Event], bool]:
+        """Take the journal (flock), write the terminal event unless one is there; (events written, the
+        terminal last; or [the terminal found], True)."""
         with JournalWriter.open(self.journal_dir, run_id, self.tz) as w:
             if w.ended:
                 last = JournalReader(w.path, run_id).last_event()
                 assert last is not None
-                return last, True
-            ev = w.append(PIPELINE_STAGE, kind, msg, data)
+                return [last], True
+            # stages the lost runner left running end too (items first), so none stays "running"
+            written = [
+                w.append(stage, kind, f"{kind}: {msg}", {"item": item} if item is not None else None)
+                for stage, item in open_stages(fold(run_id, read_events(self.journal_dir, run_id)))
+            ]
+            written.append(w.append(PIPELINE_STAGE, kind, msg, data))
             w.sync()
-            return ev, False
+            return written, False
 
     async def end_run(self, rec: RunRecord, kind: str, msg: str, data: dict[str, Any] | None = None) -> None:
         """End a run from the scheduler's side, retrying (loudly) while another writer holds its journal."""
@@ -267,7 +273,7 @@ class Scheduler:
         tries = 0
         while True:
             try:
-                ev, was_there = await anyio.to_thread.run_sync(self._write_end_sync, rec.run_id, kind, msg, data)
+                written, was_there = await anyio.to_thread.run_sync(self._write_end_sync, rec.run_id, kind, msg, data)
                 break
             except JournalError as e:
                 tries += 1
@@ -278,12 +284,14 @@ class Scheduler:
                 log.error("run %s: cannot write its %s yet (%s); retrying in 1 s (try %d) - another process "
                           "still holds %s", rec.run_id, kind, e, tries, journal_path(self.journal_dir, rec.run_id))
                 await anyio.sleep(1.0)
+        ev = written[-1]
         rec.end(ev)
         if was_there:
             log.warning("run %s had already ended (%s: %s) in its journal; nothing written", rec.run_id, ev.event, ev.msg)
         else:
             log.info("run %s: wrote terminal %s: %s", rec.run_id, kind, msg)
-            await self.publish(ev)
+            for each in written:
+                await self.publish(each)
             self.recently_ended[rec.run_id] = (ev.seq, time.monotonic())
         self.wake()
 

@@ -111,6 +111,17 @@ class RunState(msgspec.Struct, omit_defaults=True):
             stage.msg = ev.msg
 
 
+def open_stages(state: RunState) -> list[tuple[str, str | None]]:
+    """(stage, item) pairs still `running` in a run's state, items first: what a writer ending the run
+    on someone else's behalf (runner restarted, runner lost) must end too, so no stage stays running."""
+    out: list[tuple[str, str | None]] = []
+    for stage in state.stages.values():
+        out.extend((stage.name, item) for item, it in stage.items.items() if it.status == "running")
+        if stage.status == "running":
+            out.append((stage.name, None))
+    return out
+
+
 def fold(run_id: str, events: Iterable[Event]) -> RunState:
     state = RunState(run_id=run_id)
     for ev in events:

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
+from shared.runstate import fold, open_stages
 from shared.dispatch import RunAccepted, RunFinished, RunnerStatus, RunRejected
 from shared.events import Event
 from shared.journal import JournalWriter, journal_path
@@ -85,7 +86,11 @@ def test_kill9_then_restart_ends_the_run_and_its_processes(rig: RunnerRig, pipel
     rig.restart()
     rig.svc.wait_for(rf"run {run_id}: runner test-runner restarted: run interrupted \(last seq {len(events)}\)")
     after = check_journal_file(path, run_id)
-    assert after[:-1] == events
+    assert after[: len(events)] == events
+    # the stage that was running ends too (no stage stays "running"), then the run
+    state = fold(run_id, after)
+    assert open_stages(state) == [] and state.stages["hang"].status == "failure"
+    assert [(e.stage, e.event) for e in after[len(events):-1]] == [("hang", "failure")]
     last = after[-1]
     assert last.is_terminal and last.event == "failure"
     assert last.msg == f"runner test-runner restarted: run interrupted (last seq {len(events)})"

@@ -21,6 +21,7 @@ import zmq.asyncio
 from shared.config import load_settings
 from shared.control import Cancel, ControlClient, GetRun, Identity, Launch, ListRuns, ListSchedules, Pause, Resume
 from shared.errors import BadParams, Conflict, InvalidRunId, NotFound, ProtocolError, UnknownPipeline
+from shared.runstate import fold, open_stages
 from shared.journal import read_events
 from shared.wire import decode_event_payload, decode_heartbeat_payload
 from tests.harness import SLEEP_PIPELINE, Service, write_config
@@ -156,6 +157,7 @@ async def test_runner_killed_mid_stage_fails_as_lost_and_frees_the_slot(tmp_path
         failed = await wait_until("runner-lost failure", lambda: run_status(client, run_id, "failure"))
         assert failed["msg"].startswith("runner lost: no heartbeat from test-runner")
         assert_one_life(settings, run_id, "failure")
+        assert open_stages(fold(run_id, read_events(settings.journal_dir, run_id))) == []  # no stage left running
         services.append(Service("runner_svc", cfg, tmp_path).start())
         await wait_until("the next run", lambda: run_status(client, second, "success"))
         assert_one_life(settings, run_id, "failure")  # the restarted runner did not touch the ended run
