@@ -57,15 +57,23 @@ def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[dict[str
     now = time.monotonic()
     runners: dict[str, Any] = {}
     mismatches: list[str] = []
+    stopped: list[str] = []
     for pid, seen in hub.publishers.items():
         age = now - seen.at
-        fresh = age <= stale_after
+        # a publisher whose last heartbeat said it was stopping is gone now, not merely late
+        fresh = age <= stale_after and not seen.hb.stopping
         same = _same_dir(seen.hb.journal_dir, journal_dir)
         if fresh and not same:
             mismatches.append(_mismatch(f"{seen.hb.service} {pid}", seen.hb.journal_dir, journal_dir))
         if seen.hb.service != "scheduler":
-            runners[pid] = {"fresh": fresh, "age_s": round(age, 3), "journal_dir": seen.hb.journal_dir,
-                            "same_journal_dir": same, "runs": len(seen.hb.runs)}
+            if seen.hb.stopping:
+                stopped.append(f"runner {pid} stopped ({age:.1f}s ago, its last heartbeat said it was stopping)")
+            # Heartbeat.runs lists the runs the runner owns now AND those it ended in the last
+            # ENDED_RUNS_KEPT_S seconds: report both counts, as the journal we read knows them
+            active = sum(1 for rid in seen.hb.runs if (e := hub.index.get(rid)) is None or not e.ended)
+            runners[pid] = {"fresh": fresh, "stopping": seen.hb.stopping, "age_s": round(age, 3),
+                            "journal_dir": seen.hb.journal_dir, "same_journal_dir": same,
+                            "runs_listed": len(seen.hb.runs), "runs_active": active}
     fresh_ok = [pid for pid, r in runners.items() if r["fresh"] and r["same_journal_dir"]]
     endpoints = ", ".join(settings.config.gateway.subscribe)
     if fresh_ok:
@@ -73,6 +81,8 @@ def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[dict[str
     elif any(r["fresh"] for r in runners.values()):
         bad = [m for m in mismatches if "runner" in m] or mismatches
         check = {"ok": False, "runners": runners, "detail": "; ".join(bad)}
+    elif stopped:
+        check = {"ok": False, "runners": runners, "detail": "; ".join(sorted(stopped))}
     else:
         check = {"ok": False, "runners": runners,
                  "detail": f"runner not reachable: no runner heartbeat within {stale_after:g}s on {endpoints}"}

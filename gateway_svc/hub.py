@@ -260,10 +260,14 @@ class Hub:
                 self._flush()
 
     def claimed_runs(self) -> set[str]:
-        """Runs that a publisher with a fresh heartbeat says it owns now."""
+        """Runs that a publisher with a fresh heartbeat lists (owned now, or ended in the last
+        ENDED_RUNS_KEPT_S seconds: their tails are covered by the heartbeat's seq). A publisher that
+        said it was stopping claims nothing: the sweep takes over its runs' tails at once."""
         now = time.monotonic()
         out: set[str] = set()
         for seen in self.publishers.values():
+            if seen.hb.stopping:
+                continue
             if now - seen.at <= max(self.cfg.runner_stale_after, 3 * seen.hb.interval):
                 out.update(seen.hb.runs)
         return out

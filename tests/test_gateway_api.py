@@ -183,6 +183,52 @@ async def test_healthz_names_a_down_scheduler_and_a_journal_directory_mismatch(t
         pub.close()
 
 
+async def test_healthz_says_a_runner_that_sent_its_stopping_heartbeat_is_down_at_once(tmp_path: Path) -> None:
+    """A clean stop ends with a heartbeat saying `stopping`: the runner is down from then on, not after
+    runner_stale_after (set far beyond this test's length, so only `stopping` can fail the check). The
+    heartbeat lists ended runs too: healthz counts them apart from the active ones."""
+    settings, ports = make_settings(tmp_path, gateway="runner_stale_after = 600")
+    pub = FakePublisher(settings.journal_dir, f"tcp://127.0.0.1:{ports.publish}", runner_id="r1")
+    try:
+        ended = pub.begin()
+        pub.emit(ended, "pipeline", "start", "s")
+        ended_last = pub.emit(ended, "pipeline", "success", "done").seq
+        active = pub.begin()
+        pub.emit(active, "pipeline", "start", "s")
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            hub = gw.app[HUB]
+            runs = {ended: ended_last, active: pub.writers[active].last_seq}
+            with anyio.fail_after(10):
+                while "r1" not in hub.publishers:
+                    pub.heartbeat(runs)
+                    await anyio.sleep(0.1)
+            async with http.get(gw.base + "/healthz") as resp:
+                body = await _json(resp)
+            runner = body["checks"]["runner"]
+            assert runner["ok"] is True, body
+            assert runner["runners"]["r1"]["runs_listed"] == 2 and runner["runners"]["r1"]["runs_active"] == 1
+            assert active in hub.claimed_runs()
+            with anyio.fail_after(10):
+                while not hub.publishers["r1"].hb.stopping:
+                    pub.heartbeat(runs, stopping=True)
+                    await anyio.sleep(0.1)
+            async with http.get(gw.base + "/healthz") as resp:
+                body = await _json(resp)
+            assert resp.status == 503 and "runner" in body["failed"], body
+            assert "runner r1 stopped" in body["checks"]["runner"]["detail"]
+            assert body["checks"]["runner"]["runners"]["r1"]["stopping"] is True
+            assert not hub.claimed_runs()  # the journal sweep covers its runs' tails now
+            # a runner that starts again is up again
+            with anyio.fail_after(10):
+                while hub.publishers["r1"].hb.stopping:
+                    pub.heartbeat(runs)
+                    await anyio.sleep(0.1)
+            async with http.get(gw.base + "/healthz") as resp:
+                assert (await _json(resp))["checks"]["runner"]["ok"] is True
+    finally:
+        pub.close()
+
+
 async def test_control_routes_against_a_real_scheduler(tmp_path: Path, services: list[Service]) -> None:
     settings, ports = make_settings(tmp_path, body=_PIPELINES)
     sched = Service("scheduler_svc", settings.path, tmp_path).start()

@@ -82,12 +82,12 @@ class FakePublisher:
             del self.writers[run_id]
         return ev
 
-    def heartbeat(self, runs: dict[str, int] | None = None) -> None:
+    def heartbeat(self, runs: dict[str, int] | None = None, stopping: bool = False) -> None:
         if runs is None:
             runs = {rid: w.last_seq for rid, w in self.writers.items()}
         hb = Heartbeat(runner_id=self.runner_id, timestamp="2026-01-01T00:00:00+00:00",
                        journal_dir=self.journal_dir_claim or str(self.journal_dir), config_path=self.config_path,
-                       runs=runs, interval=0.2, service=self.service)
+                       runs=runs, interval=0.2, service=self.service, stopping=stopping)
         self.sock.send_multipart(encode_heartbeat_frames(hb))
 
 
