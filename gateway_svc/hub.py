@@ -495,6 +495,25 @@ class Hub:
                 self._flush()
         return entry
 
+    def journal_missing(self, run_id: str) -> str | None:
+        """None if the run's journal exists in our directory; else why not, naming the file and the
+        publishers that write elsewhere. (The hub learns of runs from PUB events and heartbeats too, so
+        it can know a run whose journal is in another directory: seed 000's mismatch.)"""
+        path = journal_path(self.journal_dir, run_id)
+        if path.exists():
+            return None
+        claims = [f"{seen.hb.service} {pid} (writes journals to {seen.hb.journal_dir})"
+                  for pid, seen in self.publishers.items() if run_id in seen.hb.runs]
+        elsewhere = [f"{seen.hb.service} {pid} writes journals to {seen.hb.journal_dir}"
+                     for pid, seen in self.publishers.items()
+                     if Path(seen.hb.journal_dir).resolve() != self.journal_dir.resolve()]
+        source = f"reported by {', '.join(claims)}" if claims else "learnt of from a publisher's messages"
+        mismatch = f"JOURNAL DIRECTORY MISMATCH: {'; '.join(elsewhere)}; " if elsewhere else "journal directory mismatch? "
+        msg = (f"run {run_id} was {source}, but its journal {path} does not exist in the gateway's journal "
+               f"directory {self.journal_dir}: {mismatch}point every service at one config/RUNWIRE_HOME (see /healthz)")
+        self._warn(f"journal-missing/{run_id}", msg)
+        return msg
+
     def close_all(self, code: int, reason: str) -> None:
         for client in [*self.all_clients, *(c for group in self.run_clients.values() for c in group)]:
             client.request_close(code, reason)

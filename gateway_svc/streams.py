@@ -3,7 +3,10 @@
 - `/ws/events/{run_id}?after_seq=N`: hello (cursor = N as text), the run's events after N from the
   journal, then live; closed with 1000 after the terminal event. A run whose journal does not exist
   is waited for up to UNKNOWN_RUN_WAIT seconds (a client may connect a moment before the run is
-  queued); then an error frame `unknown_run` and close 4004. An `after_seq` beyond the run's last
+  queued); then an error frame `unknown_run` and close 4004. A run the hub knows (from PUB events or
+  heartbeats) whose journal is not in the gateway's directory (a journal directory mismatch) cannot
+  be replayed: error frame `journal_missing` naming the file and the mismatch, close 4004. An
+  `after_seq` beyond the run's last
   journaled seq cannot be served exactly: hello says recovered=false and the stream continues after
   the last journaled seq.
 - `/ws/events[?cursor=C]` and SSE `GET /api/events` (cursor from `Last-Event-ID`, `?last_event_id=` or
@@ -125,6 +128,12 @@ async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
         )
         await client.transport.close(CLOSE_UNKNOWN_RUN, "unknown run")
         return
+    missing = hub.journal_missing(run_id)
+    if missing is not None:
+        # the replay would find nothing and the live path nothing more for an ended run: say so, and close
+        await client.transport.send_json({"type": "error", "code": "journal_missing", "message": missing, "run_id": run_id})
+        await client.transport.close(CLOSE_UNKNOWN_RUN, "journal missing")
+        return
     reason = None
     if after_seq > entry.frontier:
         last = await _journal_last_seq(hub, run_id)
@@ -168,6 +177,10 @@ async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
         entry = await hub.ensure_run(run_id)
         if entry is None:
             reasons.append(f"the journal of run {run_id} is gone")
+            continue
+        missing = hub.journal_missing(run_id)
+        if missing is not None:
+            reasons.append(missing)
             continue
         if seq > entry.frontier:
             last = await _journal_last_seq(hub, run_id)

@@ -17,7 +17,8 @@ from typing import Any
 import aiohttp
 import anyio
 
-from gateway_svc.keys import INDEX
+from gateway_svc.cursor import decode_cursor, encode_cursor
+from gateway_svc.keys import HUB, INDEX
 from shared.ids import new_run_id
 from tests.test_gateway_helpers import (
     Collected,
@@ -441,5 +442,42 @@ async def test_all_runs_resume_under_a_live_flood_catches_up_from_the_journal(tm
             for run_id in runs:
                 assert by_run[run_id] == journal_of(settings, run_id)
             assert gw.stats.replay_overflows >= 1
+    finally:
+        pub.close()
+
+
+async def test_a_run_known_from_a_publisher_whose_journal_is_elsewhere_is_refused_loudly(tmp_path: Path) -> None:
+    """The runner writes journals to another directory than the gateway reads (seed 000): the gateway
+    learns the run from PUB events and heartbeats, but cannot replay it. A client asking for it gets
+    an error frame `journal_missing` naming the missing file and the mismatch, and close 4004 (it used
+    to get hello recovered=true and then wait forever)."""
+    settings, ports = make_settings(tmp_path)
+    elsewhere = tmp_path / "runner-home" / "events"
+    elsewhere.mkdir(parents=True)
+    pub = FakePublisher(elsewhere, f"tcp://127.0.0.1:{ports.publish}", runner_id="r-elsewhere")
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            await anyio.sleep(0.3)  # past the slow-joiner window
+            run_id = pub.begin()
+            await _produce(pub, run_id, 3, pause=0)
+            last = 6
+            with anyio.fail_after(10):
+                while (entry := gw.app[INDEX].get(run_id)) is None or entry.frontier < last:
+                    pub.heartbeat({run_id: last})  # ended runs stay listed for a while
+                    await anyio.sleep(0.1)
+            got = await collect(http, f"{gw.ws}/ws/events/{run_id}?after_seq=0", timeout=10)
+            assert got.close_code == 4004, got
+            error = got.frames[-1]
+            assert error["type"] == "error" and error["code"] == "journal_missing"
+            assert str(settings.journal_dir / f"pipeline_{run_id}.jsonl") in error["message"]
+            assert "MISMATCH" in error["message"] and str(elsewhere) in error["message"]
+            assert "r-elsewhere" in error["message"]
+            assert all(f["type"] != "hello" for f in got.frames)
+            # an all-runs resume that names the run says it cannot be served
+            cursor = (await collect(http, f"{gw.ws}/ws/events", max_frames=1)).frames[0]["cursor"]
+            cur = decode_cursor(cursor, gw.app[HUB].tag)
+            named = encode_cursor(cur.j, cur.t, {run_id: 2}, [])
+            hello = (await collect(http, f"{gw.ws}/ws/events?cursor={named}", max_frames=1)).frames[0]
+            assert hello["recovered"] is False and "does not exist" in hello["reason"]
     finally:
         pub.close()
