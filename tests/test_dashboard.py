@@ -8,6 +8,8 @@ Playwright, against the services as real processes.
 - The gateway alone with a token and a journal of 10,000 log lines written by the test (through
   shared.journal, as the runner would): the page asks for the token once, shows the run, keeps the DOM
   small (virtualised log), and its filters keep stage events in view.
+- Every non-ASCII character the page's files use has a glyph in DejaVu Sans (what a stock Debian
+  Chromium renders with; fontconfig-config depends on fonts-dejavu-core): no missing-glyph boxes.
 
 Screenshots go to test-artifacts/ in the repo root (gitignored).
 """
@@ -15,8 +17,11 @@ Screenshots go to test-artifacts/ in the repo root (gitignored).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -28,6 +33,7 @@ from shared.ids import new_run_id
 from shared.journal import JournalReader, JournalWriter, begin_run, journal_path
 from tests.harness import REPO, Service, write_config
 
+STATIC = REPO / "gateway_svc" / "static"
 ARTIFACTS = REPO / "test-artifacts"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -110,6 +116,32 @@ def _screenshot(page, name: str) -> Path:
 def _page_events(page, run_id: str) -> list[list]:
     return page.evaluate(
         "id => (window.__runwire.runLogs.get(id)?.events ?? []).map(e => [e.seq, e.stage, e.event])", run_id)
+
+
+def _dejavu_sans_charset() -> set[int]:
+    """The code points DejaVu Sans has glyphs for, as fontconfig reads them."""
+    font = subprocess.run(["fc-match", "-f", "%{file}", "DejaVu Sans"], capture_output=True, text=True, check=True).stdout
+    if "DejaVuSans" not in font:
+        pytest.fail(f"DejaVu Sans is not installed (fc-match gave {font!r}): apt-get install fonts-dejavu-core")
+    ranges = subprocess.run(["fc-query", "-f", "%{charset}", font], capture_output=True, text=True, check=True).stdout
+    points: set[int] = set()
+    for part in ranges.split():
+        lo, _, hi = part.partition("-")
+        points.update(range(int(lo, 16), int(hi or lo, 16) + 1))
+    assert len(points) > 3000, ranges[:200]
+    return points
+
+
+def test_every_glyph_the_page_uses_is_in_dejavu_sans() -> None:
+    have = _dejavu_sans_charset()
+    assert ord("⏸") not in have  # the glyph that showed as a box: the check can fail
+    missing = []
+    for path in sorted(STATIC.iterdir()):
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for ch in set(re.findall(r"[^\x00-\x7f]", line)):
+                if ord(ch) not in have:
+                    missing.append(f"{path.name}:{lineno}: {ch} U+{ord(ch):04X} {unicodedata.name(ch, '?')}")
+    assert not missing, "glyphs a stock Debian Chromium shows as boxes:\n" + "\n".join(missing)
 
 
 @pytest.mark.timeout(240)
@@ -239,6 +271,12 @@ def test_dashboard_launches_and_follows_a_run_across_a_gateway_restart(tmp_path:
     sched = page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="true"]')
     sched.query_selector("button").click()
     page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="false"]')
+    # the paused badge: its icon is drawn (two bars), not a glyph, and it says so in words
+    paused = page.wait_for_selector('li[data-schedule="dash-daily"] .badge .icon-pause')
+    box = paused.bounding_box()
+    assert box and box["width"] > 3 and box["height"] > 3, box
+    assert page.inner_text('li[data-schedule="dash-daily"] .badge').strip() == "paused"
+    _screenshot(page, "dashboard-paused.png")
     page.click('li[data-schedule="dash-daily"] button')
     page.wait_for_selector('li[data-schedule="dash-daily"][data-enabled="true"]')
     _screenshot(page, "dashboard-home.png")
@@ -308,3 +346,4 @@ def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services
     assert unrecovered and unrecovered[-1]["reason"], history
     assert unrecovered[-1]["reason"] in banner.inner_text()
     _screenshot(page, "dashboard-gap.png")
+

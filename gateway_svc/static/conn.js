@@ -48,7 +48,7 @@ function pill(label, info) {
     if (info.reason) title = info.reason;
   }
   if (info.state === "live" && info.resumedAt) {
-    if (Date.now() - info.resumedAt < 10000) { text = "⤼ resumed"; cls.push("conn-resumed"); }
+    if (Date.now() - info.resumedAt < 10000) { text = "↺ resumed"; cls.push("conn-resumed"); }
     title = `resumed at ${fmtClock(info.resumedAt)}`;
     if (info.recovered === false) { text = "⚠ resumed with gap"; cls.push("conn-gap"); title = info.reason || ""; }
   }

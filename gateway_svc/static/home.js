@@ -330,8 +330,13 @@ function scheduleItem(name) {
     update(s, now) {
       enabled = scheduleEnabled(s);
       li.dataset.enabled = String(enabled);
-      state.className = `badge ${enabled ? "st-running" : "st-cancelled"}`;
-      setText(state, enabled ? "● active" : "⏸ paused");
+      if (state.dataset.enabled !== String(enabled)) {
+        // the pause icon is drawn in CSS: U+23F8 is in no font a stock Debian Chromium has (a box)
+        state.dataset.enabled = String(enabled);
+        state.className = `badge ${enabled ? "st-running" : "st-cancelled"}`;
+        state.replaceChildren(el("span", { class: `icon${enabled ? "" : " icon-pause"}`, "aria-hidden": "true" }, enabled ? "●" : ""),
+          enabled ? "active" : "paused");
+      }
       setText(btn, enabled ? "pause" : "resume");
       const rule = s.spec || (s.cron ? `cron ${s.cron}` : s.every ? `every ${s.every}` : "");
       setText(meta, [s.pipeline, rule, s.timezone].filter(Boolean).join(" · "));
