@@ -7,7 +7,8 @@ Playwright, against the services as real processes.
   are then exactly the journal's, once each and in order. Schedules pause and resume from the page.
 - The gateway alone with a token and a journal of 10,000 log lines written by the test (through
   shared.journal, as the runner would): the page asks for the token once, shows the run, keeps the DOM
-  small (virtualised log), and its filters keep stage events in view.
+  small (virtualised log), and its filters keep stage events in view. Times are shown as the journal
+  writes them (the config's zone, America/Chicago), not in the browser's (set to Asia/Tokyo here).
 - Every non-ASCII character the page's files use has a glyph in DejaVu Sans (what a stock Debian
   Chromium renders with; fontconfig-config depends on fonts-dejavu-core): no missing-glyph boxes.
 
@@ -34,6 +35,9 @@ from shared.journal import JournalReader, JournalWriter, begin_run, journal_path
 from tests.harness import REPO, Service, write_config
 
 STATIC = REPO / "gateway_svc" / "static"
+# far from the config's zone (America/Chicago), so a time converted to the browser's zone shows
+BROWSER_TZ = "Asia/Tokyo"
+
 ARTIFACTS = REPO / "test-artifacts"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -94,7 +98,7 @@ def browser_page() -> Iterator:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=BROWSER_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, timezone_id=BROWSER_TZ)
             page.set_default_timeout(30_000)
             page.on("pageerror", lambda e: errors.append(str(e)))
             # a missing asset or route shows as a console 404 (refused connections while the gateway
@@ -116,6 +120,16 @@ def _screenshot(page, name: str) -> Path:
 def _page_events(page, run_id: str) -> list[list]:
     return page.evaluate(
         "id => (window.__runwire.runLogs.get(id)?.events ?? []).map(e => [e.seq, e.stage, e.event])", run_id)
+
+
+def _wall(ts: str, millis: bool = False) -> str:
+    """The wall-clock part of an RFC 3339 timestamp as written: "2026-11-23T03:15:00.123456-06:00" -> "03:15:00"."""
+    return ts[11:23] if millis else ts[11:19]
+
+
+def _zone(ts: str) -> str:
+    offset = ts[-6:]
+    return "UTC" if ts.endswith("Z") or offset == "+00:00" else f"UTC{offset}"
 
 
 def _dejavu_sans_charset() -> set[int]:
@@ -310,16 +324,28 @@ def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services
     page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"][data-status="failure"]')
     page.wait_for_selector('[data-stream="runs"][data-state="live"]', state="attached")
     assert page.evaluate("() => localStorage.getItem('runwire.token')") == token
+    # times as the journal writes them (Chicago), not the browser's zone (Tokyo), and the zone said
+    events = JournalReader(journal_path(settings.journal_dir, run_id)).read()
+    started_at = events[1].timestamp
+    assert page.evaluate("() => new Date().getTimezoneOffset()") == -9 * 60  # the browser is in Tokyo
+    started_cell = page.inner_text(f'#runs-table tr[data-run-id="{run_id}"] td:nth-child(5)')
+    assert _wall(started_at)[:5] in started_cell, (started_cell, started_at)
+    assert page.inner_text("#runs-zone") == f"({_zone(started_at)})"
 
     page.click(f'#runs-table tr[data-run-id="{run_id}"] a')
     page.wait_for_function(f"() => document.querySelector('#log-count')?.dataset.count === '{total}'", timeout=60_000)
     page.wait_for_selector('[data-stream="this run"][data-state="complete"]', state="attached")
     assert page.evaluate("id => window.__runwire.eventsFor(id)", run_id) == list(range(1, total + 1))
+    assert page.inner_text("#log-zone") == f"times in {_zone(started_at)}"
+    assert page.inner_text('dd[data-fact="times in"]') == _zone(started_at)
+    assert _wall(started_at)[:5] in page.inner_text('dd[data-fact="started"]')
     # virtualised: a screenful of rows in the DOM, not ten thousand
     rows = page.evaluate("() => document.querySelectorAll('#log .vl-row').length")
     assert 0 < rows < 200, rows
     # the newest event is in view (the log follows its tail), the stage events stay in their own lane
     page.wait_for_selector(f'#log .vl-row[data-seq="{total}"]')
+    # each row's time is the event's own wall clock, with milliseconds
+    assert page.inner_text(f'#log .vl-row[data-seq="{total}"] .ev-time') == _wall(events[-1].timestamp, millis=True)
     lane = page.eval_on_selector_all("#stage-events .vl-row:not([hidden])", "els => els.map(e => e.dataset.seq)")
     assert lane == ["1", "2", "3", str(total - 1), str(total)]
     # the run's failure message is shown plainly

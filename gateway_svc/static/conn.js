@@ -49,7 +49,7 @@ function pill(label, info) {
   }
   if (info.state === "live" && info.resumedAt) {
     if (Date.now() - info.resumedAt < 10000) { text = "↺ resumed"; cls.push("conn-resumed"); }
-    title = `resumed at ${fmtClock(info.resumedAt)}`;
+    title = `resumed at ${fmtClock(info.resumedAt)} (this browser's clock)`;
     if (info.recovered === false) { text = "⚠ resumed with gap"; cls.push("conn-gap"); title = info.reason || ""; }
   }
   if (info.state === "failed") title = info.reason || "";

@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { store, changed, loadSchedules } from "./store.js";
 import { isEnded } from "./runstate.js";
-import { el, setText, badge, parseTs, fmtWhen, fmtDuration, fmtRelative, toast, STATUS } from "./util.js";
+import { el, setText, badge, parseTs, fmtTsWhen, tsTitle, zoneLabel, fmtDuration, fmtRelative, toast, STATUS } from "./util.js";
 
 const MAX_ROWS = 300;
 const FILTER_KEY = "runwire.filters";
@@ -26,6 +26,8 @@ export function mountHome(root) {
   pipelineSel.addEventListener("change", onFilter);
 
   const tbody = el("tbody");
+  // run times are shown as the events write them (the config's zone, as the CLI shows them)
+  const startedZone = el("span", { class: "zone muted", id: "runs-zone" });
   const emptyNote = el("p", { class: "empty" });
   const countNote = el("span", { class: "muted" });
   const runsCard = el("section", { class: "card runs-card" },
@@ -36,7 +38,8 @@ export function mountHome(root) {
       el("table", { class: "runs", id: "runs-table" },
         el("thead", null, el("tr", null,
           el("th", null, "status"), el("th", null, "run"), el("th", null, "pipeline"), el("th", null, "trigger"),
-          el("th", null, "started"), el("th", { class: "num" }, "duration"), el("th", null, ""))),
+          el("th", { title: "times as written in the runs' events, in the configured zone (not this browser's)" }, "started ", startedZone),
+          el("th", { class: "num" }, "duration"), el("th", null, ""))),
         tbody)),
     emptyNote);
 
@@ -62,6 +65,8 @@ export function mountHome(root) {
       .sort(newestFirst)
       .slice(0, MAX_ROWS);
     const now = Date.now();
+    const zones = [...new Set(shown.map((r) => zoneLabel(r.started_at || r.queued_at)).filter(Boolean))];
+    setText(startedZone, zones.length ? `(${zones.join(" / ")})` : "");
     const keep = new Set();
     shown.forEach((run, i) => {
       keep.add(run.run_id);
@@ -115,9 +120,10 @@ function updateRow(row, run, now) {
   setText(cells.trigger, run.trigger === "schedule" ? `↻ ${run.schedule || "schedule"}` : run.trigger === "manual" ? "manual" : run.trigger);
   cells.trigger.title = run.slot ? `slot ${run.slot}` : "";
   const start = parseTs(run.started_at);
-  setText(cells.started, Number.isFinite(start) ? fmtWhen(start) : run.queued_at ? `queued ${fmtWhen(parseTs(run.queued_at))}` : "—");
-  // a queued run says why it waits (the gateway's `waiting`, as the scheduler put it)
-  cells.started.title = run.status === "queued" && run.waiting ? run.waiting : "";
+  setText(cells.started, run.started_at ? fmtTsWhen(run.started_at, now) : run.queued_at ? `queued ${fmtTsWhen(run.queued_at, now)}` : "—");
+  // a queued run says why it waits (the gateway's `waiting`, as the scheduler put it); else the full time
+  const title = run.status === "queued" && run.waiting ? run.waiting : tsTitle(run.started_at || run.queued_at);
+  if (cells.started.title !== title) cells.started.title = title;
   const end = run.ended_at ? parseTs(run.ended_at) : now;
   setText(cells.duration, Number.isFinite(start) ? fmtDuration(end - start) : run.status === "queued" ? `(${fmtDuration(now - parseTs(run.queued_at))})` : "—");
   const ended = isEnded(run);
@@ -340,8 +346,12 @@ function scheduleItem(name) {
       setText(btn, enabled ? "pause" : "resume");
       const rule = s.spec || (s.cron ? `cron ${s.cron}` : s.every ? `every ${s.every}` : "");
       setText(meta, [s.pipeline, rule, s.timezone].filter(Boolean).join(" · "));
-      const nextTs = parseTs(scheduleNext(s));
-      setText(next, !enabled ? "paused: no runs until resumed" : Number.isFinite(nextTs) ? `next ${fmtWhen(nextTs)} (${fmtRelative(nextTs, now)})` : "next: —");
+      const nextRaw = scheduleNext(s);
+      const nextTs = parseTs(nextRaw);
+      // as the scheduler writes it: the schedule's own zone
+      setText(next, !enabled ? "paused: no runs until resumed"
+        : Number.isFinite(nextTs) ? `next ${fmtTsWhen(nextRaw, now)} ${zoneLabel(nextRaw)} (${fmtRelative(nextTs, now)})` : "next: —");
+      next.title = enabled && nextRaw ? tsTitle(nextRaw) : "";
     },
   };
 }

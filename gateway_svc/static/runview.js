@@ -10,7 +10,7 @@ import { newRun, applyEvent, runFromApi, isEnded } from "./runstate.js";
 import { renderTimeline } from "./timeline.js";
 import { VirtualList } from "./loglist.js";
 import { cancelButton } from "./home.js";
-import { el, setText, badge, parseTs, fmtWhen, fmtClock, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, KIND_ICON } from "./util.js";
+import { el, setText, badge, parseTs, fmtTsWhen, fmtTsClock, tsTitle, zoneLabel, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, KIND_ICON } from "./util.js";
 
 const ROW_HEIGHT = 24;
 const KINDS = ["queued", "start", "success", "failure", "skipped", "cancelled", "metric", "log"];
@@ -31,6 +31,7 @@ export function mountRun(root, runId) {
     filtered: [], // indices into events that pass the filters
     milestones: [], // indices of stage events (never drowned by log lines)
     error: null,
+    zones: new Set(), // the zones ("UTC-06:00") the events' timestamps are written in
   };
   window.__runwire.runLogs.set(runId, model);
 
@@ -58,6 +59,8 @@ export function mountRun(root, runId) {
   })]));
   const followBox = el("input", { type: "checkbox", id: "log-follow", checked: true });
   const logCount = el("span", { class: "muted small", id: "log-count" });
+  // times are shown as the events write them (the config's zone, as the CLI shows them), not the browser's
+  const logZone = el("span", { class: "muted small", id: "log-zone", title: "event times as written in the journal, in the run's configured zone" });
   const detail = el("pre", { class: "event-detail", id: "event-detail", hidden: true });
 
   const log = new VirtualList({ rowHeight: ROW_HEIGHT, renderRow: renderLogRow, onFollowChange: (on) => { followBox.checked = on; } });
@@ -68,7 +71,7 @@ export function mountRun(root, runId) {
   lane.viewport.id = "stage-events";
 
   const logCard = el("section", { class: "card log-card" },
-    el("div", { class: "card-head" }, el("h2", null, "Events"), logCount,
+    el("div", { class: "card-head" }, el("h2", null, "Events"), logCount, logZone,
       el("label", { class: "small follow" }, followBox, " follow")),
     el("div", { class: "log-filters" }, stageSel, el("div", { class: "chips", role: "group", "aria-label": "event kinds" }, ...Object.values(chips)), textInput),
     el("div", { class: "log-lanes" },
@@ -128,6 +131,8 @@ export function mountRun(root, runId) {
       applyEvent(model.run, ev);
       const index = model.events.push(ev) - 1;
       model.appliedSeqs.push(ev.seq);
+      const zone = zoneLabel(ev.timestamp);
+      if (zone) model.zones.add(zone);
       model.kindCounts[ev.event] = (model.kindCounts[ev.event] || 0) + 1;
       if (ev.stage !== "pipeline" && !model.stageNames.has(ev.stage)) {
         model.stageNames.add(ev.stage);
@@ -161,25 +166,39 @@ export function mountRun(root, runId) {
     setText(logCount, model.filtered.length === model.events.length ? `${fmtCount(model.events.length)} events`
       : `${fmtCount(model.filtered.length)} of ${fmtCount(model.events.length)} events`);
     logCount.dataset.count = String(model.events.length);
+    const zones = runZones(run);
+    setText(logZone, zones.length ? `times in ${zones.join(" / ")}` : "");
     log.setCount(model.filtered.length);
     lane.setCount(model.milestones.length);
   });
 
+  // the zones of this run's times: its events' (as received), or the fetched run's before any arrive
+  function runZones(run) {
+    if (model.zones.size) return [...model.zones];
+    return [...new Set([run.queued_at, run.started_at, run.ended_at].map(zoneLabel).filter(Boolean))];
+  }
+
   function renderFacts(run, now) {
     const start = parseTs(run.started_at), end = run.ended_at ? parseTs(run.ended_at) : now;
+    const zones = runZones(run);
     const rows = [
       ["pipeline", run.pipeline || "—"],
       ["trigger", run.trigger === "schedule" ? `schedule ${run.schedule || ""}${run.slot ? ` (slot ${run.slot})` : ""}` : run.trigger],
-      ["queued", fmtWhen(parseTs(run.queued_at))],
-      ["started", fmtWhen(start)],
-      ["ended", run.ended_at ? fmtWhen(end) : "—"],
+      ["queued", run.queued_at ? fmtTsWhen(run.queued_at, now) : "—", tsTitle(run.queued_at)],
+      ["started", run.started_at ? fmtTsWhen(run.started_at, now) : "—", tsTitle(run.started_at)],
+      ["ended", run.ended_at ? fmtTsWhen(run.ended_at, now) : "—", tsTitle(run.ended_at)],
+      ["times in", zones.length ? zones.join(" / ") : "—", "the zone the run's events are written in (the config's timezone), as the CLI shows them"],
       ["duration", Number.isFinite(start) ? fmtDuration(end - start) : "—"],
       ["params", Object.keys(run.params || {}).length ? Object.entries(run.params).map(([k, v]) => `${k}=${Array.isArray(v) ? v.join(",") : v}`).join("  ") : "—"],
     ];
     if (facts.children.length !== rows.length * 2) {
       facts.replaceChildren(...rows.flatMap(([k]) => [el("dt", null, k), el("dd", { dataset: { fact: k } })]));
     }
-    rows.forEach(([, v], i) => setText(facts.children[i * 2 + 1], v));
+    rows.forEach(([, v, title], i) => {
+      const dd = facts.children[i * 2 + 1];
+      setText(dd, v);
+      if (title !== undefined && dd.title !== title) dd.title = title;
+    });
   }
 
   function renderMetrics(run) {
@@ -235,7 +254,7 @@ export function mountRun(root, runId) {
     node.title = text;
     node.replaceChildren(...[
       full ? el("span", { class: "ev-seq" }, ev.seq) : null,
-      el("span", { class: "ev-time" }, fmtClock(parseTs(ev.timestamp), full)),
+      el("span", { class: "ev-time", title: tsTitle(ev.timestamp) }, fmtTsClock(ev.timestamp, full)),
       el("span", { class: "ev-stage" }, item ? `${ev.stage}/${item}` : ev.stage),
       el("span", { class: "ev-kind" }, `${KIND_ICON[ev.event] || ""} ${ev.event}`),
       el("span", { class: "ev-msg" }, text)].filter(Boolean));

@@ -68,7 +68,8 @@ export function fmtClock(ms, withMillis = false) {
   return withMillis ? `${t}.${pad(d.getMilliseconds(), 3)}` : t;
 }
 
-// "14:03:07" today, "Nov 23 14:03" another day.
+// "14:03:07" today, "Nov 23 14:03" another day (in this browser's zone: for the browser's own clock only;
+// event and run times are shown as written, with fmtTsClock/fmtTsWhen).
 export function fmtWhen(ms) {
   if (!Number.isFinite(ms)) return "—";
   const d = new Date(ms);
@@ -77,6 +78,53 @@ export function fmtWhen(ms) {
   const month = d.toLocaleString("en", { month: "short" });
   const year = d.getFullYear() === now.getFullYear() ? "" : ` ${d.getFullYear()}`;
   return `${month} ${d.getDate()}${year} ${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
+// Event and run times are shown as the events write them: the wall clock in the events' own offset (the
+// config's zone, the one the CLI and the logs use), not converted to the browser's zone.
+// "2026-11-23T03:15:00.123456-06:00" -> {date, time: "03:15:00", millis: "123", offset: "-06:00"}.
+const TS_PARTS_RE = /^(\d{4})-(\d\d)-(\d\d)[T ](\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:?\d\d)?$/i;
+export function tsParts(ts) {
+  const m = typeof ts === "string" ? TS_PARTS_RE.exec(ts) : null;
+  if (!m) return null;
+  let offset = (m[6] || "Z").toUpperCase();
+  if (offset !== "Z" && !offset.includes(":")) offset = `${offset.slice(0, 3)}:${offset.slice(3)}`;
+  const offsetMin = offset === "Z" ? 0 : (offset[0] === "-" ? -1 : 1) * (Number(offset.slice(1, 3)) * 60 + Number(offset.slice(4, 6)));
+  return {
+    year: Number(m[1]), month: Number(m[2]), day: Number(m[3]), date: `${m[1]}-${m[2]}-${m[3]}`,
+    time: m[4], millis: (m[5] || "").padEnd(3, "0").slice(0, 3), offset, offsetMin,
+  };
+}
+
+// "UTC-06:00" ("UTC" for Z and +00:00): the zone a timestamp is written in.
+export function zoneLabel(ts) {
+  const p = tsParts(ts);
+  if (!p) return "";
+  return p.offsetMin === 0 ? "UTC" : `UTC${p.offset}`;
+}
+
+// "03:15:00" (or "03:15:00.123") as written in the timestamp.
+export function fmtTsClock(ts, withMillis = false) {
+  const p = tsParts(ts);
+  if (!p) return ts ? fmtClock(parseTs(ts), withMillis) : "—";
+  return withMillis ? `${p.time}.${p.millis}` : p.time;
+}
+
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+// "03:15:00" when the timestamp's date is today in its own zone, else "Nov 23 03:15" (and the year).
+export function fmtTsWhen(ts, now = Date.now()) {
+  const p = tsParts(ts);
+  if (!p) return ts ? fmtWhen(parseTs(ts)) : "—";
+  const today = new Date(now + p.offsetMin * 60000).toISOString().slice(0, 10); // today in that zone
+  if (p.date === today) return p.time;
+  const year = p.date.slice(0, 4) === today.slice(0, 4) ? "" : ` ${p.year}`;
+  return `${MONTHS[p.month - 1]} ${p.day}${year} ${p.time.slice(0, 5)}`;
+}
+
+// A tooltip for a shown time: the whole timestamp and its zone.
+export function tsTitle(ts) {
+  const zone = zoneLabel(ts);
+  return ts ? `${ts}${zone ? ` (${zone})` : ""}` : "";
 }
 
 export function fmtDuration(ms) {
