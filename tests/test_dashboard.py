@@ -9,6 +9,8 @@ Playwright, against the services as real processes.
   shared.journal, as the runner would): the page asks for the token once, shows the run, keeps the DOM
   small (virtualised log), and its filters keep stage events in view. Times are shown as the journal
   writes them (the config's zone, America/Chicago), not in the browser's (set to Asia/Tokyo here).
+- The gateway alone with a journal that has a corrupt line (written by the test): the page marks the hole
+  in the log and in a banner, and shows every other event, without reconnecting for ever.
 - Every non-ASCII character the page's files use has a glyph in DejaVu Sans (what a stock Debian
   Chromium renders with; fontconfig-config depends on fonts-dejavu-core): no missing-glyph boxes.
 
@@ -118,8 +120,9 @@ def _screenshot(page, name: str) -> Path:
 
 
 def _page_events(page, run_id: str) -> list[list]:
+    """The events in the run page's log (journal-gap marks left out)."""
     return page.evaluate(
-        "id => (window.__runwire.runLogs.get(id)?.events ?? []).map(e => [e.seq, e.stage, e.event])", run_id)
+        "id => (window.__runwire.runLogs.get(id)?.events ?? []).filter(e => !e.gap).map(e => [e.seq, e.stage, e.event])", run_id)
 
 
 def _wall(ts: str, millis: bool = False) -> str:
@@ -373,3 +376,56 @@ def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services
     assert unrecovered[-1]["reason"] in banner.inner_text()
     _screenshot(page, "dashboard-gap.png")
 
+
+@pytest.mark.timeout(120)
+def test_dashboard_marks_a_hole_in_the_journal_and_goes_on(tmp_path: Path, services: list[Service], browser_page) -> None:
+    """A journal whose 5th line is corrupt (damaged by the test after writing it through shared.journal):
+    the run page shows the hole (a banner, and a mark in the log between events 4 and 6), every other
+    event once, and the stream ends complete instead of reconnecting to refill a hole nobody can fill."""
+    page = browser_page
+    cfg, ports = write_config(tmp_path, DASH_PIPELINE)
+    settings = load_settings(cfg)
+    tz = ZoneInfo("America/Chicago")
+    run_id = new_run_id()
+    begin_run(settings.journal_dir, run_id, tz, "dash", {"items": ["a"]}, {"trigger": "manual"})
+    with JournalWriter.open(settings.journal_dir, run_id, tz) as w:
+        w.append("pipeline", "start", "started", {"runner": "test", "attempt": 1, "pid": os.getpid()})
+        w.append("prepare", "start", "prepare started")
+        for i in range(8):
+            w.append("prepare", "log", f"line {i}")
+        w.append("prepare", "success", "prepare done")
+        w.append("pipeline", "success", "done")
+    jpath = journal_path(settings.journal_dir, run_id)
+    lines = jpath.read_bytes().splitlines(keepends=True)
+    assert b'"seq":5' in lines[4].replace(b" ", b""), lines[4]
+    lines[4] = b'{"seq": 5, "this line was damaged on disk\n'
+    jpath.write_bytes(b"".join(lines))
+    kept = [ev.seq for ev in JournalReader(jpath).read()]
+    assert kept == [s for s in range(1, len(lines) + 1) if s != 5], kept
+
+    services.append(Service("gateway_svc", cfg, tmp_path).start())
+    page.goto(f"http://127.0.0.1:{ports.http}/#/runs/{run_id}")
+    page.wait_for_selector('[data-stream="this run"][data-state="complete"]', state="attached", timeout=60_000)
+    page.wait_for_selector(".run-status .badge.st-success")
+    assert page.evaluate("id => window.__runwire.eventsFor(id)", run_id) == kept
+    assert _page_events(page, run_id) == [[ev.seq, ev.stage, ev.event] for ev in JournalReader(jpath).read()]
+    # the hole, plainly: a banner, and a mark in the log where it is (after event 4, before event 6)
+    banner = page.wait_for_selector("#journal-gap:not([hidden])")
+    assert "event 5" in banner.inner_text(), banner.inner_text()
+    mark = page.wait_for_selector('#log .vl-row[data-gap="5-5"]')
+    assert "events 5–5" in mark.inner_text(), mark.inner_text()
+    order = page.eval_on_selector_all("#log .vl-row:not([hidden])", "els => els.map(e => [Number(e.style.transform.match(/[\\d.]+/)[0]), e.dataset.seq || 'gap'])")
+    shown = [label for _, label in sorted(order)]
+    assert shown[3:6] == ["4", "gap", "6"], shown
+    page.wait_for_selector('#stage-events .vl-row[data-gap="5-5"]')
+    assert page.get_attribute("#log-count", "data-count") == str(len(kept))
+    # the mark stays in view whatever the filters
+    page.click('.chip[data-kind="log"]')
+    page.wait_for_selector('#log .vl-row[data-gap="5-5"]')
+    page.click('.chip[data-kind="log"]')
+    if "journal_gap" in (REPO / "gateway_svc" / "streams.py").read_text():
+        # the gateway reports the hole (journal_gap frame): the page never needed to reconnect for it
+        gaps = page.evaluate(f"() => window.__runwire.runLogs.get({run_id!r}).gaps")
+        assert gaps == [], gaps
+        assert "events 5–5 missing from the journal" in mark.inner_text(), mark.inner_text()
+    _screenshot(page, "dashboard-journal-gap.png")

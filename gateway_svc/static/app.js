@@ -4,7 +4,7 @@
 import { forgetToken, currentToken } from "./api.js";
 import { Stream } from "./stream.js";
 import { el, toast } from "./util.js";
-import { store, foldIntoStore, loadRuns, loadPipelines, loadSchedules } from "./store.js";
+import { store, foldIntoStore, noteJournalGap, loadRuns, loadPipelines, loadSchedules } from "./store.js";
 import { conn, reportStream } from "./conn.js";
 import { mountHome } from "./home.js";
 import { mountRun } from "./runview.js";
@@ -27,6 +27,7 @@ const allRuns = new Stream({
     // a schedule fired: its next fire time moved
     if (events.some((e) => e.event === "queued" && e.data && e.data.trigger === "schedule")) loadSchedules();
   },
+  onJournalGap: noteJournalGap,
   onState: (state, detail) => reportStream("all", state, detail),
 });
 

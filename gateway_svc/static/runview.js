@@ -1,6 +1,8 @@
 // A run's page (#/runs/<id>): its header, the timeline of stages and items, the latest metrics per
 // stage, and the event log. The log comes from /ws/events/<id>?after_seq=N, N being the last seq
 // applied, so a reconnect resumes exactly where the page stopped; seq <= N is ignored, a gap reconnects.
+// A hole in the journal itself (the gateway's journal_gap frame) is shown, as a banner and as a mark in
+// the log where the events are missing, and the log goes on past it.
 
 import { api, ApiError } from "./api.js";
 import { Stream } from "./stream.js";
@@ -10,7 +12,7 @@ import { newRun, applyEvent, runFromApi, isEnded } from "./runstate.js";
 import { renderTimeline } from "./timeline.js";
 import { VirtualList } from "./loglist.js";
 import { cancelButton } from "./home.js";
-import { el, setText, badge, parseTs, fmtTsWhen, fmtTsClock, tsTitle, zoneLabel, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, KIND_ICON } from "./util.js";
+import { el, setText, badge, parseTs, fmtTsWhen, fmtTsClock, tsTitle, zoneLabel, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, holeCovered, gapRange, KIND_ICON } from "./util.js";
 
 const ROW_HEIGHT = 24;
 const KINDS = ["queued", "start", "success", "failure", "skipped", "cancelled", "metric", "log"];
@@ -25,7 +27,9 @@ export function mountRun(root, runId) {
     appliedSeqs: [], // the seq of every event applied, in order (tests compare it with the journal)
     receivedSeqs: [], // every seq received over the wire, duplicates included
     duplicates: 0,
-    gaps: [],
+    gaps: [], // seq gaps seen on the wire (each answered by a reconnect from the last applied seq)
+    journalGaps: [], // [[N, M], ...]: events missing from the journal itself, as the gateway reported them
+    marks: 0, // journal-gap marks among `events` (rows that are not events)
     kindCounts: Object.fromEntries(KINDS.map((k) => [k, 0])),
     stageNames: new Set(),
     filtered: [], // indices into events that pass the filters
@@ -44,9 +48,10 @@ export function mountRun(root, runId) {
   const actions = el("span", { class: "actions" });
   const facts = el("dl", { class: "facts" });
   const runMsg = el("p", { class: "run-msg" });
+  const gapBanner = el("div", { class: "run-banner", id: "journal-gap", role: "alert", hidden: true });
   const header = el("section", { class: "card run-head" },
     el("div", { class: "run-title" }, el("a", { href: "#/", class: "back" }, "← runs"), title, statusBox, actions),
-    facts, runMsg);
+    facts, runMsg, gapBanner);
 
   const timelineBox = el("div", { class: "timeline", id: "timeline" });
   const metricsBox = el("div", { class: "metrics", id: "metrics" });
@@ -99,6 +104,7 @@ export function mountRun(root, runId) {
 
   // ---- applying events ---------------------------------------------------------------------------
   function matches(ev) {
+    if (ev.gap) return true; // a hole in the journal stays in view whatever the filters
     if (filters.stage && ev.stage !== filters.stage) return false;
     if (!filters.kinds.has(ev.event)) return false;
     if (filters.text) {
@@ -116,17 +122,60 @@ export function mountRun(root, runId) {
     redraw();
   }
 
+  // A run's events are indexed by position in `events`; after a mark is inserted mid-log they are rebuilt.
+  function reindex() {
+    model.milestones = [];
+    model.events.forEach((ev, i) => { if (ev.gap || STAGE_EVENT_KINDS.has(ev.event)) model.milestones.push(i); });
+    refilter();
+    lane.invalidate();
+  }
+
+  // The gateway's journal_gap frame (or a `gaps` entry): events N..M are not in the journal. Shown once
+  // (a reconnect replays the frame), at its place in the log, and in the banner.
+  // `reported: false`: a seq gap that reconnects did not fill (a gateway without journal_gap frames).
+  function noteJournalGap(range, message, { reported = true } = {}) {
+    if (!range || model.journalGaps.some(([n, m]) => n === range[0] && m === range[1])) return;
+    model.journalGaps.push(range);
+    const [n, m] = range;
+    const mark = { gap: range, seq: null, stage: "", event: "gap", timestamp: null,
+      msg: reported ? `⚠ events ${n}–${m} missing from the journal` : `⚠ events ${n}–${m} not delivered by the gateway`,
+      detail: message || "" };
+    let at = model.events.findIndex((e) => !e.gap && e.seq > m);
+    if (at < 0) at = model.events.length;
+    model.events.splice(at, 0, mark);
+    model.marks++;
+    if (at === model.events.length - 1) {
+      model.milestones.push(at);
+      model.filtered.push(at);
+    } else {
+      reindex();
+    }
+    const list = model.journalGaps.map(([a, b]) => (a === b ? `event ${a}` : `events ${a}–${b}`)).join(", ");
+    gapBanner.replaceChildren(el("span", null,
+      `⚠ This run's log is missing ${list} (the gateway ${reported ? "reports a hole in the journal" : "did not deliver them"}): ` +
+      `${model.journalGaps.length > 1 ? "they are" : "it is"} marked in the log below. `,
+      "The events after the hole are shown as usual.", message ? el("span", { class: "muted" }, ` (${message})`) : null));
+    gapBanner.hidden = false;
+    redraw();
+  }
+
   function onEvents(events) {
     for (const ev of events) {
       model.receivedSeqs.push(ev.seq);
       if (ev.run_id !== runId) continue;
       const last = model.run.last_seq;
       if (ev.seq <= last) { model.duplicates++; continue; } // the server promises exactly-once; be sure
-      if (ev.seq !== last + 1) {
-        // a gap: never show a log with a hole; reconnect from the last applied seq to refill it
+      if (ev.seq !== last + 1 && !holeCovered(model.journalGaps, last + 1, ev.seq - 1)) {
+        // a gap: never show a log with a hole; reconnect from the last applied seq to refill it. If the
+        // same hole comes back after reconnects, the gateway cannot fill it: show it rather than loop.
         model.gaps.push([last + 1, ev.seq - 1]);
-        stream.restart(`gap: seq ${last + 1}..${ev.seq - 1} missing`);
-        break;
+        const again = model.gaps.filter(([n]) => n === last + 1).length;
+        if (again > 3) {
+          noteJournalGap([last + 1, ev.seq - 1], "still missing after 3 reconnects", { reported: false });
+        } else {
+          stream.restart(`gap: seq ${last + 1}..${ev.seq - 1} missing`);
+          break;
+        }
       }
       applyEvent(model.run, ev);
       const index = model.events.push(ev) - 1;
@@ -163,9 +212,10 @@ export function mountRun(root, runId) {
     const key = JSON.stringify([...run.stages.values()].map((s) => [s.name, s.status, s.metrics, [...s.items].map(([n, i]) => [n, i.metrics])]));
     if (key !== metricsKey) { metricsKey = key; renderMetrics(run); }
     for (const k of KINDS) setText(chips[k], `${KIND_ICON[k]} ${k} ${fmtCount(model.kindCounts[k])}`);
-    setText(logCount, model.filtered.length === model.events.length ? `${fmtCount(model.events.length)} events`
-      : `${fmtCount(model.filtered.length)} of ${fmtCount(model.events.length)} events`);
-    logCount.dataset.count = String(model.events.length);
+    // marks always pass the filters: counted out of both
+    const total = model.events.length - model.marks, passing = model.filtered.length - model.marks;
+    setText(logCount, passing === total ? `${fmtCount(total)} events` : `${fmtCount(passing)} of ${fmtCount(total)} events`);
+    logCount.dataset.count = String(total);
     const zones = runZones(run);
     setText(logZone, zones.length ? `times in ${zones.join(" / ")}` : "");
     log.setCount(model.filtered.length);
@@ -241,6 +291,16 @@ export function mountRun(root, runId) {
   }
 
   function fillRow(node, ev, full) {
+    if (ev.gap) {
+      node.className = "vl-row ev gap-mark";
+      delete node.dataset.seq;
+      node.dataset.gap = ev.gap.join("-");
+      node.title = ev.detail ? `${ev.msg}: ${ev.detail}` : ev.msg;
+      node.replaceChildren(...[full ? el("span", { class: "ev-seq" }, ev.gap[0]) : null,
+        el("span", { class: "ev-msg" }, ev.msg)].filter(Boolean));
+      return;
+    }
+    delete node.dataset.gap;
     const milestone = STAGE_EVENT_KINDS.has(ev.event);
     const status = ev.event === "start" ? "running" : ev.event;
     node.className = `vl-row ev kind-${ev.event}${milestone ? ` milestone st-${status}` : ""}${ev.seq === selectedSeq ? " selected" : ""}`;
@@ -296,6 +356,7 @@ export function mountRun(root, runId) {
     path: () => `/ws/events/${encodeURIComponent(runId)}?after_seq=${model.run.last_seq}`,
     onHello: () => {},
     onEvents,
+    onJournalGap: (frame) => { if (!frame.run_id || frame.run_id === runId) noteJournalGap(gapRange(frame.missing), frame.message); },
     onState: (state, d) => {
       reportStream("run", state, d);
       if (state === "failed") { model.error = `Event stream stopped: ${d.reason}`; redraw(); }
@@ -306,6 +367,8 @@ export function mountRun(root, runId) {
 
   api(`/api/runs/${encodeURIComponent(runId)}`).then((raw) => {
     model.fetched = runFromApi(raw.run || raw);
+    // a gateway that knows the journal's holes may list them with the run
+    for (const g of (raw.run || raw).gaps || []) noteJournalGap(gapRange(g), "");
     redraw();
   }, (e) => {
     // other failures (gateway restarting) show in the connection state; the stream brings the run

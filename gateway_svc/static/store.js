@@ -3,7 +3,7 @@
 
 import { api, ApiError } from "./api.js";
 import { applyEvent, newRun, runFromApi, entries } from "./runstate.js";
-import { frameBatcher } from "./util.js";
+import { frameBatcher, holeCovered, gapRange } from "./util.js";
 
 const RUN_LIST_LIMIT = 500;
 
@@ -15,7 +15,18 @@ export const store = {
   listeners: new Set(),
   listLoaded: false,
   listError: null,
+  journalGaps: new Map(), // run_id -> [[N, M], ...]: events missing from the journal itself (journal_gap)
 };
+
+// The gateway says events N..M of a run are missing from its journal: folding goes across that hole
+// instead of refetching the run (which cannot fill it).
+export function noteJournalGap(frame) {
+  const range = gapRange(frame.missing);
+  if (!frame.run_id || !range) return;
+  const list = store.journalGaps.get(frame.run_id) || [];
+  if (!list.some(([n, m]) => n === range[0] && m === range[1])) list.push(range);
+  store.journalGaps.set(frame.run_id, list);
+}
 
 const notify = frameBatcher(() => { for (const fn of store.listeners) fn(); });
 export function changed() { notify(); }
@@ -56,7 +67,9 @@ export function foldIntoStore(events, { acrossGaps = false } = {}) {
       store.runs.set(ev.run_id, (run = newRun(ev.run_id)));
     }
     if (ev.seq <= run.last_seq) continue; // already folded (from the list, or a replay)
-    if (ev.seq !== run.last_seq + 1 && !acrossGaps) { refetchRun(ev.run_id); held.get(ev.run_id).push(ev); continue; }
+    if (ev.seq !== run.last_seq + 1 && !acrossGaps && !holeCovered(store.journalGaps.get(ev.run_id) || [], run.last_seq + 1, ev.seq - 1)) {
+      refetchRun(ev.run_id); held.get(ev.run_id).push(ev); continue;
+    }
     applyEvent(run, ev);
   }
   changed();

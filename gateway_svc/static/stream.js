@@ -1,6 +1,8 @@
 // One WebSocket to the gateway that keeps itself connected: it reconnects with backoff and jitter, and
 // asks the caller for the URL each time, so the caller resumes from its cursor (all runs) or its last
 // applied seq (one run). States: connecting, live, reconnecting, complete, failed.
+// Error frames are followed by a close, except `journal_gap` (events N..M of a run are missing from the
+// journal: the stream goes on after it), which is handed to onJournalGap and changes nothing here.
 
 import { currentToken, askForToken } from "./api.js";
 
@@ -14,10 +16,11 @@ const AUTH_CLOSE = new Set([4001, 4003, 4401, 4403]);
 
 export class Stream {
   // path(): "/ws/events?cursor=..." for the next connection.
-  // onHello(hello, {reconnect}), onEvents(events, cursor), onState(state, detail).
+  // onHello(hello, {reconnect}), onEvents(events, cursor), onState(state, detail),
+  // onJournalGap({run_id, missing: [N, M], message}).
   // isComplete(): true when a normal close means "nothing more will come" (a run's terminal event).
-  constructor({ name, path, onHello, onEvents, onState, isComplete = () => false }) {
-    Object.assign(this, { name, path, onHello, onEvents, onState, isComplete });
+  constructor({ name, path, onHello, onEvents, onState, onJournalGap = () => {}, isComplete = () => false }) {
+    Object.assign(this, { name, path, onHello, onEvents, onState, onJournalGap, isComplete });
     this.ws = null;
     this.attempt = 0;
     this.timer = 0;
@@ -105,10 +108,15 @@ export class Stream {
         this._set("live", { reconnect, recovered: frame.recovered !== false, reason: frame.reason });
       } else if (frame.type === "events") {
         this.onEvents(frame.events || [], frame.cursor);
+      } else if (frame.type === "error" && frame.code === "journal_gap") {
+        // not a connection error: the journal itself has a hole; the events after it keep coming
+        this.onJournalGap(frame);
       } else if (frame.type === "error") {
         this.lastError = `${frame.code}: ${frame.message}`;
         const code = String(frame.code || "");
-        if (/auth|token/i.test(code)) auth = true;
+        // the run's journal is gone (close 4004 follows): reconnecting cannot bring it back
+        if (code === "journal_missing") fatal = frame.message || "the run's journal is missing";
+        else if (/auth|token/i.test(code)) auth = true;
         else if (/not_found|unknown|invalid|bad_request/i.test(code)) fatal = frame.message || code;
       }
     };

@@ -127,6 +127,25 @@ export function tsTitle(ts) {
   return ts ? `${ts}${zone ? ` (${zone})` : ""}` : "";
 }
 
+// True when every seq in from..to lies in one of the [N, M] ranges: a hole the journal itself has
+// (reported by the gateway's journal_gap frame), not one a reconnect could fill.
+export function holeCovered(ranges, from, to) {
+  let s = from;
+  while (s <= to) {
+    const r = ranges.find(([n, m]) => n <= s && s <= m);
+    if (!r) return false;
+    s = r[1] + 1;
+  }
+  return true;
+}
+
+// [N, M] from a journal_gap frame's `missing` (or an entry of `gaps`), or null when malformed.
+export function gapRange(missing) {
+  if (!Array.isArray(missing)) return null;
+  const n = Number(missing[0]), m = Number(missing.length > 1 ? missing[1] : missing[0]);
+  return Number.isInteger(n) && Number.isInteger(m) && n >= 1 && m >= n ? [n, m] : null;
+}
+
 export function fmtDuration(ms) {
   if (!Number.isFinite(ms) || ms < 0) return "—";
   const s = ms / 1000;
