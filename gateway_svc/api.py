@@ -24,7 +24,9 @@ GET /api/runs/{run_id}
     400 invalid_run_id, 404 not_found
 
 GET /api/runs/{run_id}/events?after_seq=N&limit=M   (M 1..10000, default 1000)
-    200 {"run_id": str, "events": [Event, ...], "next_after_seq": int, "more": bool}
+    200 {"run_id": str, "events": [Event, ...], "next_after_seq": int, "more": bool,
+         "gaps": [[N, M], ...]}   (seqs N..M missing from the journal between after_seq and the last
+                                   event returned: corrupt lines its reader skipped; usually [])
 
 POST /api/runs  {"pipeline": str, "params": {...}}  -> 202 {"run_id": str, "status": "queued"}
 POST /api/runs/{run_id}/cancel                      -> 202 {"run_id": str, "status": "cancelling"|...}
@@ -56,7 +58,7 @@ from shared.journal import JournalReader, journal_path
 from shared.runstate import RUN_STATUSES, RunState, StageState
 
 from .errors import HttpError
-from .keys import INDEX, SETTINGS, ZMQ
+from .keys import HUB, INDEX, SETTINGS, ZMQ
 from .params import flag_param, int_param, json_body
 from .runindex import RunEntry, fold_journal
 
@@ -196,8 +198,17 @@ async def run_events(request: web.Request) -> web.Response:
     more = len(events) > limit
     events = events[:limit]
     next_after = events[-1].seq if events else after_seq
+    gaps: list[list[int]] = []
+    prev = after_seq
+    for ev in events:
+        if ev.seq > prev + 1:
+            gaps.append([prev + 1, ev.seq - 1])
+        prev = ev.seq
+    hub = request.app[HUB]
+    for lo, hi in gaps:
+        hub.note_gap(run_id, lo, hi)
     return web.json_response(
-        {"run_id": run_id, "events": events, "next_after_seq": next_after, "more": more},
+        {"run_id": run_id, "events": events, "next_after_seq": next_after, "more": more, "gaps": gaps},
         dumps=_dumps,
     )
 

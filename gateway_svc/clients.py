@@ -8,6 +8,11 @@ journal again (the journal holds everything the hub delivered), until nothing se
 hub's frontier; only then does it go live. In live mode a full queue or a send that takes longer than
 `gateway.send_timeout` closes the client with 4008 `slow consumer`; the hub never waits for a client.
 Live sends are timed (and idle clients kept alive) by the hub's watchdog, not by a timer per send.
+
+Holes: seqs the journal cannot supply (a corrupt line skipped by the reader, or a journal that ends
+before what the hub delivered) are never skipped silently. A replay that meets one sends the
+`journal_gap` error frame where the hole is and goes on after it (its cursor moves past the hole,
+so a client that resumes does not meet it again); live clients get the hub's `Notice` in order.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from shared.events import Event
 from shared.journal import JournalReader, journal_path
 
 from .cursor import MARGIN_S, encode_cursor
-from .hub import events_frame
+from .hub import Notice, events_frame
 
 if TYPE_CHECKING:
     from .hub import Batch, Hub
@@ -57,6 +62,8 @@ class Transport(Protocol):
 
     async def keepalive(self) -> None: ...
 
+    async def send_notice(self, frame: bytes) -> None: ...
+
 
 class Piece:
     """Events prepared for one client (the merge of its buffer after a replay)."""
@@ -82,7 +89,7 @@ class StreamClient:
         self.send_timeout = cfg.send_timeout
         self.mode = REPLAY
         self.buffer: deque[Batch] = deque()  # live batches that arrived during a replay
-        self.queue: deque[Batch | Piece] = deque()  # live mode: waiting to be sent
+        self.queue: deque[Batch | Piece | Notice] = deque()  # live mode: waiting to be sent
         self.q_events = 0
         self.q_bytes = 0
         self.overflow = False
@@ -128,6 +135,13 @@ class StreamClient:
             self.buffer.append(batch)
             self.q_events += n
             self.q_bytes += nbytes
+
+    def notice(self, notice: Notice) -> None:
+        """A frame from the hub between batches (a journal hole on the live path). Only live clients
+        take it: a replaying client meets the hole in the journal itself, at the right place."""
+        if self.mode is LIVE and (self.only_run is None or notice.run_id == self.only_run):
+            self.queue.append(notice)
+            self.wake.set()
 
     def request_close(self, code: int, reason: str) -> None:
         if self.close_request is None:
@@ -312,22 +326,47 @@ class StreamClient:
             limit = self.hub.frontier(run_id)  # read before the chunk: it only grows meanwhile
             if seq >= limit:
                 return
-            events, nxt, data, truncated = await anyio.to_thread.run_sync(_read_encoded, reader, offset, seq, limit)
-            if not events:
-                if nxt == offset or truncated:
+            pieces, nxt, truncated = await anyio.to_thread.run_sync(_read_encoded, reader, offset, seq, limit)
+            if not pieces:
+                if nxt == offset:
+                    # the journal ends, yet the hub delivered up to `limit` (every delivery is journaled
+                    # first, so those lines are unreadable or elsewhere): a hole, said out loud
+                    await self._journal_gap(run_id, seq + 1, limit)
                     return
                 offset = nxt
                 continue
             offset = nxt
-            self.sent[run_id] = events[-1].seq
-            ended = events[-1].is_terminal
-            if ended:
-                self.done.add(run_id)
-            cursor = self.cursor()
-            await self._send(b'{"type":"events","events":' + data + b',"cursor":"' + cursor.encode() + b'"}', len(events), cursor)
-            self.hub.stats.replay_events += len(events)
+            ended = False
+            for piece in pieces:
+                if isinstance(piece, Hole):
+                    await self._journal_gap(run_id, piece.lo, piece.hi)
+                    continue
+                events, data = piece
+                self.sent[run_id] = events[-1].seq
+                ended = events[-1].is_terminal
+                if ended:
+                    self.done.add(run_id)
+                cursor = self.cursor()
+                await self._send(b'{"type":"events","events":' + data + b',"cursor":"' + cursor.encode() + b'"}', len(events), cursor)
+                self.hub.stats.replay_events += len(events)
             if ended or truncated:
                 return  # what lies beyond the hub's frontier comes live (or from a fresh replay)
+
+    async def _journal_gap(self, run_id: str, lo: int, hi: int) -> None:
+        """Tell the client seqs lo..hi cannot be served, and move its position past them (a resume
+        from its cursor must not meet the same hole again, or it would loop)."""
+        self.hub.note_gap(run_id, lo, hi)
+        self.sent[run_id] = max(self.sent.get(run_id, 0), hi)
+        try:
+            with anyio.fail_after(self.send_timeout):
+                await self.transport.send_notice(self.hub.gap_frame(run_id, lo, hi))
+        except TimeoutError:
+            self._slow(f"a send took longer than {self.send_timeout:g}s")
+            await self.close(CLOSE_SLOW, "slow consumer")
+            raise ClientGone("slow consumer") from None
+        except (ConnectionError, RuntimeError) as e:
+            raise ClientGone(str(e)) from e
+        self.hub.stats.frames_out += 1
 
     # ------------------------------------------------------------------ sending
 
@@ -374,6 +413,10 @@ class StreamClient:
                 await self.wake.wait()
                 continue
             item = self.queue[0]
+            if isinstance(item, Notice):
+                self.queue.popleft()
+                await self._live_send(item.frame, 0, "", notice=True)
+                continue
             if len(self.queue) == 1 and not isinstance(item, Piece):
                 # the usual case: one batch since the last frame, whose frame other clients share
                 self.queue.popleft()
@@ -400,8 +443,10 @@ class StreamClient:
         n = size = 0
         cursor = ""
         terminal = False
-        while self.queue and size < FRAME_BYTES:
+        while self.queue and size < FRAME_BYTES and not isinstance(self.queue[0], Notice):
             item = self.queue.popleft()
+            if isinstance(item, Notice):
+                raise AssertionError("unreachable: notices end a frame")
             if isinstance(item, Piece):
                 parts.append(item.data)
                 n += item.n
@@ -422,12 +467,14 @@ class StreamClient:
                 terminal = terminal or self.only_run in item.terminal_runs
         return events_frame(parts, cursor), n, size, cursor, terminal
 
-    async def _live_send(self, frame: bytes | None, n: int, cursor: str) -> None:
+    async def _live_send(self, frame: bytes | None, n: int, cursor: str, notice: bool = False) -> None:
         """One frame (None: a keepalive), timed by the hub's watchdog through `send_started`."""
         self.send_started = self.last_send = time.monotonic()
         try:
             if frame is None:
                 await self.transport.keepalive()
+            elif notice:
+                await self.transport.send_notice(frame)
             else:
                 await self.transport.send_events(frame, cursor)
         except (ConnectionError, RuntimeError) as e:
@@ -444,13 +491,46 @@ class StreamClient:
         await self.transport.close(code, reason)
 
 
-def _read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[list[Event], int, bytes, bool]:
+class Hole:
+    """Seqs lo..hi that a journal chunk lacks."""
+
+    __slots__ = ("hi", "lo")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo = lo
+        self.hi = hi
+
+
+Pieces = list["tuple[list[Event], bytes] | Hole"]
+
+
+def _read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[Pieces, int, bool]:
     """Events after `after` up to seq `limit` from a journal chunk, decoded (to check them) and encoded
-    back as one JSON array, in a worker thread; the offset to read on; whether the limit cut the chunk
+    back as JSON arrays, in a worker thread: runs of consecutive seqs as (events, array), and each hole
+    between them as (first, last) missing seq; the offset to read on; whether the limit cut the chunk
     (then the offset is not to be used: events past the limit lie before it)."""
     events, nxt = reader.read_chunk(offset, after, REPLAY_CHUNK)
     truncated = False
     if events and events[-1].seq > limit:
         events = [e for e in events if e.seq <= limit]
         truncated = True
-    return events, nxt, msgspec.json.encode(events) if events else b"", truncated
+    if not truncated and events and events[-1].seq - after == len(events):
+        return [(events, msgspec.json.encode(events))], nxt, truncated  # the usual case: no hole
+    pieces: Pieces = []
+    run: list[Event] = []
+    prev = after
+    for ev in events:
+        if ev.seq <= prev:
+            continue  # out of order (a damaged journal): never send a seq twice
+        if ev.seq != prev + 1:
+            if run:
+                pieces.append((run, msgspec.json.encode(run)))
+                run = []
+            pieces.append(Hole(prev + 1, ev.seq - 1))
+        run.append(ev)
+        prev = ev.seq
+    if run:
+        pieces.append((run, msgspec.json.encode(run)))
+    if truncated and prev < limit:
+        pieces.append(Hole(prev + 1, limit))  # the journal's next line is past the limit: these are not in it
+    return pieces, nxt, truncated

@@ -154,6 +154,17 @@ class _Out:
         return batch
 
 
+class Notice:
+    """A frame for the clients of one run (and all-runs clients), sent in order between batches: the
+    `journal_gap` error frame, which does not end the stream."""
+
+    __slots__ = ("run_id", "frame")
+
+    def __init__(self, run_id: str, frame: bytes) -> None:
+        self.run_id = run_id
+        self.frame = frame
+
+
 @dataclass
 class SeenHeartbeat:
     at: float  # monotonic
@@ -188,7 +199,9 @@ class Hub:
         """Make sure the journal directory exists, name it for cursors, index its runs (blocking)."""
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self.tag = journal_dir_tag(self.journal_dir)
-        return self.index.load()
+        count = self.index.load()
+        self.stats.journal_gaps += sum(len(e.gaps) for e in self.index.runs.values())
+        return count
 
     async def run(self, ctx: zmq.asyncio.Context, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe and sweep until cancelled; `started` once the subscriber is connected."""
@@ -345,6 +358,7 @@ class Hub:
                     f"{journal_path(self.journal_dir, ev.run_id)} (is the gateway reading the runner's journal "
                     "directory? see /healthz); delivering the live events without them",
                 )
+                self._hole(entry, entry.frontier + 1, ev.seq - 1)
         self._deliver(entry, ev)
 
     async def _heartbeat(self, hb: Heartbeat) -> None:
@@ -389,12 +403,52 @@ class Hub:
                 if ev.seq != entry.frontier + 1:
                     self.stats.gap_events_unfilled += ev.seq - entry.frontier - 1
                     self._warn(entry.run_id, f"run {entry.run_id}: journal lacks seq {entry.frontier + 1}..{ev.seq - 1} (corrupt lines?)")
+                    self._hole(entry, entry.frontier + 1, ev.seq - 1)
                 self._deliver(entry, ev)
                 filled += 1
         if filled:
             self.stats.gaps_filled += 1
             self.stats.gap_events_filled += filled
             log.info("run %s: %d event(s) filled from the journal (%s)", entry.run_id, filled, why)
+
+    def _hole(self, entry: RunEntry, lo: int, hi: int) -> None:
+        """Seqs lo..hi are about to be skipped on the live path (the journal cannot supply them): tell
+        the run's live clients in order, between the events before and after the hole. Clients still
+        replaying learn it from the journal themselves (their merge stops at the jump and replays)."""
+        self.note_gap(entry.run_id, lo, hi)
+        self.flush()  # the events before the hole go first
+        notice = Notice(entry.run_id, self.gap_frame(entry.run_id, lo, hi))
+        for client in self.all_clients:
+            client.notice(notice)
+        for client in self.run_clients.get(entry.run_id, ()):
+            client.notice(notice)
+
+    def note_gap(self, run_id: str, lo: int, hi: int) -> None:
+        """Remember a hole in a run's journal (so later hellos can say recovered=false); count it once."""
+        entry = self.index.get(run_id)
+        if entry is None:
+            self.stats.journal_gaps += 1
+            return
+        if (lo, hi) not in entry.gaps:
+            if len(entry.gaps) < 1000:
+                entry.gaps.append((lo, hi))
+            self.stats.journal_gaps += 1
+
+    def known_gaps(self, run_id: str, after: int) -> list[tuple[int, int]]:
+        """Holes already found in the run's journal that lie after seq `after`."""
+        entry = self.index.get(run_id)
+        return [g for g in entry.gaps if g[1] > after] if entry is not None else []
+
+    def gap_message(self, run_id: str, lo: int, hi: int) -> str:
+        path = journal_path(self.journal_dir, run_id)
+        why = ("corrupt line skipped; see the gateway log" if path.exists()
+               else "the file does not exist: journal directory mismatch? see /healthz")
+        return f"events {lo}..{hi} of run {run_id} are missing from the journal {path} ({why})"
+
+    def gap_frame(self, run_id: str, lo: int, hi: int) -> bytes:
+        """The `journal_gap` error frame (the one error frame after which the stream goes on)."""
+        return _encoder.encode({"type": "error", "code": "journal_gap", "message": self.gap_message(run_id, lo, hi),
+                                "run_id": run_id, "missing": [lo, hi]})
 
     def _deliver(self, entry: RunEntry, ev: Event) -> None:
         self.index.apply(entry, ev)

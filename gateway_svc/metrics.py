@@ -30,6 +30,7 @@ class GatewayStats:
     gap_events_filled: int = 0
     lost_tails_filled: int = 0  # of those, found by a heartbeat or the journal sweep
     gap_events_unfilled: int = 0  # missing events the journal did not have either (loud in the log)
+    journal_gaps: int = 0  # distinct holes (missing seqs) found in journals; each told to the clients it concerns
     events_out: int = 0  # events sent to clients, counted per client
     frames_out: int = 0
     replay_events: int = 0  # events sent from the journal in replays and catch-ups
@@ -50,6 +51,7 @@ _COUNTERS = (
     ("gap_events_filled", "Events delivered from the journal to fill gaps"),
     ("lost_tails_filled", "Lost tails noticed by a heartbeat or the journal sweep and filled"),
     ("gap_events_unfilled", "Missing events that the journal did not hold either"),
+    ("journal_gaps", "Distinct holes (missing seqs, e.g. corrupt lines) found in journals; reported to clients as journal_gap"),
     ("events_out", "Events sent to clients (each client counted)"),
     ("frames_out", "Frames sent to clients"),
     ("replay_events", "Events sent to clients from the journal (replay and catch-up)"),

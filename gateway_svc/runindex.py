@@ -39,7 +39,7 @@ def timestamp_us(ts: str) -> int | None:
 class RunEntry:
     """One run as the gateway knows it: a summary state and the hub's delivery frontier."""
 
-    __slots__ = ("run_id", "created_us", "frontier", "state", "full", "discovery", "size_seen")
+    __slots__ = ("run_id", "created_us", "frontier", "state", "full", "discovery", "size_seen", "gaps")
 
     def __init__(self, run_id: str, discovery: int) -> None:
         self.run_id = run_id
@@ -49,6 +49,7 @@ class RunEntry:
         self.full = True  # state folded from every event (else: a summary from the first/last lines)
         self.discovery = discovery  # order in which this gateway learnt of the run
         self.size_seen = -1  # journal size at the last sweep (runs no publisher claims)
+        self.gaps: list[tuple[int, int]] = []  # holes (first, last missing seq) found in its journal so far
 
     @property
     def ended(self) -> bool:
@@ -99,6 +100,8 @@ def scan_run(journal_dir: Path, run_id: str, discovery: int) -> RunEntry | None:
         state = RunState(run_id=run_id)
         for chunk in reader.iter_chunks():
             for ev in chunk:
+                if ev.seq > state.last_seq + 1:
+                    entry.gaps.append((state.last_seq + 1, ev.seq - 1))  # corrupt lines: known before any hello
                 state.apply(ev)
         entry.state = state
         entry.frontier = state.last_seq

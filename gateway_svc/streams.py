@@ -13,6 +13,15 @@
   `?cursor=`): all runs; see cursor.py for what a cursor means. An unusable cursor gives hello
   recovered=false with the reason, then events from now on. A run named by the cursor whose journal
   is gone is reported the same way (the other runs are still served from their positions).
+- `journal_gap` is the one error frame that does not end the stream: `{"type": "error", "code":
+  "journal_gap", "message": "events N..M of run R are missing from the journal <path> (...)",
+  "run_id": R, "missing": [N, M]}` comes where seqs N..M would have been (a corrupt journal line the
+  reader skipped, or a journal that lacks what the live path delivered), and the events after the
+  hole follow; the cursors after it are past the hole, so resuming does not meet it again (closing
+  instead would make a client resume into the same hole forever). On SSE it is an `event: error`
+  message with the same data. When the gateway already knows of a hole after the requested position
+  (found by an earlier read), the hello says recovered=false with the reason too. Every other error
+  frame is followed by a close.
 - Client messages on a WebSocket: `{"type": "ping"}` is answered `{"type": "pong"}`; anything else is
   answered with an error frame `bad_message` and close 4400.
 """
@@ -68,6 +77,9 @@ class WsTransport:
     async def keepalive(self) -> None:
         return  # aiohttp's heartbeat pings the peer
 
+    async def send_notice(self, frame: bytes) -> None:
+        await self.ws.send_frame(frame, WSMsgType.TEXT)
+
 
 class SseTransport:
     kind = "sse"
@@ -97,6 +109,19 @@ class SseTransport:
 
     async def keepalive(self) -> None:
         await self.resp.write(b": keepalive\n\n")
+
+    async def send_notice(self, frame: bytes) -> None:
+        await self.resp.write(b"event: error\ndata: " + frame + b"\n\n")
+
+
+def _holes_reason(hub: Hub, run_id: str, after: int) -> str | None:
+    """Why a position cannot be served exactly because of holes already found in the run's journal."""
+    holes = hub.known_gaps(run_id, after)
+    if not holes:
+        return None
+    shown = ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5]) + (" ..." if len(holes) > 5 else "")
+    return (f"events {shown} of run {run_id} are missing from the journal {journal_path(hub.journal_dir, run_id)}; "
+            "a journal_gap error frame marks each hole and the stream goes on after it")
 
 
 def _hello(cursor: str, recovered: bool, reason: str | None, **extra: Any) -> dict[str, Any]:
@@ -141,6 +166,10 @@ async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
             reason = f"after_seq {after_seq} is beyond the run's last journaled seq {last}; continuing after {last}"
             hub.stats.unrecovered_resumes += 1
             after_seq = last
+    if reason is None:
+        reason = _holes_reason(hub, run_id, after_seq)
+        if reason is not None:
+            hub.stats.unrecovered_resumes += 1
     client.register_run(run_id, after_seq)
     await client.transport.send_json(_hello(str(after_seq), reason is None, reason, run_id=run_id))
     await client.catch_up({run_id: after_seq})
@@ -193,6 +222,10 @@ async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
     for run_id in hub.index.created_after(threshold):
         if run_id not in positions and run_id not in cur.p and run_id not in done:
             positions[run_id] = 0  # created after the cursor's watermark: the client has none of it
+    for run_id, seq in positions.items():
+        holes = _holes_reason(hub, run_id, seq)
+        if holes is not None:
+            reasons.append(holes)
     plan = client.register_resume(positions, sorted(done))
     if reasons:
         hub.stats.unrecovered_resumes += 1
