@@ -18,11 +18,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-# Chromium from the OS packages (the test drives it with Playwright; no browser download)
+# Chromium from the OS packages (the test drives it with Playwright; no browser download), and the
+# fonts tools the dashboard's glyph test reads
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@command -v chromium >/dev/null 2>&1 && command -v fc-query >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium fontconfig fonts-dejavu-core >/dev/null; }
 
 demo: install
 	$(BIN)/runwire demo-data --if-absent
