@@ -16,6 +16,8 @@ def main(argv: list[str]) -> int:
         return 2
     for name in wanted:
         print(f"== {name}", flush=True)
+        # each bench parses its own options from sys.argv: give it none (its defaults), not our names
+        sys.argv = [f"bench/{name}.py"]
         importlib.import_module(f"bench.{name}").main()
     return 0
 
