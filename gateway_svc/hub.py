@@ -264,7 +264,7 @@ class Hub:
             try:
                 size = journal_path(self.journal_dir, entry.run_id).stat().st_size
             except FileNotFoundError:
-                continue
+                continue  # a journal removed by hand: nothing more can come from it
             if size == entry.size_seen:
                 continue
             entry.size_seen = size

@@ -274,7 +274,7 @@ async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: Strea
             try:
                 await serve()
             except ClientGone:
-                pass
+                pass  # the client left or was closed (4008); the connection counters say so
             tg.cancel_scope.cancel()
     finally:
         hub.unregister(client)
@@ -325,7 +325,7 @@ async def sse_events(request: web.Request) -> web.StreamResponse:
     try:
         await _serve_all(client, cursor_text)
     except (ClientGone, ConnectionError):
-        pass
+        pass  # the client left or was closed as slow; the connection counters say so
     finally:
         hub.unregister(client)
         app[CLIENTS].discard(client)

@@ -45,7 +45,7 @@ def group_members(pgid: int) -> list[int]:
         except ProcessLookupError:
             return []
         except PermissionError:
-            pass
+            pass  # the group exists but is not ours to signal: still alive, which is what is asked
         return [pgid]
     for name in entries:
         if not name.isdigit():
@@ -105,7 +105,7 @@ def processes_of_run(run_id: str) -> list[int]:
             with open(f"/proc/{name}/environ", "rb") as f:
                 env = f.read()
         except OSError:
-            continue
+            continue  # gone meanwhile, or another user's process: not a stage of ours
         if needle in env.split(b"\0"):
             fields = _stat_fields(name)
             if fields and fields[0] not in ("Z", "X"):
