@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -357,23 +358,17 @@ class StreamClient:
         from its cursor must not meet the same hole again, or it would loop)."""
         self.hub.note_gap(run_id, lo, hi)
         self.sent[run_id] = max(self.sent.get(run_id, 0), hi)
-        try:
-            with anyio.fail_after(self.send_timeout):
-                await self.transport.send_notice(self.hub.gap_frame(run_id, lo, hi))
-        except TimeoutError:
-            self._slow(f"a send took longer than {self.send_timeout:g}s")
-            await self.close(CLOSE_SLOW, "slow consumer")
-            raise ClientGone("slow consumer") from None
-        except (ConnectionError, RuntimeError) as e:
-            raise ClientGone(str(e)) from e
+        await self._timed(self.transport.send_notice(self.hub.gap_frame(run_id, lo, hi)))
         self.hub.stats.frames_out += 1
 
     # ------------------------------------------------------------------ sending
 
-    async def _send(self, frame: bytes, n: int, cursor: str) -> None:
+    async def _timed(self, send: Awaitable[None]) -> None:
+        """One send bounded by send_timeout: past it the client is closed 4008 (the others never wait);
+        a connection that broke meanwhile ends the client too."""
         try:
             with anyio.fail_after(self.send_timeout):
-                await self.transport.send_events(frame, cursor)
+                await send
         except TimeoutError:
             # the frame is whole in the connection's buffer; the close frame goes after it
             self._slow(f"a send took longer than {self.send_timeout:g}s")
@@ -381,6 +376,9 @@ class StreamClient:
             raise ClientGone("slow consumer") from None
         except (ConnectionError, RuntimeError) as e:
             raise ClientGone(str(e)) from e
+
+    async def _send(self, frame: bytes, n: int, cursor: str) -> None:
+        await self._timed(self.transport.send_events(frame, cursor))
         stats = self.hub.stats
         stats.frames_out += 1
         stats.events_out += n

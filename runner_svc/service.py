@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,7 @@ from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run
 from shared.journal import stats_fields as journal_stats_fields
-from shared.wire import ENDED_RUNS_KEPT_S, Heartbeat, configure_socket
+from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
 from .execute import RunExecution
 from .procs import kill_orphans
@@ -83,7 +82,7 @@ class RunnerService:
         self.runs: dict[str, ActiveRun] = {}
         # run_id -> (last seq published, when it ended): heartbeats keep listing a run for a minute after
         # its end, so a subscriber that lost the last events (the terminal one too) still learns of them
-        self.recently_ended: dict[str, tuple[int, float]] = {}
+        self.recently_ended = RecentlyEnded()
         self.shutting_down = False
         self.publisher: Publisher | None = None
         self._dispatch: zmq.asyncio.Socket | None = None
@@ -155,10 +154,7 @@ class RunnerService:
 
     def _heartbeat(self, stopping: bool = False) -> Heartbeat:
         s = self.settings
-        horizon = time.monotonic() - ENDED_RUNS_KEPT_S
-        for run_id in [r for r, (_, at) in self.recently_ended.items() if at < horizon]:
-            del self.recently_ended[run_id]
-        runs = {run_id: seq for run_id, (seq, _) in self.recently_ended.items()}
+        runs = self.recently_ended.seqs()
         runs.update({r.run_id: r.journal.published_seq for r in self.runs.values()})
         return Heartbeat(
             runner_id=self.runner_id, timestamp=now_timestamp(s.tz), journal_dir=str(s.journal_dir),
@@ -360,7 +356,7 @@ class RunnerService:
         finally:
             journal.close()
             self.runs.pop(run.run_id, None)
-            self.recently_ended[run.run_id] = (journal.published_seq, time.monotonic())
+            self.recently_ended.add(run.run_id, journal.published_seq)
             run.done.set()
 
     # -------------------------------------------------------------------------------------- control

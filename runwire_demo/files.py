@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from shared.errors import RunwireError
+from shared.journal import fsync_path
 
 TZ = "America/Chicago"
 BAR_SCHEMA: dict[str, pl.DataType] = {
@@ -45,24 +46,12 @@ def temp_path(target: Path) -> Path:
     return target.with_name(target.name + TMP_SUFFIX)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(tmp: Path, target: Path, *, durable: bool = True) -> None:
     """Put a written and verified temp file in place: whole or not at all, and with `durable` on disk
     before the caller deletes the inputs it came from (a crash must not lose both)."""
     if not durable:
         os.replace(tmp, target)
         return
-    fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(target.parent)

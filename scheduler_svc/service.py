@@ -37,7 +37,7 @@ from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events
 from shared.journal import stats_fields as journal_stats_fields
 from shared.runstate import RUN_STATUSES, fold, open_stages
-from shared.wire import ENDED_RUNS_KEPT_S, Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
+from shared.wire import Heartbeat, RecentlyEnded, configure_socket, encode_event_frames, encode_heartbeat_frames
 
 from .runs import ACTIVE_PHASES, RunRecord, read_record, record_from_queued, scan_journals
 from .schedules import ScheduleDriver
@@ -78,7 +78,7 @@ class Scheduler:
         self.active: dict[str, RunRecord] = {}  # dispatching, dispatched, running
         self.runners: dict[str, RunnerInfo] = {}
         # run_id -> (terminal seq, when) for runs this scheduler ended: heartbeats list them for a while
-        self.recently_ended: dict[str, tuple[int, float]] = {}
+        self.recently_ended = RecentlyEnded()
         self.state = StateStore(settings.state_dir / "scheduler.sqlite3")
         self.schedules = ScheduleDriver(self)
         self.pub_dropped = 0
@@ -203,10 +203,7 @@ class Scheduler:
     async def _heartbeats(self) -> None:
         interval = self.cfg.runner.heartbeat_interval
         while True:
-            horizon = time.monotonic() - ENDED_RUNS_KEPT_S
-            for run_id in [r for r, (_, at) in self.recently_ended.items() if at < horizon]:
-                del self.recently_ended[run_id]
-            owned = {run_id: seq for run_id, (seq, _) in self.recently_ended.items()}
+            owned = self.recently_ended.seqs()
             owned.update({r.run_id: r.last_seq for r in self.queue.values()})
             owned.update({r.run_id: r.last_seq for r in self.active.values() if r.phase in ("dispatching", "dispatched")})
             hb = Heartbeat(runner_id="scheduler", timestamp=now_timestamp(self.tz), journal_dir=str(self.journal_dir),
@@ -237,7 +234,7 @@ class Scheduler:
         self.runs[rec.run_id] = rec
         for ev in events:
             await self.publish(ev)
-        self.recently_ended[rec.run_id] = (events[-1].seq, time.monotonic())
+        self.recently_ended.add(rec.run_id, events[-1].seq)
         return rec
 
     def _skipped_sync(self, pipeline: str, params: dict[str, Any], trigger: dict[str, Any], run_id: str,
@@ -292,7 +289,7 @@ class Scheduler:
             log.info("run %s: wrote terminal %s: %s", rec.run_id, kind, msg)
             for each in written:
                 await self.publish(each)
-            self.recently_ended[rec.run_id] = (ev.seq, time.monotonic())
+            self.recently_ended.add(rec.run_id, ev.seq)
         self.wake()
 
     def _release_slot(self, rec: RunRecord) -> None:

@@ -93,7 +93,8 @@ def list_run_ids(journal_dir: Path) -> list[str]:
     return ids
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (a directory: so a new entry in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -518,5 +519,5 @@ def begin_run(
         writer.sync()
     finally:
         writer.close()
-    _fsync_dir(journal_dir)
+    fsync_path(journal_dir)
     return ev

@@ -10,6 +10,7 @@ last seq (a lost tail shows as a heartbeat seq above the last event it received)
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -63,6 +64,25 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
 
 
 ENDED_RUNS_KEPT_S = 60.0
+
+
+class RecentlyEnded:
+    """The runs a publisher ended in the last ENDED_RUNS_KEPT_S seconds, with their last seq: what its
+    heartbeats keep listing after the end, so a subscriber that lost a terminal event learns of it."""
+
+    def __init__(self, keep_s: float = ENDED_RUNS_KEPT_S) -> None:
+        self.keep_s = keep_s
+        self._ended: dict[str, tuple[int, float]] = {}
+
+    def add(self, run_id: str, last_seq: int) -> None:
+        self._ended[run_id] = (last_seq, time.monotonic())
+
+    def seqs(self) -> dict[str, int]:
+        """run_id -> last seq of the runs still kept (older ones are dropped here)."""
+        horizon = time.monotonic() - self.keep_s
+        for run_id in [r for r, (_, at) in self._ended.items() if at < horizon]:
+            del self._ended[run_id]
+        return {run_id: seq for run_id, (seq, _) in self._ended.items()}
 
 
 _hb_encoder = msgspec.msgpack.Encoder()

@@ -149,6 +149,21 @@ def _dejavu_sans_charset() -> set[int]:
     return points
 
 
+def _finished_run(journal_dir: Path, tz: ZoneInfo, logs: int, outcome: str, msg: str, log_text: str) -> str:
+    """A finished run of `logs` log lines in one stage, written the way the runner writes (the journal's
+    own writer); returns its id."""
+    run_id = new_run_id()
+    begin_run(journal_dir, run_id, tz, "dash", {"items": ["a"]}, {"trigger": "manual"})
+    with JournalWriter.open(journal_dir, run_id, tz) as w:
+        w.append("pipeline", "start", "started", {"runner": "test", "attempt": 1, "pid": os.getpid()})
+        w.append("prepare", "start", "prepare started")
+        for i in range(logs):
+            w.append("prepare", "log", f"{log_text} {i}")
+        w.append("prepare", "success", "prepare done")
+        w.append("pipeline", outcome, msg)
+    return run_id
+
+
 def test_every_glyph_the_page_uses_is_in_dejavu_sans() -> None:
     have = _dejavu_sans_charset()
     assert ord("⏸") not in have  # the glyph that showed as a box: the check can fail
@@ -306,16 +321,7 @@ def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services
     cfg, ports = write_config(tmp_path, DASH_PIPELINE)
     settings = load_settings(cfg)
     tz = ZoneInfo("America/Chicago")
-    # a finished run of 10,000 log lines, written the way the runner writes (the journal's own writer)
-    run_id = new_run_id()
-    begin_run(settings.journal_dir, run_id, tz, "dash", {"items": ["a"]}, {"trigger": "manual"})
-    with JournalWriter.open(settings.journal_dir, run_id, tz) as w:
-        w.append("pipeline", "start", "started", {"runner": "test", "attempt": 1, "pid": os.getpid()})
-        w.append("prepare", "start", "prepare started")
-        for i in range(10_000):
-            w.append("prepare", "log", f"bulk line {i}")
-        w.append("prepare", "success", "prepare done")
-        w.append("pipeline", "failure", "stopped on purpose by the test")
+    run_id = _finished_run(settings.journal_dir, tz, 10_000, "failure", "stopped on purpose by the test", "bulk line")
     total = len(JournalReader(journal_path(settings.journal_dir, run_id)).read())
 
     services.append(Service("gateway_svc", cfg, tmp_path, env={"RUNWIRE_TOKEN": token}).start())
@@ -386,15 +392,7 @@ def test_dashboard_marks_a_hole_in_the_journal_and_goes_on(tmp_path: Path, servi
     cfg, ports = write_config(tmp_path, DASH_PIPELINE)
     settings = load_settings(cfg)
     tz = ZoneInfo("America/Chicago")
-    run_id = new_run_id()
-    begin_run(settings.journal_dir, run_id, tz, "dash", {"items": ["a"]}, {"trigger": "manual"})
-    with JournalWriter.open(settings.journal_dir, run_id, tz) as w:
-        w.append("pipeline", "start", "started", {"runner": "test", "attempt": 1, "pid": os.getpid()})
-        w.append("prepare", "start", "prepare started")
-        for i in range(8):
-            w.append("prepare", "log", f"line {i}")
-        w.append("prepare", "success", "prepare done")
-        w.append("pipeline", "success", "done")
+    run_id = _finished_run(settings.journal_dir, tz, 8, "success", "done", "line")
     jpath = journal_path(settings.journal_dir, run_id)
     lines = jpath.read_bytes().splitlines(keepends=True)
     assert b'"seq":5' in lines[4].replace(b" ", b""), lines[4]
