@@ -8,6 +8,9 @@ journal again (the journal holds everything the hub delivered), until nothing se
 hub's frontier; only then does it go live. In live mode a full queue or a send that takes longer than
 `gateway.send_timeout` closes the client with 4008 `slow consumer`; the hub never waits for a client.
 Live sends are timed (and idle clients kept alive) by the hub's watchdog, not by a timer per send.
+While a live client's pump is parked (nothing queued, nothing being sent) the hub writes batches
+straight to its connection if the connection takes them at once (see `_write_now`); anything queued
+goes first, so order holds whichever way a frame leaves.
 
 Holes: seqs the journal cannot supply (a corrupt line skipped by the reader, or a journal that ends
 before what the hub delivered) are never skipped silently. A replay that meets one sends the
@@ -65,6 +68,11 @@ class Transport(Protocol):
 
     async def send_notice(self, frame: bytes) -> None: ...
 
+    def write_now(self, frame: bytes) -> bool:
+        """Write an `events` frame without waiting, if the connection takes it at once (nothing of
+        ours is still buffered); False: send it the awaited way."""
+        ...
+
 
 class Piece:
     """Events prepared for one client (the merge of its buffer after a replay)."""
@@ -99,6 +107,7 @@ class StreamClient:
         self.last_send = time.monotonic()
         self.send_started = 0.0  # monotonic start of the live send in progress (0: none)
         self.keepalive_due = False
+        self.parked = False  # the pump waits with nothing queued: the hub may write a batch's frame directly
         self._pump_scope: anyio.CancelScope | None = None
         # replay bookkeeping (all-runs clients: per run; per-run clients: one entry)
         self.sent: dict[str, int] = {}
@@ -116,6 +125,8 @@ class StreamClient:
             if n == 0:
                 return
         if self.mode is LIVE:
+            if self.parked and self._write_now(batch, n):
+                return
             # a client is behind when it still holds queued events and the next batch would pass its
             # limits (one burst bigger than the limits, met with an empty queue, is not being behind)
             if self.queue and (self.q_events + n > self.max_events or self.q_bytes + nbytes > self.max_bytes):
@@ -124,7 +135,7 @@ class StreamClient:
             self.queue.append(batch)
             self.q_events += n
             self.q_bytes += nbytes
-            self.wake.set()
+            self._wake()
         elif self.mode is REPLAY and not self.overflow:
             if self.q_events + n > self.max_events or self.q_bytes + nbytes > self.max_bytes:
                 # the journal has all of it: drop the buffer and catch up from there
@@ -137,12 +148,36 @@ class StreamClient:
             self.q_events += n
             self.q_bytes += nbytes
 
+    def _wake(self) -> None:
+        """Work for the pump: from now until it has run, frames must wait behind what it has to do."""
+        self.parked = False
+        self.wake.set()
+
+    def _write_now(self, batch: Batch, n: int) -> bool:
+        """The hub's fast path for a caught-up client whose pump is idle: the batch's frame (built once
+        for all such clients) goes straight to the connection, without waking the pump; when the
+        connection cannot take it at once, the batch is queued as usual."""
+        if self.only_run is None:
+            if not self.transport.write_now(batch.frame()):
+                return False
+        else:
+            if not self.transport.write_now(batch.run_frame(self.only_run)):
+                return False
+            if self.only_run in batch.terminal_runs:
+                self.request_close(CLOSE_NORMAL, "run ended")
+        self.last_send = time.monotonic()
+        stats = self.hub.stats
+        stats.frames_out += 1
+        stats.frames_direct += 1
+        stats.events_out += n
+        return True
+
     def notice(self, notice: Notice) -> None:
         """A frame from the hub between batches (a journal hole on the live path). Only live clients
         take it: a replaying client meets the hole in the journal itself, at the right place."""
         if self.mode is LIVE and (self.only_run is None or notice.run_id == self.only_run):
             self.queue.append(notice)
-            self.wake.set()
+            self._wake()
 
     def request_close(self, code: int, reason: str) -> None:
         if self.close_request is None:
@@ -150,7 +185,7 @@ class StreamClient:
         self.mode = CLOSING
         self.queue.clear()
         self.buffer.clear()
-        self.wake.set()
+        self._wake()
 
     def check(self, now: float) -> None:
         """The hub's watchdog: cancel a live send that is taking too long; wake an idle client for a
@@ -160,7 +195,7 @@ class StreamClient:
                 self._pump_scope.cancel()
         elif self.mode is LIVE and not self.queue and now - self.last_send >= KEEPALIVE:
             self.keepalive_due = True
-            self.wake.set()
+            self._wake()
 
     def _slow(self, why: str) -> None:
         if self.close_request is None:
@@ -255,7 +290,7 @@ class StreamClient:
             if pending is not None:
                 self.queue.append(pending)
                 self.q_events, self.q_bytes = pending.n, pending.nbytes
-                self.wake.set()
+                self._wake()
             return
 
     def _created(self, run_id: str) -> int:
@@ -408,7 +443,11 @@ class StreamClient:
                     await self._live_send(None, 0, "")
                     continue
                 self.wake.clear()
-                await self.wake.wait()
+                self.parked = True
+                try:
+                    await self.wake.wait()
+                finally:
+                    self.parked = False
                 continue
             item = self.queue[0]
             if isinstance(item, Notice):

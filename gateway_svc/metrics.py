@@ -33,6 +33,7 @@ class GatewayStats:
     journal_gaps: int = 0  # distinct holes (missing seqs) found in journals; each told to the clients it concerns
     events_out: int = 0  # events sent to clients, counted per client
     frames_out: int = 0
+    frames_direct: int = 0  # of those, written by the hub straight to a caught-up client's connection
     replay_events: int = 0  # events sent from the journal in replays and catch-ups
     slow_consumer_closes: int = 0
     replay_overflows: int = 0  # live buffers dropped during a replay (the client caught up from the journal)
@@ -54,6 +55,7 @@ _COUNTERS = (
     ("journal_gaps", "Distinct holes (missing seqs, e.g. corrupt lines) found in journals; reported to clients as journal_gap"),
     ("events_out", "Events sent to clients (each client counted)"),
     ("frames_out", "Frames sent to clients"),
+    ("frames_direct", "Frames written straight to a caught-up client's connection (the others went through its queue)"),
     ("replay_events", "Events sent to clients from the journal (replay and catch-up)"),
     ("slow_consumer_closes", "Clients closed with 4008 slow consumer"),
     ("replay_overflows", "Live buffers dropped during a replay; the client caught up from the journal instead"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -58,10 +59,29 @@ WS_CLOSE_TIMEOUT = 5.0
 _json = msgspec.json.Encoder()
 
 
+def text_frame(payload: bytes) -> bytes:
+    """A whole unmasked, uncompressed WebSocket text frame (RFC 6455 5.2), as a server sends it: what
+    aiohttp's writer puts on the wire for send_frame(payload, TEXT), for the hub's direct writes."""
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
 class WsTransport:
-    def __init__(self, ws: web.WebSocketResponse, kind: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, kind: str, request: web.Request) -> None:
         self.ws = ws
         self.kind = kind
+        self.tcp = request.transport  # the upgraded connection (uncompressed: see _websocket())
+
+    def write_now(self, frame: bytes) -> bool:
+        tcp = self.tcp
+        if tcp is None or tcp.is_closing() or self.ws.closed or tcp.get_write_buffer_size():
+            return False
+        tcp.write(text_frame(frame))
+        return True
 
     async def send_events(self, frame: bytes, cursor: str) -> None:
         await self.ws.send_frame(frame, WSMsgType.TEXT)
@@ -109,6 +129,9 @@ class SseTransport:
 
     async def keepalive(self) -> None:
         await self.resp.write(b": keepalive\n\n")
+
+    def write_now(self, frame: bytes) -> bool:
+        return False  # the response is chunk-encoded by aiohttp: its writer frames every write
 
     async def send_notice(self, frame: bytes) -> None:
         await self.resp.write(b"event: error\ndata: " + frame + b"\n\n")
@@ -293,7 +316,7 @@ async def ws_run_events(request: web.Request) -> web.WebSocketResponse:
     after_seq = int_param(request, "after_seq", default=0, lo=0, hi=MAX_SEQ, alias="cursor")
     ws = _websocket()
     await ws.prepare(request)
-    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_run"), only_run=run_id)
+    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_run", request), only_run=run_id)
     await _run_ws(request, ws, client, lambda: _serve_run(client, run_id, after_seq))
     return ws
 
@@ -302,7 +325,7 @@ async def ws_all_events(request: web.Request) -> web.WebSocketResponse:
     cursor_text = request.query.get("cursor")
     ws = _websocket()
     await ws.prepare(request)
-    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_all"))
+    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_all", request))
     await _run_ws(request, ws, client, lambda: _serve_all(client, cursor_text))
     return ws
 

@@ -281,6 +281,51 @@ async def test_slow_client_is_closed_4008_while_a_fast_one_gets_everything(tmp_p
         pub.close()
 
 
+async def test_a_client_that_stalls_and_reads_again_gets_everything_in_order(tmp_path: Path) -> None:
+    """The hub writes a caught-up client's frames straight to its connection while the connection takes
+    them at once; a client that stops reading makes the kernel buffers fill, its frames then wait in
+    its queue, and when it reads again it gets the queued ones and then direct ones again, in order."""
+    settings, ports = make_settings(
+        tmp_path, gateway="client_queue_events = 100000\nclient_queue_bytes = 100000000\nsend_timeout = 30.0"
+    )
+    pub = _publisher(settings, ports)
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            run_id = pub.begin()
+            frames: list[dict[str, Any]] = []
+            async with http.ws_connect(f"{gw.ws}/ws/events/{run_id}?after_seq=0", max_msg_size=1 << 26) as ws:
+                frames.append(await ws.receive_json(timeout=10))  # hello
+                big = "y" * 8000
+                pub.emit(run_id, "pipeline", "start", "s")
+                for i in range(1500):  # 12 MB while the client reads nothing
+                    pub.emit(run_id, "nap", "log", big, {"i": i})
+                    if i % 100 == 0:
+                        await anyio.sleep(0.01)
+                with anyio.fail_after(20):
+                    while gw.stats.events_out < 5:
+                        await anyio.sleep(0.05)
+                queued_before = gw.stats.frames_out - gw.stats.frames_direct
+                async def drain() -> None:
+                    async for msg in ws:
+                        frames.append(json.loads(msg.data))
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(drain)
+                    await anyio.sleep(0.5)
+                    direct_before = gw.stats.frames_direct
+                    for i in range(200):
+                        pub.emit(run_id, "nap", "log", "after", {"i": 1500 + i})
+                        await anyio.sleep(0.002)
+                    pub.emit(run_id, "pipeline", "success", "done")
+                assert ws.close_code == 1000
+            events = [e for f in frames if f["type"] == "events" for e in f["events"]]
+            assert events == journal_of(settings, run_id)
+            assert queued_before > 0, "the stalled client's frames should have waited in its queue"
+            assert gw.stats.frames_direct > direct_before, "once caught up, frames should go out directly again"
+            assert gw.stats.slow_consumer_closes == 0
+    finally:
+        pub.close()
+
+
 async def _sse_read(http: aiohttp.ClientSession, url: str, headers: dict[str, str], frames: int,
                     window: float = 2.0) -> list[tuple[str | None, dict[str, Any]]]:
     """Up to `frames` SSE messages (id, data) read within `window` seconds; then disconnect."""
