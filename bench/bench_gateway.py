@@ -321,10 +321,12 @@ async def fanout(b: Bench, clients: int, rate: int, seconds: float) -> dict[str,
 async def replay(b: Bench, run_id: str, count: int) -> dict[str, float]:
     rec = Receiver(run_id, per_event=False)
     async with aiohttp.ClientSession() as http:
+        cpu0, client0 = b.cpu_seconds(), time.process_time()
         t0 = time.perf_counter()
         await _receive(http, f"{b.ws}/ws/events/{run_id}?after_seq=0", rec, timeout=120)
         elapsed = time.perf_counter() - t0
-    return {"rate": rec.count / elapsed, "received": rec.count, "expected": count + 2}
+    return {"rate": rec.count / elapsed, "received": rec.count, "expected": count + 2,
+            "cpu": (b.cpu_seconds() - cpu0) / elapsed * 100, "client_cpu": (time.process_time() - client0) / elapsed * 100}
 
 
 def write_long_run(journal_dir: Path, count: int) -> str:
@@ -394,7 +396,9 @@ async def run(parts: list[str], repeat: int) -> None:
                 print(f"(wrote a 1,000,000-event journal in {time.perf_counter() - t0:.1f}s)", flush=True)
                 runs = [await replay(b, run_id, 1_000_000) for _ in range(repeat)]
                 print(f"replay of 1,000,000 events from seq 0: {_median(runs, 'rate'):,.0f} events/s  (median of {repeat};"
-                      f" received {runs[0]['received']:,.0f}/{runs[0]['expected']:,.0f})  goal >= 500,000/s", flush=True)
+                      f" received {runs[0]['received']:,.0f}/{runs[0]['expected']:,.0f}; gateway CPU"
+                      f" {_median(runs, 'cpu'):.0f}%, the client's {_median(runs, 'client_cpu'):.0f}%)  goal >= 500,000/s",
+                      flush=True)
         finally:
             b.close()
         if "idle" in parts:

@@ -34,7 +34,7 @@ from shared.events import Event
 from shared.journal import JournalReader, journal_path
 
 from .cursor import MARGIN_S, encode_cursor
-from .hub import Notice, events_frame
+from .hub import Notice, array_frame, events_frame
 
 if TYPE_CHECKING:
     from .hub import Batch, Hub
@@ -383,7 +383,7 @@ class StreamClient:
                 if ended:
                     self.done.add(run_id)
                 cursor = self.cursor()
-                await self._send(b'{"type":"events","events":' + data + b',"cursor":"' + cursor.encode() + b'"}', len(events), cursor)
+                await self._send(array_frame(data, cursor), len(events), cursor)
                 self.hub.stats.replay_events += len(events)
             if ended or truncated:
                 return  # what lies beyond the hub's frontier comes live (or from a fresh replay)
