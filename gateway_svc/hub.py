@@ -484,7 +484,9 @@ class Hub:
         batch = self._out.take()
         if batch is None:
             return
-        self._last_flush = time.monotonic()
+        self._last_flush = start = time.monotonic()
+        if not self._client_count:
+            return
         if self.all_clients:
             batch.cursor = self.live_cursor()
             for client in self.all_clients:
@@ -493,6 +495,7 @@ class Hub:
             for run_id in batch.by_run:
                 for client in self.run_clients.get(run_id, ()):
                     client.offer(batch)
+        self.stats.fanout_seconds.observe(time.monotonic() - start)
 
     # ------------------------------------------------------------------ for clients
 

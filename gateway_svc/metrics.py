@@ -1,7 +1,9 @@
 """The gateway's counts and their Prometheus exposition (a registry owned by the app, not the global one).
 
 Hot paths bump plain integers on `GatewayStats`; a collector turns them into metrics at scrape time, so
-counting costs nothing per event.
+counting costs nothing per event. The one timing, how long offering a batch to every client takes (the
+gateway's saturation signal: near the tick interval it cannot keep up), is a prometheus_client
+Histogram observed once per batch.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -18,6 +20,12 @@ from shared import journal
 from shared.wire import Heartbeat
 
 CONNECTION_KINDS = ("ws_run", "ws_all", "sse")
+FANOUT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+def _fanout_histogram() -> Histogram:
+    return Histogram("runwire_gateway_fanout_seconds", "Time to offer one batch of events to every client concerned "
+                     "(written or queued)", buckets=FANOUT_BUCKETS, registry=None)
 
 
 @dataclass
@@ -41,6 +49,7 @@ class GatewayStats:
     runs_discovered: int = 0  # runs learnt of after start (events, heartbeats, directory scan)
     connections_total: Counter[str] = field(default_factory=Counter)
     connections_open: Counter[str] = field(default_factory=Counter)
+    fanout_seconds: Histogram = field(default_factory=_fanout_histogram)
 
 
 _COUNTERS = (
@@ -86,6 +95,7 @@ class _StatsCollector(Collector):
             opened.add_metric([kind], s.connections_open[kind])
         yield total
         yield opened
+        yield from s.fanout_seconds.collect()
         # journal repairs happen where journals are written and read: in each publisher (from its last
         # heartbeat) and in the gateway itself
         torn = CounterMetricFamily("runwire_journal_torn_lines_repaired", "Torn last lines repaired in journals",

@@ -322,6 +322,12 @@ async def test_a_client_that_stalls_and_reads_again_gets_everything_in_order(tmp
             assert queued_before > 0, "the stalled client's frames should have waited in its queue"
             assert gw.stats.frames_direct > direct_before, "once caught up, frames should go out directly again"
             assert gw.stats.slow_consumer_closes == 0
+            async with http.get(gw.base + "/metrics") as resp:
+                metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in (await resp.text()).splitlines()
+                           if line and not line.startswith("#")}
+            assert metrics["runwire_gateway_frames_direct_total"] == gw.stats.frames_direct
+            assert metrics["runwire_gateway_fanout_seconds_count"] > 0
+            assert metrics['runwire_gateway_fanout_seconds_bucket{le="+Inf"}'] == metrics["runwire_gateway_fanout_seconds_count"]
     finally:
         pub.close()
 
