@@ -460,9 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args(argv if argv is not None else [])
+    args = parser.parse_args(argv)
     anyio.run(run, args.only, args.repeat)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
