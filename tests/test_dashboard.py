@@ -2,12 +2,14 @@
 Playwright, against the services as real processes.
 
 - The trio (scheduler, runner, gateway) with a small pipeline (a stage, a fan-out stage, a stage): the
-  page launches it from its form (after showing a 400 plainly), follows the run live, survives a gateway
-  stop and restart while the run goes on, and ends with the terminal state; the events the page applied
-  are then exactly the journal's, once each and in order. Schedules pause and resume from the page.
+  page shows no health strip, launches the pipeline from its form (after showing a 400 plainly),
+  follows the run live, survives a gateway stop and restart while the run goes on, and ends with the
+  terminal state; the events the page applied are then exactly the journal's, once each and in order.
+  Schedules pause and resume from the page.
 - The gateway alone with a token and a journal of 10,000 log lines written by the test (through
-  shared.journal, as the runner would): the page asks for the token once, shows the run, keeps the DOM
-  small (virtualised log), and its filters keep stage events in view. Times are shown as the journal
+  shared.journal, as the runner would): the page shows the failed health checks (no scheduler, no
+  runner) in the gateway's words, asks for the token once, shows the run, keeps the DOM small
+  (virtualised log), and its filters keep stage events in view. Times are shown as the journal
   writes them (the config's zone, America/Chicago), not in the browser's (set to Asia/Tokyo here).
 - The gateway alone with a journal that has a corrupt line (written by the test): the page marks the hole
   in the log and in a banner, and shows every other event, without reconnecting for ever.
@@ -188,6 +190,9 @@ def test_dashboard_launches_and_follows_a_run_across_a_gateway_restart(tmp_path:
 
     page.goto(base + "/")
     page.wait_for_selector('#launch-pipeline option[value="dash"]', state="attached")
+    # all three services up: /healthz passes and the page shows no health strip
+    page.wait_for_function("() => window.__runwire.health.status === 'ok'", timeout=30_000)
+    assert page.is_hidden("#health")
     page.wait_for_selector('.field[data-param="tag"] input')
 
     # a bad parameter: the server's 400 message, shown plainly in the form
@@ -332,6 +337,11 @@ def test_dashboard_with_a_token_and_ten_thousand_events(tmp_path: Path, services
     page.click("#token-dialog button[type=submit]")
     page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"][data-status="failure"]')
     page.wait_for_selector('[data-stream="runs"][data-state="live"]', state="attached")
+    # the gateway alone: no scheduler answers, no runner heartbeat, and the page says so in the gateway's words
+    strip = page.wait_for_selector('#health:not([hidden])')
+    page.wait_for_selector('#health li[data-check="scheduler"]')
+    page.wait_for_selector('#health li[data-check="runner"]')
+    assert "not reachable" in strip.inner_text(), strip.inner_text()
     assert page.evaluate("() => localStorage.getItem('runwire.token')") == token
     # times as the journal writes them (Chicago), not the browser's zone (Tokyo), and the zone said
     events = JournalReader(journal_path(settings.journal_dir, run_id)).read()

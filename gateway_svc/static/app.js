@@ -6,6 +6,7 @@ import { Stream } from "./stream.js";
 import { el, toast } from "./util.js";
 import { store, foldIntoStore, noteJournalGap, loadRuns, loadPipelines, loadSchedules } from "./store.js";
 import { conn, reportStream } from "./conn.js";
+import { health, watchHealth } from "./health.js";
 import { mountHome } from "./home.js";
 import { mountRun } from "./runview.js";
 
@@ -59,6 +60,7 @@ function renderTokenButton() {
 window.__runwire = {
   store,
   conn,
+  health,
   eventsFor: (runId) => (window.__runwire.runLogs.get(runId)?.appliedSeqs ?? []).slice(),
   receivedFor: (runId) => (window.__runwire.runLogs.get(runId)?.receivedSeqs ?? []).slice(),
   runLogs: new Map(), // run_id -> the run page's log model (see runview.js)
@@ -71,6 +73,7 @@ async function boot() {
   // The stream first, the list second: every event after the stream's start comes on the stream, every
   // event before the list's read is in the list, and folding by seq makes the overlap harmless.
   allRuns.start();
+  watchHealth();
   window.addEventListener("hashchange", route);
   route();
   await Promise.all([loadRuns(), loadPipelines(), loadSchedules()]);
