@@ -34,7 +34,7 @@ from shared.dispatch import (
 from shared.errors import BadParams, JournalError, ProtocolError, RunwireError, UnknownPipeline
 from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id, new_run_id
-from shared.journal import JournalWriter, begin_run
+from shared.journal import JournalWriter, begin_run, remove_older_journals
 from shared.journal import stats_fields as journal_stats_fields
 from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
@@ -47,6 +47,8 @@ from .report import RunReport, write_report
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REASON = "runner shutting down"
+PROBE_PREFIX = "probe-"  # run ids of doctor's probe runs
+PROBES_KEPT = 5  # probe journals kept; older ones are removed after each probe
 
 
 def default_runner_id() -> str:
@@ -398,7 +400,7 @@ class RunnerService:
         """The doctor's probe: a run written and published end to end (queued, then success)."""
         s = self.settings
         assert self.publisher is not None
-        run_id = check_run_id(req.run_id) if req.run_id else new_run_id("probe-")
+        run_id = check_run_id(req.run_id) if req.run_id else new_run_id(PROBE_PREFIX)
         queued = begin_run(s.journal_dir, run_id, s.tz, pipeline="doctor-probe", params={}, trigger={"trigger": "probe"})
         self.publisher.publish_event(queued)
         journal = RunJournal(JournalWriter.open(s.journal_dir, run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms), self.publisher)
@@ -408,4 +410,8 @@ class RunnerService:
             journal.close()
         assert ev is not None
         log.info("probe run %s written and published (last seq %d)", run_id, ev.seq)
+        # each doctor run leaves a probe journal: keep the last few (to look at), not one per check ever run
+        removed = await anyio.to_thread.run_sync(remove_older_journals, s.journal_dir, PROBE_PREFIX, PROBES_KEPT)
+        if removed:
+            log.info("removed %d older probe journal(s) (the newest %d are kept)", len(removed), PROBES_KEPT)
         return {"run_id": run_id, "last_seq": ev.seq}

@@ -93,6 +93,20 @@ def list_run_ids(journal_dir: Path) -> list[str]:
     return ids
 
 
+def remove_older_journals(journal_dir: Path, prefix: str, keep: int) -> list[str]:
+    """Delete the journals of runs whose id starts with `prefix`, all but the newest `keep` (ids sort by
+    creation time). For runs that exist only to be looked at once, such as doctor's probes. Returns the
+    run ids removed."""
+    ids = [rid for rid in list_run_ids(journal_dir) if rid.startswith(prefix)]
+    removed = ids[: max(0, len(ids) - keep)]
+    for rid in removed:
+        try:
+            journal_path(journal_dir, rid).unlink()
+        except FileNotFoundError:
+            continue  # another process removed it first: the outcome is the same
+    return removed
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory by path (a directory: so a new entry in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)

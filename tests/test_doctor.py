@@ -1,12 +1,18 @@
-"""`runwire doctor` against real services: passes on a healthy trio, and names the failing part when
-the runner is down, when the gateway reads another journal directory, and when the scheduler is down."""
+"""`runwire doctor` against real services: passes on a healthy trio (and the runner keeps only the newest
+probe journals), and names the failing part when the runner is down, when the gateway reads another
+journal directory, and when the scheduler is down."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+from runner_svc.service import PROBE_PREFIX, PROBES_KEPT
+from shared.config import load_settings
+from shared.ids import new_run_id
+from shared.journal import JournalWriter, begin_run, journal_path, list_run_ids
 from tests.harness import Service, write_config
 
 RUNWIRE = str(Path(sys.executable).parent / "runwire")
@@ -25,6 +31,18 @@ def _line(out: str, check: str) -> str:
 
 def test_doctor_passes_on_a_healthy_trio(tmp_path: Path, services: list[Service]) -> None:
     cfg, _ = write_config(tmp_path)
+    journal_dir = load_settings(cfg).journal_dir
+    tz = ZoneInfo("UTC")
+    # probe journals of earlier doctor runs, and a run that is not a probe (never touched)
+    def ended_run(run_id: str, pipeline: str, trigger: str) -> str:
+        begin_run(journal_dir, run_id, tz, pipeline, {}, {"trigger": trigger})
+        writer = JournalWriter.open(journal_dir, run_id, tz)
+        writer.append("pipeline", "success", "done")
+        writer.close()
+        return run_id
+
+    old_probes = [ended_run(new_run_id(PROBE_PREFIX), "doctor-probe", "probe") for _ in range(PROBES_KEPT + 3)]
+    other = ended_run(new_run_id("x"), "nap", "manual")
     for module in ("scheduler_svc", "runner_svc", "gateway_svc"):
         services.append(Service(module, cfg, tmp_path).start())
     result = _doctor(cfg)
@@ -33,6 +51,10 @@ def test_doctor_passes_on_a_healthy_trio(tmp_path: Path, services: list[Service]
     assert _line(result.stdout, "probe event").startswith("PASS")
     for check in ("config", "journal writable", "scheduler reachable", "runner reachable", "gateway healthy"):
         assert _line(result.stdout, check).startswith("PASS")
+    # the probe's journal is kept with the newest earlier ones; older probe journals are gone
+    probes = [rid for rid in list_run_ids(journal_dir) if rid.startswith(PROBE_PREFIX)]
+    assert len(probes) == PROBES_KEPT and probes[:-1] == old_probes[-(PROBES_KEPT - 1):], probes
+    assert journal_path(journal_dir, other).exists()
 
 
 def test_doctor_names_the_runner_when_it_is_down(tmp_path: Path, services: list[Service]) -> None:
