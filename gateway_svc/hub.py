@@ -261,6 +261,9 @@ class Hub:
         if mtime != self._dir_mtime:
             self._dir_mtime = mtime
             names = await anyio.to_thread.run_sync(list_run_ids, self.journal_dir)
+            gone = self.index.forget_removed(set(names))
+            if gone:
+                log.info("%d ended run(s) whose journals were removed are no longer listed (e.g. %s)", len(gone), gone[0])
             new = [rid for rid in names if rid not in self.index.runs]
             for run_id in new:
                 async with self._lock:

@@ -203,6 +203,24 @@ class RunIndex:
         for _, rid in reversed(self._order):
             yield self.runs[rid]
 
+    def forget_removed(self, present: set[str]) -> list[str]:
+        """Drop ended runs whose journals are no longer in the directory (removed: e.g. old probe
+        journals); the journal is the truth, so the lists stop showing them. Runs not ended stay: their
+        journal may be about to appear, and a missing one is reported where it is needed (streams,
+        /healthz). Discovery numbers are kept, so clients' "discovered after" positions stay valid."""
+        # `present` was listed a moment ago: a run that ended since then may be missing from it, so each
+        # candidate's file is looked for once more
+        gone = [rid for rid, entry in self.runs.items()
+                if entry.ended and rid not in present and not journal_path(self.journal_dir, rid).exists()]
+        for rid in gone:
+            entry = self.runs.pop(rid)
+            if entry.created_us is not None:
+                i = bisect.bisect_left(self._order, (entry.created_us, rid))
+                if i < len(self._order) and self._order[i] == (entry.created_us, rid):
+                    del self._order[i]
+            self._details.pop(rid, None)
+        return gone
+
     def cached_detail(self, run_id: str) -> RunState | None:
         """The full state of a run if at hand: live for runs not ended, else from the cache."""
         entry = self.runs.get(run_id)

@@ -16,6 +16,7 @@ import anyio
 
 from gateway_svc.keys import HUB
 from shared.ids import new_run_id
+from shared.journal import journal_path
 from tests.harness import Service
 from tests.test_gateway_helpers import FakePublisher, collect, make_settings, running_gateway
 
@@ -365,5 +366,37 @@ async def test_pipelines_runs_list_and_paged_events(tmp_path: Path) -> None:
                              "runwire_gateway_duplicates_dropped_total", "runwire_gateway_slow_consumer_closes_total",
                              "runwire_journal_corrupt_lines_skipped_total", 'runwire_gateway_connections_open{kind="ws_all"}'):
                     assert name in text, name
+    finally:
+        pub.close()
+
+
+async def test_ended_runs_whose_journals_are_removed_leave_the_list(tmp_path: Path) -> None:
+    """The journal is the truth: an ended run whose journal is deleted (old probe journals, a clean-up by
+    hand) leaves the run list at the next sweep; a run not ended stays (its journal may be on its way)."""
+    settings, ports = make_settings(tmp_path, body=_PIPELINES)
+    pub = FakePublisher(settings.journal_dir, f"tcp://127.0.0.1:{ports.publish}")
+    try:
+        kept = pub.begin()
+        pub.emit(kept, "pipeline", "success", "done")
+        removed = pub.begin()
+        pub.emit(removed, "pipeline", "success", "done")
+        running = pub.begin()
+        pub.emit(running, "pipeline", "start", "s")
+        async with running_gateway(settings), aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{ports.http}"
+
+            async def listed() -> list[str]:
+                async with http.get(base + "/api/runs") as resp:
+                    return [r["run_id"] for r in (await _json(resp))["runs"]]
+
+            assert set(await listed()) == {kept, removed, running}
+            journal_path(settings.journal_dir, removed).unlink()
+            journal_path(settings.journal_dir, running).unlink()
+            with anyio.fail_after(15):
+                while removed in await listed():
+                    await anyio.sleep(0.2)
+            assert set(await listed()) == {kept, running}
+            async with http.get(f"{base}/api/runs/{removed}") as resp:
+                assert resp.status == 404
     finally:
         pub.close()
