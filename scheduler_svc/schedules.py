@@ -151,12 +151,12 @@ class ScheduleDriver:
                    **d.data, **(extra or {})}
         try:
             if d.action == "fire":
-                await self.s.queue_run(e.cfg.pipeline, e.params, trigger, run_id,
-                                       f"{e.cfg.pipeline} queued by schedule {e.name} for {e.local(d.slot)}")
+                await self.s.journaling.queue_run(e.cfg.pipeline, e.params, trigger, run_id,
+                                                  f"{e.cfg.pipeline} queued by schedule {e.name} for {e.local(d.slot)}")
                 log.info("schedule %s: FIRE slot %s (%s) as run %s, %.1f ms after the slot: %s",
                          e.name, e.local(d.slot), iso_utc(d.slot), run_id, late_ms, d.reason)
             else:
-                await self.s.record_skipped(e.cfg.pipeline, e.params, trigger, run_id, d.reason)
+                await self.s.journaling.record_skipped(e.cfg.pipeline, e.params, trigger, run_id, d.reason)
                 log.warning("schedule %s: SKIP slot %s (%s), recorded as run %s: %s",
                             e.name, e.local(d.slot), iso_utc(d.slot), run_id, d.reason)
         except JournalError as ex:
