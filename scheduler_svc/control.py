@@ -1,0 +1,128 @@
+"""Requests on the scheduler's control socket (gateway, CLI, doctor): launch, cancel, list and get runs,
+schedules and pause/resume, identity. (The request types and their serving loop are in `shared.control`.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+import shared
+from shared.config import endpoints_of, resolve_params
+from shared.control import Cancel, GetRun, Identity, IdentityInfo, Launch, ListRuns, ListSchedules, Pause, Resume
+from shared.dispatch import CancelRun
+from shared.errors import BadParams, Conflict, NotFound, ProtocolError
+from shared.ids import check_run_id, new_run_id
+from shared.journal import read_events
+from shared.runstate import RUN_STATUSES, fold
+
+from .runs import RunRecord, read_record
+
+if TYPE_CHECKING:
+    from .service import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ControlHandler:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.s = scheduler
+
+    async def handle(self, req: Any) -> Any:
+        match req:
+            case Launch():
+                return await self._launch(req)
+            case Cancel():
+                return await self._cancel(req)
+            case ListRuns():
+                return self._list_runs(req)
+            case GetRun():
+                return await self._get_run(req)
+            case ListSchedules():
+                return {"schedules": self.s.schedules.describe()}
+            case Pause():
+                return await self.s.schedules.set_paused(req.name, True)
+            case Resume():
+                return await self.s.schedules.set_paused(req.name, False)
+            case Identity():
+                return self._identity()
+        raise ProtocolError(f"{type(req).__name__} is not a scheduler operation (the runner answers it)")
+
+    async def _launch(self, req: Launch) -> dict[str, Any]:
+        pipeline = self.s.settings.pipeline(req.pipeline)
+        params = resolve_params(pipeline, req.params)
+        rec = await self.s.journaling.queue_run(req.pipeline, params, {"trigger": "manual"}, new_run_id())
+        log.info("run %s (%s) queued on request", rec.run_id, rec.pipeline)
+        return {"run_id": rec.run_id, "status": "queued"}
+
+    def _find(self, run_id: str) -> RunRecord:
+        check_run_id(run_id)
+        rec = self.s.runs.get(run_id)
+        if rec is None:
+            raise NotFound(f"run {run_id} not found in {self.s.journal_dir}")
+        return rec
+
+    async def _cancel(self, req: Cancel) -> dict[str, Any]:
+        s = self.s
+        rec = self._find(req.run_id)
+        reason = req.reason or "cancelled on request"
+        if rec.phase == "ended":
+            raise Conflict(f"run {rec.run_id} has already ended ({rec.outcome}); nothing to cancel")
+        if rec.phase == "ending":
+            raise Conflict(f"run {rec.run_id} is already being ended by the scheduler")
+        if rec.phase == "queued":
+            await s.journaling.end_run(rec, "cancelled", reason, {"reason": reason})
+            return {"run_id": rec.run_id, "status": rec.status}
+        rec.cancel_requested = True
+        rec.msg = reason
+        if rec.phase != "dispatching" and rec.runner in s.runners:
+            await s.tracker.send(s.runners[rec.runner],
+                                 CancelRun(run_id=rec.run_id, attempt=rec.attempt, reason=reason))
+        log.info("run %s: cancel forwarded to runner %s", rec.run_id, rec.runner)
+        return {"run_id": rec.run_id, "status": "cancelling"}
+
+    def _list_runs(self, req: ListRuns) -> dict[str, Any]:
+        s = self.s
+        if req.status is not None and req.status not in RUN_STATUSES:
+            raise BadParams(f"status {req.status!r}: expected one of {', '.join(RUN_STATUSES)}")
+        limit = max(1, min(req.limit, 10_000))
+        out = []
+        for run_id in sorted(s.runs, reverse=True):
+            rec = s.runs[run_id]
+            if req.status is None or rec.status == req.status:
+                out.append(rec.summary(s.dispatcher.wait_reason(rec)))
+                if len(out) >= limit:
+                    break
+        return {"runs": out}
+
+    async def _get_run(self, req: GetRun) -> dict[str, Any]:
+        s = self.s
+        rec = s.runs.get(check_run_id(req.run_id))
+        if rec is None:
+            rec = await anyio.to_thread.run_sync(read_record, s.journal_dir, req.run_id)
+            if rec is None:
+                raise NotFound(f"run {req.run_id} not found in {s.journal_dir}")
+        events = await anyio.to_thread.run_sync(read_events, s.journal_dir, rec.run_id)
+        state = msgspec.to_builtins(fold(rec.run_id, events))
+        return {**state, **rec.summary(s.dispatcher.wait_reason(rec)), "stages": state.get("stages", {})}
+
+    def _identity(self) -> IdentityInfo:
+        s = self.s
+        runners = {}
+        now = time.monotonic()
+        for r in s.runners.values():
+            if r.connected and r.status is not None:
+                st = r.status
+                runners[r.runner_id] = {
+                    "runner_id": r.runner_id, "pid": st.pid, "version": st.version, "config_path": st.config_path,
+                    "journal_dir": st.journal_dir, "publish": st.publish, "control": st.control,
+                    "capacity": st.capacity, "runs": len(r.runs), "last_seen_s": round(now - r.last_seen, 3),
+                }
+        return IdentityInfo(service="scheduler", version=shared.__version__, pid=os.getpid(),
+                            config_path=str(s.settings.path), journal_dir=str(s.journal_dir),
+                            endpoints=endpoints_of(s.settings), runners=runners)

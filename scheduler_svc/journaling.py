@@ -1,0 +1,150 @@
+"""The scheduler's own journal writes (queued, skipped slots, ends it writes for a runner) and what it
+publishes on its PUB socket: each event after it is journalled (fsync), and its heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import zmq
+import zmq.asyncio
+
+from shared.errors import JournalError
+from shared.events import PIPELINE_STAGE, Event, now_timestamp
+from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events
+from shared.journal import stats_fields as journal_stats_fields
+from shared.runstate import fold, open_stages
+from shared.wire import Heartbeat, encode_event_frames, encode_heartbeat_frames
+
+from .runs import RunRecord, record_from_queued
+
+if TYPE_CHECKING:
+    from .service import Scheduler
+
+log = logging.getLogger(__name__)
+
+_WARN_EVERY = 10.0
+
+
+class Journaling:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.s = scheduler
+        self.pub: zmq.asyncio.Socket | None = None  # bound, and closed, by Scheduler.run
+        self.pub_dropped = 0
+        self._last_drop_warn = 0.0
+
+    # ------------------------------------------------------------------------------------ publishing
+
+    async def publish(self, ev: Event) -> None:
+        await self._send_pub(encode_event_frames(ev))
+
+    async def _send_pub(self, frames: list[bytes]) -> None:
+        assert self.pub is not None
+        try:
+            await self.pub.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.pub_dropped += 1
+            if time.monotonic() - self._last_drop_warn > _WARN_EVERY:
+                self._last_drop_warn = time.monotonic()
+                log.warning("scheduler.publish: send queue full, %d messages dropped so far "
+                            "(subscribers refill from the journal by seq)", self.pub_dropped)
+
+    async def heartbeats(self) -> None:
+        s = self.s
+        interval = s.cfg.runner.heartbeat_interval
+        while True:
+            owned = s.recently_ended.seqs()
+            owned.update({r.run_id: r.last_seq for r in s.queue.values()})
+            owned.update({r.run_id: r.last_seq for r in s.active.values() if r.phase in ("dispatching", "dispatched")})
+            hb = Heartbeat(runner_id="scheduler", timestamp=now_timestamp(s.tz), journal_dir=str(s.journal_dir),
+                           config_path=str(s.settings.path), runs=owned, interval=interval, service="scheduler",
+                           **journal_stats_fields())
+            await self._send_pub(encode_heartbeat_frames(hb))
+            await anyio.sleep(interval)
+
+    # ------------------------------------------------------------------------------------ journal writes
+
+    async def queue_run(self, pipeline: str, params: dict[str, Any], trigger: dict[str, Any], run_id: str,
+                        msg: str = "") -> RunRecord:
+        """begin_run (fsync, in a worker thread), then publish `queued` and make it dispatchable."""
+        s = self.s
+        ev = await anyio.to_thread.run_sync(begin_run, s.journal_dir, run_id, s.tz, pipeline, params, trigger, msg)
+        rec = record_from_queued(ev)
+        s.runs[rec.run_id] = rec
+        s.queue[rec.run_id] = rec
+        await self.publish(ev)
+        s.dispatcher.wake()
+        return rec
+
+    async def record_skipped(self, pipeline: str, params: dict[str, Any], trigger: dict[str, Any], run_id: str,
+                             reason: str) -> RunRecord:
+        """A slot that does not run still becomes a run: queued -> pipeline skipped -> cancelled."""
+        events = await anyio.to_thread.run_sync(self._skipped_sync, pipeline, params, trigger, run_id, reason)
+        rec = record_from_queued(events[0])
+        rec.end(events[-1])
+        self.s.runs[rec.run_id] = rec
+        for ev in events:
+            await self.publish(ev)
+        self.s.recently_ended.add(rec.run_id, events[-1].seq)
+        return rec
+
+    def _skipped_sync(self, pipeline: str, params: dict[str, Any], trigger: dict[str, Any], run_id: str,
+                      reason: str) -> list[Event]:
+        s = self.s
+        queued = begin_run(s.journal_dir, run_id, s.tz, pipeline, params, trigger, f"slot skipped: {reason}")
+        with JournalWriter.open(s.journal_dir, run_id, s.tz) as w:
+            skipped = w.append(PIPELINE_STAGE, "skipped", reason, {"reason": reason})
+            cancelled = w.append(PIPELINE_STAGE, "cancelled", reason)
+            w.sync()
+        return [queued, skipped, cancelled]
+
+    def _write_end_sync(self, run_id: str, kind: str, msg: str, data: dict[str, Any] | None) -> tuple[list[Event], bool]:
+        """Take the journal (flock), write the terminal event unless one is there; (events written, the
+        terminal last; or [the terminal found], True)."""
+        s = self.s
+        with JournalWriter.open(s.journal_dir, run_id, s.tz) as w:
+            if w.ended:
+                last = JournalReader(w.path, run_id).last_event()
+                assert last is not None
+                return [last], True
+            # stages the lost runner left running end too (items first), so none stays "running"
+            written = [
+                w.append(stage, kind, f"{kind}: {msg}", {"item": item} if item is not None else None)
+                for stage, item in open_stages(fold(run_id, read_events(s.journal_dir, run_id)))
+            ]
+            written.append(w.append(PIPELINE_STAGE, kind, msg, data))
+            w.sync()
+            return written, False
+
+    async def end_run(self, rec: RunRecord, kind: str, msg: str, data: dict[str, Any] | None = None) -> None:
+        """End a run from the scheduler's side, retrying (loudly) while another writer holds its journal."""
+        s = self.s
+        s.dispatcher.release_slot(rec)
+        rec.set_phase("ending")
+        tries = 0
+        while True:
+            try:
+                written, was_there = await anyio.to_thread.run_sync(self._write_end_sync, rec.run_id, kind, msg, data)
+                break
+            except JournalError as e:
+                tries += 1
+                if not journal_path(s.journal_dir, rec.run_id).exists():
+                    log.error("run %s: journal vanished, cannot write its %s (%s); forgetting the run", rec.run_id, kind, e)
+                    s.runs.pop(rec.run_id, None)
+                    return
+                log.error("run %s: cannot write its %s yet (%s); retrying in 1 s (try %d) - another process "
+                          "still holds %s", rec.run_id, kind, e, tries, journal_path(s.journal_dir, rec.run_id))
+                await anyio.sleep(1.0)
+        ev = written[-1]
+        rec.end(ev)
+        if was_there:
+            log.warning("run %s had already ended (%s: %s) in its journal; nothing written", rec.run_id, ev.event, ev.msg)
+        else:
+            log.info("run %s: wrote terminal %s: %s", rec.run_id, kind, msg)
+            for each in written:
+                await self.publish(each)
+            s.recently_ended.add(rec.run_id, ev.seq)
+        s.dispatcher.wake()
