@@ -27,6 +27,9 @@ from .errors import RunwireError
 from .render import json_line
 
 PROBE_DEADLINE = 1.0
+# a gateway started a moment ago has not heard a runner heartbeat yet: /healthz is asked again for
+# this long before its failure counts (the runner's control socket has answered by then)
+HEALTH_SETTLE = 3.0
 
 
 @dataclass
@@ -109,13 +112,18 @@ class Doctor:
         self.add("scheduler sees a runner", True, ", ".join(sorted(runners)))
 
     async def check_gateway(self, client: GatewayClient) -> bool:
-        try:
-            async with client.session.get(self.gateway + "/healthz") as resp:
-                status = resp.status
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            self.add("gateway reachable", False, f"no answer from {self.gateway}/healthz: {e or type(e).__name__}")
-            return False
+        deadline = time.monotonic() + HEALTH_SETTLE
+        while True:
+            try:
+                async with client.session.get(self.gateway + "/healthz") as resp:
+                    status = resp.status
+                    body = await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                self.add("gateway reachable", False, f"no answer from {self.gateway}/healthz: {e or type(e).__name__}")
+                return False
+            if status == 200 or time.monotonic() >= deadline:
+                break
+            await anyio.sleep(0.25)
         self.add("gateway reachable", True, self.gateway)
         jd = body.get("journal_dir") if isinstance(body, dict) else None
         if jd is not None:
