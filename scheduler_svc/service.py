@@ -1,7 +1,8 @@
 """The scheduler service: its lifecycle (sockets, the task group and the loops in it) and recovery at
 start; it holds the shared state (runs, queue, active runs, runners) that its parts work on:
 `journaling` (its own journal writes and publishing), `dispatcher` (queue -> runners), `runners` (runner
-messages, runner lost), `control` (control requests) and `schedules.ScheduleDriver` (schedules).
+messages, runner lost), `control` (control requests), `retention` (old ended runs) and
+`schedules.ScheduleDriver` (schedules).
 
 Ownership of a run's journal: the scheduler writes `queued` (begin_run), hands the journal over with
 `DispatchRun`, and takes it back only to write an end the runner cannot write (runner lost, cancel while
@@ -26,6 +27,7 @@ from shared.wire import RecentlyEnded, configure_socket
 from .control import ControlHandler
 from .dispatcher import Dispatcher
 from .journaling import Journaling
+from .retention import Retention
 from .runners import RunnerInfo, RunnerTracker
 from .runs import RunRecord, scan_journals
 from .schedules import ScheduleDriver
@@ -52,6 +54,7 @@ class Scheduler:
         self.dispatcher = Dispatcher(self)
         self.tracker = RunnerTracker(self)
         self.control = ControlHandler(self)
+        self.retention = Retention(self)
         self.tg: anyio.abc.TaskGroup | None = None
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -76,6 +79,7 @@ class Scheduler:
                 tg.start_soon(self.dispatcher.run)
                 tg.start_soon(self.tracker.monitor)
                 tg.start_soon(self.journaling.heartbeats)
+                tg.start_soon(self.retention.run)
                 await tg.start(self.schedules.run)
                 task_status.started()
         finally:

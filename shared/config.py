@@ -40,6 +40,7 @@ class SchedulerConfig(_Strict):
     max_concurrent_runs: int = 4
     runner_lost_after: float = 10.0  # seconds without a runner heartbeat before its runs fail
     request_timeout: float = 5.0
+    keep_days: float = 0.0  # ended runs last written longer ago lose journal and report; 0: keep every run
 
 
 class RunnerConfig(_Strict):
@@ -235,6 +236,8 @@ def _validate(config: Config, path: Path) -> None:
         raise _fail(path, "runner.capacity", "expected an integer >= 1")
     if config.runner.id and not _NAME_RE.match(config.runner.id):
         raise _fail(path, "runner.id", f"expected letters, digits, '_', '.', '-' (got {config.runner.id!r})")
+    if config.scheduler.keep_days < 0:
+        raise _fail(path, "scheduler.keep_days", "expected days >= 0 (0 keeps every run)")
     if config.scheduler.runner_lost_after <= 2 * config.runner.heartbeat_interval:
         raise _fail(path, "scheduler.runner_lost_after", "expected more than twice runner.heartbeat_interval")
     for name, pipeline in config.pipelines.items():

@@ -41,6 +41,7 @@ def load(text: str, tmp_path: Path):  # noqa: ANN201
         ("[schedules.s]\npipeline = \"p\"\nevery = \"5m\"\ncron = \"* * * * *\"\n", "schedules.s", "exactly one of"),
         ("[schedules.s]\npipeline = \"p\"\nevery = \"5m\"\ntimezone = \"Mars/Olympus\"\n", "schedules.s.timezone", "IANA"),
         ("timezone = \"Nowhere\"\n", "timezone", "IANA"),
+        ("[scheduler]\nkeep_days = -1\n", "scheduler.keep_days", "days >= 0"),
     ],
 )
 def test_bad_config_names_file_key_and_expectation(tmp_path: Path, extra: str, key: str, expected: str) -> None:

@@ -1,0 +1,69 @@
+"""Retention: the journals and reports of ended runs last written more than `scheduler.keep_days` ago
+are removed, at start and every hour, by the scheduler (the owner of runs); the gateway's run list
+follows at its next directory sweep. Runs not ended are never removed, however old."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from shared.journal import JournalReader, journal_path, list_run_ids
+
+if TYPE_CHECKING:
+    from .service import Scheduler
+
+log = logging.getLogger(__name__)
+
+RETENTION_INTERVAL = 3600.0  # seconds between passes
+DAY = 86400.0
+
+
+def remove_expired(journal_dir: Path, reports_dir: Path, keep_days: float, now: float) -> list[str]:
+    """Remove the journal and report of every ended run whose journal was last written before
+    now - keep_days (blocking: for a worker thread). Returns the run ids removed."""
+    cutoff = now - keep_days * DAY
+    removed: list[str] = []
+    for run_id in list_run_ids(journal_dir):
+        path = journal_path(journal_dir, run_id)
+        try:
+            if path.stat().st_mtime >= cutoff:
+                continue
+        except FileNotFoundError:
+            continue  # removed meanwhile (by hand, or a probe clean-up)
+        last = JournalReader(path, run_id).last_event()
+        if last is None or not last.is_terminal:
+            continue  # not ended, or no readable line: never removed here
+        try:
+            path.unlink(missing_ok=True)
+            (reports_dir / f"{run_id}.json").unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("retention: cannot remove the files of run %s: %s (kept; tried again next pass)", run_id, e)
+            continue
+        removed.append(run_id)
+    return removed
+
+
+class Retention:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.s = scheduler
+        self.keep_days = scheduler.cfg.scheduler.keep_days
+
+    async def run(self) -> None:
+        if self.keep_days <= 0:
+            return  # keep every run
+        s = self.s
+        while True:
+            removed = await anyio.to_thread.run_sync(
+                remove_expired, s.journal_dir, s.settings.reports_dir, self.keep_days, time.time())
+            for run_id in removed:
+                rec = s.runs.get(run_id)
+                if rec is not None and rec.ended:
+                    del s.runs[run_id]
+            if removed:
+                log.info("removed %d ended run(s) last written more than %g days ago (journals and reports "
+                         "in %s), oldest %s", len(removed), self.keep_days, s.journal_dir, removed[0])
+            await anyio.sleep(RETENTION_INTERVAL)
