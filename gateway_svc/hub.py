@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 import zmq
 import zmq.asyncio
@@ -190,7 +191,9 @@ class Hub:
         self.run_clients: dict[str, set[StreamClient]] = {}
         self._client_count = 0
         self.publishers: dict[str, SeenHeartbeat] = {}  # publisher id -> its last heartbeat
-        self._lock = anyio.Lock()  # one deliverer at a time (fills await the journal)
+        # one deliverer at a time (fills await the journal); uncontended, taking it does not yield to the
+        # event loop (the subscriber yields on its own, see _subscriber)
+        self._lock = anyio.Lock(fast_acquire=True)
         self._warned: dict[str, float] = {}
         self._dir_mtime = -2
         self._d_cache: tuple[tuple[int, int, int], list[str]] | None = None
@@ -237,7 +240,9 @@ class Hub:
             ready = zmq.Socket.shadow(sock.underlying)
             task_status.started()
             while True:
-                msgs = [await sock.recv_multipart()]
+                pending = sock.recv_multipart()
+                waited = not pending.done()  # a message already queued is handed over without a yield
+                msgs = [await pending]
                 while len(msgs) < DRAIN_MAX:
                     try:
                         msgs.append(ready.recv_multipart(zmq.NOBLOCK))
@@ -245,6 +250,8 @@ class Hub:
                         break
                 async with self._lock:
                     await self._process(msgs)
+                if not waited:
+                    await anyio.lowlevel.checkpoint()  # a steady flood must not starve the other tasks
         finally:
             sock.close(linger=0)
 
