@@ -9,8 +9,9 @@ later). A client registered at any moment receives exactly the hub's deliveries 
 Each batch's frame is built once for all clients, and the hub writes it straight to every caught-up
 WebSocket client whose connection takes it at once (one syscall each, no task woken); the others
 queue it for their own pump task. With many clients, delivered events wait for the hub's next tick
-(up to MAX_FRAME_INTERVAL) and go out as one batch, so each client gets one frame per tick. Whatever reads the hub's state for a client (registration, the end of a replay) flushes the
-waiting events first, so "after that moment" stays exact.
+(up to MAX_FRAME_INTERVAL) and go out as one batch, so each client gets one frame per tick. Whatever
+reads the hub's state for a client (registration, the end of a replay) flushes the waiting events
+first, so "after that moment" stays exact.
 """
 
 from __future__ import annotations
