@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import msgspec
 import zmq
 import zmq.asyncio
@@ -48,6 +47,7 @@ from shared.wire import (
 from .cursor import MARGIN_S, encode_cursor, journal_dir_tag
 from .metrics import GatewayStats
 from .runindex import RunEntry, RunIndex, dir_mtime_ns
+from .subscription import Subscription
 
 if TYPE_CHECKING:
     from .clients import StreamClient
@@ -193,7 +193,7 @@ class Hub:
         self._client_count = 0
         self.publishers: dict[str, SeenHeartbeat] = {}  # publisher id -> its last heartbeat
         # one deliverer at a time (fills await the journal); uncontended, taking it does not yield to the
-        # event loop (the subscriber yields on its own, see _subscriber)
+        # event loop (the subscriber yields on its own, see Subscription.next_batch)
         self._lock = anyio.Lock(fast_acquire=True)
         self._warned: dict[str, float] = {}
         self._dir_mtime = -2
@@ -203,6 +203,7 @@ class Hub:
         self._tick = asyncio.Event()  # set when events wait for the next tick
         self._last_flush = 0.0
         self.pacing_from = FRAME_PACING_FROM  # clients; a test may lower it to exercise the ticks
+        self._subscription: Subscription | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -224,7 +225,8 @@ class Hub:
             task_status.started()
 
     async def _subscriber(self, ctx: zmq.asyncio.Context, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        sock = ctx.socket(zmq.SUB)
+        sub = Subscription(ctx)
+        sock = sub.sock
         try:
             configure_socket(sock, rcvhwm=RCVHWM)
             for endpoint in self.cfg.subscribe:
@@ -235,26 +237,15 @@ class Hub:
                 log.info("subscribed to events and heartbeats on %s", endpoint)
             sock.setsockopt(zmq.SUBSCRIBE, EVENT_TOPIC_PREFIX)
             sock.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC_PREFIX)
-            # what is already queued is taken through a plain (synchronous) socket on the same libzmq
-            # socket: the asyncio socket makes a Future for every call, even a non-blocking one, which
-            # at 10k events/s costs more than handling the event
-            ready = zmq.Socket.shadow(sock.underlying)
+            self._subscription = sub
             task_status.started()
             while True:
-                pending = sock.recv_multipart()
-                waited = not pending.done()  # a message already queued is handed over without a yield
-                msgs = [await pending]
-                while len(msgs) < DRAIN_MAX:
-                    try:
-                        msgs.append(ready.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                msgs = await sub.next_batch(DRAIN_MAX)
                 async with self._lock:
                     await self._process(msgs)
-                if not waited:
-                    await anyio.lowlevel.checkpoint()  # a steady flood must not starve the other tasks
         finally:
-            sock.close(linger=0)
+            self._subscription = None
+            sub.close()
 
     async def _sweeper(self) -> None:
         """Safety net for what no message announced: journals created while their `queued` was lost,
@@ -262,6 +253,8 @@ class Hub:
         after its writer let go of the journal)."""
         while True:
             await anyio.sleep(SWEEP_INTERVAL)
+            if self._subscription is not None:
+                self._subscription.check()
             await self.sweep()
 
     async def sweep(self) -> None:
