@@ -2,14 +2,16 @@
 
 zmq.asyncio makes a Future for every receive and adds and removes the socket's descriptor from the
 event loop around each wait; at 10k events/s that bookkeeping cost more than handling the events. Here
-the loop watches the socket's descriptor (ZMQ_FD) only while the reader waits, and a wake-up takes every
+the loop watches the socket's descriptor (ZMQ_FD) for the socket's lifetime, and a wake-up takes every
 queued message with plain non-blocking receives.
 
-ZMQ_FD signals edges, not levels: it becomes readable when libzmq has news for the socket, and only a
-receive (or ZMQ_EVENTS) that finds the queue empty consumes the news. So a batch ends only at EAGAIN (or
-at the batch limit, after which the next call receives again before waiting), and `check()`, called
-periodically, asks ZMQ_EVENTS whether messages wait while the reader sleeps: that would be a missed
-wake-up, and it is logged and repaired instead of leaving events stuck until the next one arrives.
+ZMQ_FD signals news, not messages: it becomes readable when libzmq has commands for the socket, and
+stays so until a receive or a ZMQ_EVENTS query processes them. So a batch ends only at EAGAIN (or at the
+batch limit, after which the next call receives again before waiting), and each time the descriptor
+fires, ZMQ_EVENTS says whether a message waits: that both wakes the reader only for real messages and
+takes the news off the descriptor (the loop would otherwise call again on every turn until the reader
+ran). `check()`, called periodically, asks ZMQ_EVENTS whether messages wait while the reader sleeps: a
+missed wake-up, logged and repaired instead of leaving events stuck until the next one arrives.
 """
 
 from __future__ import annotations
@@ -34,15 +36,14 @@ class Subscription:
         self.sock: zmq.Socket[bytes] = zmq.Socket(ctx, zmq.SUB)  # plain socket, whatever the context
         self._fd = self.sock.getsockopt(zmq.FD)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watching = False
         self._waiter: asyncio.Future[None] | None = None
         self._yielded = True
         self.missed_wakeups = 0
 
     def close(self) -> None:
-        if self._watching and self._loop is not None:
+        if self._loop is not None:
             self._loop.remove_reader(self._fd)
-            self._watching = False
+            self._loop = None
         self.sock.close(linger=0)
 
     def take(self, limit: int) -> list[list[bytes]]:
@@ -74,26 +75,23 @@ class Subscription:
             self._yielded = True
 
     async def _readable(self) -> None:
-        loop = self._loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        if not self._watching:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
             loop.add_reader(self._fd, self._on_fd)
-            self._watching = True
+        waiter = self._waiter = loop.create_future()
         try:
             await waiter
         finally:
             self._waiter = None
 
     def _on_fd(self) -> None:
-        waiter = self._waiter
-        if waiter is None:
-            # nobody waits (the reader is busy between batches): the descriptor stays readable until the
-            # next receive, so stop watching it rather than be called on every turn of the loop
-            assert self._loop is not None
-            self._loop.remove_reader(self._fd)
-            self._watching = False
-        elif not waiter.done():
-            waiter.set_result(None)
+        # asking ZMQ_EVENTS takes the news off the descriptor; with no waiter (the reader is between
+        # batches) the messages are taken by its next call, which receives before it waits
+        if self.sock.getsockopt(zmq.EVENTS) & _POLLIN:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def check(self) -> bool:
         """True (and the reader woken) if messages wait while the reader sleeps: a missed wake-up."""
