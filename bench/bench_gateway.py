@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -489,7 +488,8 @@ async def run(parts: list[str], repeat: int) -> None:
                               f"  (median of {repeat}; p99s {p99s};"
                               f" received {runs[0]['received']:,.0f}/{runs[0]['expected']:,.0f};"
                               f" gateway CPU {_median(runs, 'cpu'):.0f}%)  building blocks alone, interleaved: p50"
-                              f" {_median(refs, 'p50'):.2f} ms  p99 {_median(refs, 'p99'):.2f} ms (CPU {_median(refs, 'cpu'):.0f}%)"
+                              f" {_median(refs, 'p50'):.2f} ms  p99 {_median(refs, 'p99'):.2f} ms"
+                              f" (CPU {_median(refs, 'cpu'):.0f}%)"
                               f"  goal at 10k/s: p99 <= 1 ms{steal.since_last()}", flush=True)
                 finally:
                     ref.close()
