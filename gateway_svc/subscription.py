@@ -88,10 +88,20 @@ class Subscription:
     def _on_fd(self) -> None:
         # asking ZMQ_EVENTS takes the news off the descriptor; with no waiter (the reader is between
         # batches) the messages are taken by its next call, which receives before it waits
-        if self.sock.getsockopt(zmq.EVENTS) & _POLLIN:
-            waiter = self._waiter
+        waiter = self._waiter
+        try:
+            ready = self.sock.getsockopt(zmq.EVENTS) & _POLLIN
+        except zmq.ZMQError as e:
+            # the socket is unusable (context terminated?): the reader fails with the cause (a busy reader
+            # meets it in its next receive) instead of the loop logging it on every turn
+            assert self._loop is not None
+            self._loop.remove_reader(self._fd)
+            self._loop = None
             if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+                waiter.set_exception(e)
+            return
+        if ready and waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def check(self) -> bool:
         """True (and the reader woken) if messages wait while the reader sleeps: a missed wake-up."""

@@ -137,3 +137,31 @@ async def test_a_flood_of_back_to_back_batches_lets_other_tasks_run() -> None:
         sub.close()
         pub.close(linger=0)
         ctx.term()
+
+
+async def test_a_terminated_context_fails_the_waiting_reader_with_the_cause() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub, sub = _pair(ctx, "inproc://subscription-term")
+    pub.close(linger=0)
+    failure: list[BaseException] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                try:
+                    await sub.next_batch(100)
+                except zmq.ZMQError as e:
+                    failure.append(e)
+
+            tg.start_soon(read)
+            await anyio.sleep(0.05)
+            # zmq_ctx_term blocks until every socket is closed; meanwhile the sockets' operations fail
+            # with ETERM, which the waiting reader must see rather than wait forever
+            tg.start_soon(anyio.to_thread.run_sync, ctx.term)
+            try:
+                with anyio.move_on_after(5):
+                    while not failure:
+                        await anyio.sleep(0.01)
+            finally:
+                sub.close()  # lets zmq_ctx_term return
+    assert failure and isinstance(failure[0], zmq.ContextTerminated), failure
