@@ -7,6 +7,8 @@ send to reach the reader's queue synchronously).
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import zmq
@@ -38,15 +40,25 @@ async def _joined(pub: zmq.Socket[bytes], sub: Subscription) -> None:
     sub.take(1_000_000)  # probes still on their way
 
 
-async def test_every_message_arrives_whole_and_in_order_across_bursts_pauses_and_batch_limits() -> None:
+@asynccontextmanager
+async def _joined_pair(endpoint: str) -> AsyncIterator[tuple[zmq.Socket[bytes], Subscription]]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    pub, sub = _pair(ctx, f"tcp://127.0.0.1:{free_port()}")
+    pub, sub = _pair(ctx, endpoint)
+    try:
+        await _joined(pub, sub)
+        yield pub, sub
+    finally:
+        sub.close()
+        pub.close(linger=0)
+        ctx.term()
+
+
+async def test_every_message_arrives_whole_and_in_order_across_bursts_pauses_and_batch_limits() -> None:
     rng = random.Random(5)
     total = 20_000
     got: list[int] = []
     batches = 0
-    try:
-        await _joined(pub, sub)
+    async with _joined_pair(f"tcp://127.0.0.1:{free_port()}") as (pub, sub):
 
         async def publish() -> None:
             n = 0
@@ -70,21 +82,14 @@ async def test_every_message_arrives_whole_and_in_order_across_bursts_pauses_and
         assert got == list(range(total))
         assert 1 < batches < total  # batched, and not all at once
         assert not sub.check() and sub.missed_wakeups == 0
-    finally:
-        sub.close()
-        pub.close(linger=0)
-        ctx.term()
 
 
 async def test_a_wakeup_consumed_elsewhere_is_found_by_check() -> None:
     # ZMQ_FD signals edges: asking ZMQ_EVENTS takes the news off the descriptor. Done here behind the
     # reader's back (inproc: the send reaches the reader's queue before send returns), the reader sleeps
     # on with a message waiting; check() must see it and wake the reader.
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    pub, sub = _pair(ctx, "inproc://subscription-test")
     got: list[list[bytes]] = []
-    try:
-        await _joined(pub, sub)
+    async with _joined_pair("inproc://subscription-test") as (pub, sub):
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
 
@@ -101,18 +106,11 @@ async def test_a_wakeup_consumed_elsewhere_is_found_by_check() -> None:
                 assert sub.check()  # ... until the periodic check finds it
         assert got == [[b"ev/t", b"late"]]
         assert sub.missed_wakeups == 1
-    finally:
-        sub.close()
-        pub.close(linger=0)
-        ctx.term()
 
 
 async def test_a_flood_of_back_to_back_batches_lets_other_tasks_run() -> None:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    pub, sub = _pair(ctx, "inproc://subscription-flood")
     turns = 0
-    try:
-        await _joined(pub, sub)
+    async with _joined_pair("inproc://subscription-flood") as (pub, sub):
         for n in range(5_000):
             pub.send_multipart([b"ev/t", n.to_bytes(4, "big")])
         with anyio.fail_after(10):
@@ -133,10 +131,6 @@ async def test_a_flood_of_back_to_back_batches_lets_other_tasks_run() -> None:
                 tg.cancel_scope.cancel()
         assert batches == 100
         assert turns >= batches - 1  # the other task ran between back-to-back batches
-    finally:
-        sub.close()
-        pub.close(linger=0)
-        ctx.term()
 
 
 async def test_a_terminated_context_fails_the_waiting_reader_with_the_cause() -> None:
