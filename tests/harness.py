@@ -7,6 +7,7 @@ waits for that line, so a test never races a bind.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -19,10 +20,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS_FROM = 15000
+_PORTS_TO = _ephemeral_low()
+_handed_out: set[int] = set()
+_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nothing listens on, below the kernel's ephemeral range: a port from that range
+    (what binding port 0 gives) can become the source port of an outgoing connection, e.g. one of
+    ZeroMQ's reconnects to an absent peer every 100 ms, before the service binds it ("Address already
+    in use" in CI). Never the same port twice in one test process."""
+    if _PORTS_TO - _PORTS_FROM >= 2000:
+        for _ in range(500):
+            port = _rng.randrange(_PORTS_FROM, _PORTS_TO)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: let the kernel choose
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
 @dataclass
@@ -115,7 +147,15 @@ class Service:
             start_new_session=True,
         )
         if wait_ready:
-            self.wait_for(rf"{self.module.removesuffix('_svc')} ready", timeout)
+            try:
+                self.wait_for(rf"{self.module.removesuffix('_svc')} ready", timeout)
+            except BaseException:
+                # never handed to the caller, so never stopped by it: end it and close its log here
+                if self.proc.poll() is None:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(5)
+                self._log.close()
+                raise
         return self
 
     def output(self) -> str:
@@ -129,7 +169,8 @@ class Service:
             if m:
                 return m
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"{self.module} exited ({self.proc.returncode}) before {pattern!r}:\n{self.output()[-4000:]}")
+                raise AssertionError(f"{self.module} exited ({self.proc.returncode}) before {pattern!r}:\n"
+                                     f"{self.output()[-4000:]}")
             time.sleep(0.05)
         raise AssertionError(f"{self.module}: no {pattern!r} within {timeout}s:\n{self.output()[-4000:]}")
 

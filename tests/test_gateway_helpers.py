@@ -10,7 +10,6 @@ real loopback port; `collect` is a real aiohttp WebSocket client.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -110,12 +109,6 @@ class Gateway:
         from gateway_svc.keys import STATS
 
         return self.app[STATS]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @asynccontextmanager

@@ -20,11 +20,11 @@ import anyio
 from gateway_svc.cursor import decode_cursor, encode_cursor
 from gateway_svc.keys import HUB, INDEX
 from shared.ids import new_run_id
+from tests.harness import free_port
 from tests.test_gateway_helpers import (
     Collected,
     FakePublisher,
     collect,
-    free_port,
     journal_of,
     make_settings,
     running_gateway,
