@@ -122,9 +122,12 @@ class Bench:
         self.cfg, self.ports = write_config(tmp, gateway=gateway_extra)
         self.settings = load_settings(self.cfg)
         self.settings.journal_dir.mkdir(parents=True, exist_ok=True)
-        self.gateway = Service("gateway_svc", self.cfg, tmp).start()
+        self.start()
         self.base = f"http://127.0.0.1:{self.ports.http}"
         self.ws = f"ws://127.0.0.1:{self.ports.http}"
+
+    def start(self) -> None:
+        self.gateway = Service("gateway_svc", self.cfg, self.tmp).start()
 
     def close(self) -> None:
         self.gateway.stop()
@@ -157,17 +160,11 @@ class Reference(Bench):
     """The building blocks alone (bench/reference_forwarder.py) in the gateway's place, measured the same
     way: what the machine gives a bare ZeroMQ -> aiohttp WebSocket pipeline at the same moment."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.cfg, self.ports = write_config(tmp)
-        self.settings = load_settings(self.cfg)
-        self.settings.journal_dir.mkdir(parents=True, exist_ok=True)
+    def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "bench" / "reference_forwarder.py"), f"tcp://127.0.0.1:{self.ports.publish}",
              str(self.ports.http)], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
-        self.base = f"http://127.0.0.1:{self.ports.http}"
-        self.ws = f"ws://127.0.0.1:{self.ports.http}"
 
     @property
     def pid(self) -> int:
