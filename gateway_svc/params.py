@@ -3,12 +3,18 @@ naming the parameter; nothing unchecked reaches a file path or another service."
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from shared.values import MAX_DEPTH, decode_json_object
+
 from .errors import HttpError
+
+# ASCII digits only: str.isdigit() and int() also take '²' and Arabic-Indic digits ('١١' is 11)
+_INTEGER = re.compile(r"-?[0-9]{1,19}", re.ASCII)
 
 
 def int_param(request: web.Request, name: str, *, default: int, lo: int, hi: int, alias: str | None = None) -> int:
@@ -17,8 +23,8 @@ def int_param(request: web.Request, name: str, *, default: int, lo: int, hi: int
         raw = request.query.get(alias)
     if raw is None or raw == "":
         return default
-    if len(raw) > 20 or not raw.lstrip("-").isdigit():
-        raise HttpError(400, "bad_request", f"query parameter {name!r}: expected an integer, got {raw[:40]!r}")
+    if _INTEGER.fullmatch(raw) is None:
+        raise HttpError(400, "bad_request", f"query parameter {name!r}: expected an integer in ASCII digits, got {raw[:40]!r}")
     value = int(raw)
     if not lo <= value <= hi:
         raise HttpError(400, "bad_request", f"query parameter {name!r}: expected {lo}..{hi}, got {value}")
@@ -50,9 +56,6 @@ async def json_body(request: web.Request, max_bytes: int, *, required: bool = Tr
             raise HttpError(400, "bad_request", "expected a JSON object as the request body")
         return {}
     try:
-        obj = msgspec.json.decode(bytes(body))
+        return decode_json_object(bytes(body))
     except msgspec.DecodeError as e:
-        raise HttpError(400, "bad_request", f"request body is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise HttpError(400, "bad_request", f"expected a JSON object, got {type(obj).__name__}")
-    return obj
+        raise HttpError(400, "bad_request", f"request body is not a JSON object nested at most {MAX_DEPTH} levels: {e}") from None

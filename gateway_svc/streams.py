@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -40,6 +39,7 @@ from aiohttp import WSMsgType, web
 
 from shared.ids import check_run_id
 from shared.journal import JournalReader, journal_path
+from shared.values import MAX_DEPTH, decode_json_object
 
 from .clients import CLOSE_GOING_AWAY, ClientGone, StreamClient
 from .cursor import MARGIN_S, CursorError, decode_cursor
@@ -50,7 +50,9 @@ from .params import int_param
 log = logging.getLogger(__name__)
 
 UNKNOWN_RUN_WAIT = 3.0
-MAX_CLIENT_MESSAGE = 4096
+MAX_CLIENT_MESSAGE = 4096  # a longer client message gets an error frame and 4400
+# what aiohttp reads into memory at all: beyond it, aiohttp itself closes with 1009 (no error frame)
+MAX_CLIENT_FRAME = 64 * 1024
 MAX_SEQ = 2**53
 CLOSE_UNKNOWN_RUN = 4004
 CLOSE_BAD_MESSAGE = 4400
@@ -264,15 +266,17 @@ async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
 
 async def _read_client(ws: web.WebSocketResponse, client: StreamClient, scope: anyio.CancelScope) -> None:
     async for msg in ws:
-        if msg.type is WSMsgType.TEXT:
+        if msg.type is WSMsgType.TEXT and len(msg.data) > MAX_CLIENT_MESSAGE:
+            what = f"a message of {len(msg.data)} characters (at most {MAX_CLIENT_MESSAGE})"
+        elif msg.type is WSMsgType.TEXT:
             try:
-                obj = json.loads(msg.data)
-            except ValueError:
+                obj = decode_json_object(msg.data)
+            except msgspec.DecodeError:  # not JSON, not an object, or a depth bomb
                 obj = None
             if isinstance(obj, dict) and obj.get("type") == "ping":
                 await client.transport.send_json({"type": "pong"})
                 continue
-            what = "not JSON" if obj is None else f"unknown message {str(obj)[:100]}"
+            what = f"not a JSON object nested at most {MAX_DEPTH} levels" if obj is None else f"unknown message {str(obj)[:100]}"
         else:
             what = f"unexpected {msg.type.name} frame"
         await client.transport.send_json(
@@ -307,7 +311,7 @@ async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: Strea
 
 def _websocket() -> web.WebSocketResponse:
     return web.WebSocketResponse(
-        compress=False, max_msg_size=MAX_CLIENT_MESSAGE, heartbeat=30.0, timeout=WS_CLOSE_TIMEOUT
+        compress=False, max_msg_size=MAX_CLIENT_FRAME, heartbeat=30.0, timeout=WS_CLOSE_TIMEOUT
     )
 
 

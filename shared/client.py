@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 
 from .config import Settings
-from .errors import ERRORS_BY_CODE, RunwireError, ServiceUnavailable
+from .errors import ERRORS_BY_CODE, ProtocolError, RunwireError, ServiceUnavailable
 from .events import Event
 
 GATEWAY_URL_ENV = "RUNWIRE_GATEWAY_URL"
@@ -69,7 +69,7 @@ class GatewayClient:
             raise ServiceUnavailable(f"gateway not reachable at {self.base_url} ({e or type(e).__name__}); is it running? try `runwire doctor`") from e
         try:
             data = _frame_decoder.decode(body) if body else None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # not JSON (a proxy's page) or a depth bomb: no body
             data = None
         if status >= 400:
             err = data.get("error") if isinstance(data, dict) else None
@@ -115,7 +115,10 @@ class GatewayClient:
         async with ws:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
-                    frame = _frame_decoder.decode(msg.data)
+                    try:
+                        frame = _frame_decoder.decode(msg.data)
+                    except (msgspec.DecodeError, RecursionError) as e:
+                        raise ProtocolError(f"WebSocket {path}: the gateway sent a frame that is not JSON: {e}") from e
                     if not isinstance(frame, dict):
                         continue
                     if frame.get("type") == "events":

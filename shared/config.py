@@ -18,6 +18,7 @@ import msgspec
 
 from .errors import BadParams, ConfigError, UnknownPipeline
 from .events import is_valid_stage_name
+from .values import Params, ParamValue
 
 CONFIG_ENV = "RUNWIRE_CONFIG"
 HOME_ENV = "RUNWIRE_HOME"
@@ -72,9 +73,9 @@ ParamType = Literal["str", "int", "float", "bool", "list"]
 
 class ParamSpec(_Strict):
     type: ParamType = "str"
-    default: Any = None
+    default: ParamValue | None = None
     description: str = ""
-    choices: list[Any] | None = None
+    choices: list[str | int | float | bool] | None = None
     pattern: str | None = None  # for str and list items
     min_items: int = 1  # for lists: an empty fan-out is refused unless this is 0
 
@@ -112,7 +113,7 @@ class ScheduleConfig(_Strict):
     every: str | None = None  # "15m": slots aligned to `anchor`, whenever the service started
     anchor: str = "2000-01-01T00:00:00"  # local time in `timezone`
     timezone: str | None = None  # default: the top-level timezone
-    params: dict[str, Any] = {}
+    params: Params = {}
     enabled: bool = True  # the initial state; pause/resume is persisted and wins
     fire_at_start: bool = False
     misfire_grace: float = 60.0
@@ -205,6 +206,8 @@ def settings_from_toml(data: bytes | str, path: Path) -> Settings:
         raise ConfigError(f"{path}: {_humanize(str(e))}") from e
     except msgspec.DecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError as e:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from e
     _validate(config, path)
     home_raw = os.environ.get(HOME_ENV)
     home = Path(home_raw).expanduser().resolve() if home_raw else (path.parent / config.home).resolve()
@@ -346,6 +349,9 @@ def check_param_value(name: str, spec: ParamSpec, value: Any) -> Any:
         ok = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
     if not ok:
         raise BadParams(f"parameter {name!r}: expected {spec.type}, got {type(value).__name__} {value!r:.60}")
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, str) and "\x00" in v:  # no command line can carry it: the stage would fail later
+            raise BadParams(f"parameter {name!r}: {v!r:.60} contains a NUL character")
     if spec.type == "list":
         if len(value) < spec.min_items:
             raise BadParams(f"parameter {name!r}: expected at least {spec.min_items} item(s), got {len(value)}")

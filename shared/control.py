@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from .errors import ERRORS_BY_CODE, InternalError, ProtocolError, RunwireError, ServiceUnavailable
+from .values import Params
 from .wire import configure_socket
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Identity(Request, tag="identity"):
 
 class Launch(Request, tag="launch"):
     pipeline: str
-    params: dict[str, Any] = {}
+    params: Params = {}
 
 
 class Cancel(Request, tag="cancel"):
@@ -211,7 +212,7 @@ class ControlClient:
         except zmq.ZMQError as e:
             self.close()
             raise ServiceUnavailable(f"{what}: {e}") from e
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, RecursionError) as e:  # a reply's result is free-form: bound it here
             self.close()
             raise ProtocolError(f"{what}: bad reply: {e}") from e
         if reply.ok:

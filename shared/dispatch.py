@@ -14,6 +14,8 @@ from typing import Literal
 
 import msgspec
 
+from .values import Params
+
 
 class RunnerMessage(msgspec.Struct, tag_field="type", kw_only=True):
     runner_id: str
@@ -58,7 +60,7 @@ class SchedulerMessage(msgspec.Struct, tag_field="type", kw_only=True):
 
 class DispatchRun(SchedulerMessage, tag="dispatch"):
     pipeline: str
-    params: dict[str, object] = {}
+    params: Params = {}
 
 
 class CancelRun(SchedulerMessage, tag="cancel"):

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .values import Object
 
 EventKind = Literal["queued", "start", "success", "failure", "skipped", "cancelled", "log", "metric"]
 EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
@@ -39,7 +40,7 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
     stage: str
     event: EventKind
     msg: str = ""
-    data: dict[str, Any] | None = None
+    data: Object | None = None  # type: ignore[valid-type]  # nested at most values.MAX_DEPTH levels
 
     @property
     def is_terminal(self) -> bool:

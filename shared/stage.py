@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from .values import Object, Params
+
 STAGE_FD_ENV = "RUNWIRE_STAGE_FD"
 STAGE_INFO_ENV = "RUNWIRE_STAGE_INFO"
 
@@ -26,7 +28,7 @@ class StageInfo(msgspec.Struct, kw_only=True):
     stage: str
     item: str | None = None
     attempt: int = 1
-    params: dict[str, Any] = {}
+    params: Params = {}
     home: str
 
 
@@ -36,12 +38,12 @@ class StageMessage(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults
 
 class LogMessage(StageMessage, tag="log"):
     msg: str
-    data: dict[str, Any] | None = None
+    data: Object | None = None  # type: ignore[valid-type]
 
 
 class MetricMessage(StageMessage, tag="metric"):
     msg: str
-    data: dict[str, Any] | None = None
+    data: Object | None = None  # type: ignore[valid-type]
 
 
 class CountersMessage(StageMessage, tag="counters"):
