@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -114,7 +113,7 @@ class ControlHandler:
     def _identity(self) -> IdentityInfo:
         s = self.s
         runners = {}
-        now = time.monotonic()
+        now = s.tracker.clock.now()  # last_seen is judge time
         for r in s.runners.values():
             if r.connected and r.status is not None:
                 st = r.status

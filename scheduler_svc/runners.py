@@ -1,5 +1,7 @@
 """Runners as the scheduler sees them: their messages on scheduler.dispatch (status, accepted, rejected,
 finished), what is sent to them, and the monitor that declares a silent runner, or an unreported run, lost.
+Silence is measured on the monitor's `JudgeClock` (`silence.py`), never on the wall: a scheduler that was
+itself stopped does not count its own pause against the runners it could not hear meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from shared.events import now_timestamp
 from shared.journal import JournalReader, journal_path
 
 from .runs import ACTIVE_PHASES, RunRecord
+from .silence import JudgeClock, verdict
 
 if TYPE_CHECKING:
     from .service import Scheduler
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_REJECTIONS = 5  # dispatch attempts refused by runners before the run fails
+_STALL_WARN = 1.0  # seconds of a late monitor tick worth a warning (shorter ones: a busy host, logged at debug)
 
 
 @dataclass
@@ -37,7 +41,7 @@ class RunnerInfo:
     runner_id: str
     routing: bytes | None = None  # None: known only from journals/state (after a scheduler restart)
     status: RunnerStatus | None = None
-    last_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)  # judge time (RunnerTracker.clock)
     lost: bool = False
     runs: set[str] = field(default_factory=set)  # active runs assigned to it
 
@@ -53,6 +57,10 @@ class RunnerTracker:
     def __init__(self, scheduler: Scheduler) -> None:
         self.s = scheduler
         self.lost_after = scheduler.cfg.scheduler.runner_lost_after
+        self.tick = min(0.25, self.lost_after / 8)
+        # a tick that comes late counts as at most two: a stall of the scheduler is not runner silence
+        self.clock = JudgeClock(max_step=2 * self.tick)
+        self._deferred: set[str] = set()  # runners whose verdict waits for unread input (logged once each)
         self.dispatch_sock: zmq.asyncio.Socket | None = None  # bound, and closed, by Scheduler.run
         self.dispatch_dropped = 0
 
@@ -99,7 +107,7 @@ class RunnerTracker:
     def _runner_of(self, runner_id: str) -> RunnerInfo:
         r = self.s.runners.get(runner_id)
         if r is None:
-            r = self.s.runners[runner_id] = RunnerInfo(runner_id)
+            r = self.s.runners[runner_id] = RunnerInfo(runner_id, last_seen=self.clock.now())
         return r
 
     def _owned_by(self, rec: RunRecord | None, runner_id: str, attempt: int) -> bool:
@@ -116,7 +124,7 @@ class RunnerTracker:
         fresh = not r.connected or (r.status is not None and r.status.pid != msg.pid)
         if r.lost:
             log.warning("runner %s speaks again after being declared lost; its old runs stay ended", msg.runner_id)
-        r.routing, r.status, r.last_seen, r.lost = routing, msg, time.monotonic(), False
+        r.routing, r.status, r.last_seen, r.lost = routing, msg, self.clock.now(), False
         if fresh:
             log.info("runner %s connected: pid %d, capacity %d, journal dir %s, config %s, publishes on %s",
                      msg.runner_id, msg.pid, msg.capacity, msg.journal_dir, msg.config_path, msg.publish)
@@ -144,7 +152,7 @@ class RunnerTracker:
                     rec.recovered = False
                     log.info("run %s re-adopted: runner %s still runs attempt %d", run_id, r.runner_id, attempt)
                 rec.unreported_since = None
-        now = time.monotonic()
+        now = self.clock.now()
         for run_id in r.runs:
             rec = s.runs[run_id]
             if run_id not in msg.runs and rec.phase in ("dispatched", "running") and rec.unreported_since is None:
@@ -202,18 +210,56 @@ class RunnerTracker:
 
     async def monitor(self) -> None:
         s = self.s
-        tick = min(0.25, self.lost_after / 8)
+        self.clock.tick()  # judging starts: times recorded at start (real time) compare from here
         while True:
-            await anyio.sleep(tick)
-            now = time.monotonic()
-            for r in list(s.runners.values()):
-                if not r.lost and now - r.last_seen > self.lost_after:
-                    self._declare_lost(r, now - r.last_seen)
-            for rec in list(s.active.values()):
-                if rec.unreported_since is not None and now - rec.unreported_since > self.lost_after:
-                    self._reconcile_unreported(rec, now - rec.unreported_since)
+            await anyio.sleep(self.tick)
+            uncounted = self.clock.tick()
+            if uncounted > 0:
+                log.log(logging.WARNING if uncounted >= _STALL_WARN else logging.DEBUG,
+                        "runner monitor: tick %.2f s late (the scheduler was stopped or starved); %.2f s not "
+                        "counted as runner silence", uncounted + self.clock.max_step - self.tick, uncounted)
+            self.judge()
             if any(r.not_before for r in s.queue.values()):
                 s.dispatcher.wake()
+
+    def unread_input(self) -> bool:
+        """Messages wait on scheduler.dispatch, not yet read: one of them may be the heartbeat."""
+        assert self.dispatch_sock is not None
+        return bool(self.dispatch_sock.get(zmq.EVENTS) & zmq.POLLIN)
+
+    def judge(self) -> None:
+        """One round of the monitor: declare silent runners lost, reconcile runs no runner reports."""
+        s = self.s
+        now = self.clock.now()
+        unread: bool | None = None  # asked of the socket only when someone is past the limit
+        for r in list(s.runners.values()):
+            if r.lost:
+                continue
+            silence = now - r.last_seen
+            if silence <= self.lost_after:
+                self._deferred.discard(r.runner_id)
+                continue
+            if unread is None:
+                unread = self.unread_input()
+            v = verdict(silence, self.lost_after, unread)
+            if v.deferred:
+                if r.runner_id not in self._deferred:
+                    self._deferred.add(r.runner_id)
+                    log.info("runner %s: no heartbeat read for %.1f s, but scheduler.dispatch has unread "
+                             "messages: reading them before judging", r.runner_id, silence)
+            elif v.lost:
+                self._deferred.discard(r.runner_id)
+                self._declare_lost(r, silence)
+        for rec in list(s.active.values()):
+            if rec.unreported_since is not None and now - rec.unreported_since > self.lost_after:
+                if unread is None:
+                    unread = self.unread_input()
+                v = verdict(now - rec.unreported_since, self.lost_after, unread)
+                if v.lost:
+                    self._reconcile_unreported(rec, now - rec.unreported_since)
+                else:
+                    log.debug("run %s: unreported by %s for %.1f s; reading unread runner messages first",
+                              rec.run_id, rec.runner, now - rec.unreported_since)
 
     def _declare_lost(self, r: RunnerInfo, silence: float) -> None:
         s = self.s
