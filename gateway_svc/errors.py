@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from shared.errors import (
     BadParams,
@@ -45,7 +48,7 @@ _STATUS: list[tuple[type[RunwireError], int]] = [
 ]
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "body_too_large", 414: "uri_too_long"}
+               413: "body_too_large", 414: "uri_too_long", 431: "headers_too_large", 500: "internal"}
 
 
 def status_of(exc: RunwireError) -> int:
@@ -76,3 +79,34 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         code = _HTTP_CODES.get(e.status, f"http_{e.status}")
         return error_response(e.status, code, e.reason if e.text is None else f"{e.reason}: {request.path}")
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """aiohttp's connection handler, whose own error answers (a malformed request line, a raw path that
+    is not ASCII, an over-long URL or header: aiohttp refuses them before any route or middleware sees
+    the request) are the API's JSON error too, not text/plain."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises if a response was under way
+        if status >= 500:
+            text = "the gateway failed while handling the request; its log has the traceback"
+        else:
+            text = " ".join((message or HTTPStatus(status).phrase).split())[:500]
+        resp = error_response(status, _HTTP_CODES.get(status, f"http_{status}"), text)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """web.AppRunner whose server answers aiohttp's own protocol errors as JSON (see above)."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                                loop=plain._loop, **plain._kwargs)

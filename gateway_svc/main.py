@@ -12,6 +12,7 @@ from shared.config import Settings
 from shared.entry import service_main, watch_signals
 
 from .app import HUB_TASK, make_app
+from .errors import JsonErrorAppRunner
 from .security import check_bind
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ async def serve(settings: Settings) -> None:
     log.info("config %s", settings.path)
     log.info("journal directory %s", settings.journal_dir)
     app = make_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = JsonErrorAppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()  # indexes the journals and connects the subscriber (cleanup context)
     try:
         site = web.TCPSite(runner, gw.host, gw.port, reuse_address=True, backlog=1024)

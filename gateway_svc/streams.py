@@ -28,8 +28,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import struct
+import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,7 +58,8 @@ MAX_CLIENT_FRAME = 64 * 1024
 MAX_SEQ = 2**53
 CLOSE_UNKNOWN_RUN = 4004
 CLOSE_BAD_MESSAGE = 4400
-WS_CLOSE_TIMEOUT = 5.0
+WS_CLOSE_TIMEOUT = 5.0  # no byte taken for this long: the peer is not reading
+WS_CLOSE_MAX = 60.0  # a close frame waits at most this long behind what a slow reader still has to read
 
 _json = msgspec.json.Encoder()
 
@@ -92,9 +95,38 @@ class WsTransport:
         await self.ws.send_frame(_json.encode(obj), WSMsgType.TEXT)
 
     async def close(self, code: int, reason: str) -> None:
-        # a peer that reads nothing cannot take the close frame either: give up after a while
-        with anyio.move_on_after(WS_CLOSE_TIMEOUT):
-            await self.ws.close(code=code, message=reason.encode())
+        """Send the close frame behind what is already buffered for the peer. A peer that reads slowly
+        gets it (4008 included) as long as it keeps taking bytes, up to WS_CLOSE_MAX; one that reads
+        nothing for WS_CLOSE_TIMEOUT cannot take it and is dropped (it sees 1006)."""
+        with anyio.move_on_after(WS_CLOSE_MAX):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._drop_when_stalled, tg.cancel_scope)
+                await self.ws.close(code=code, message=reason.encode())
+                tg.cancel_scope.cancel()
+
+    async def _drop_when_stalled(self, scope: anyio.CancelScope) -> None:
+        left, since = self._unsent(), anyio.current_time()
+        while anyio.current_time() - since < WS_CLOSE_TIMEOUT:
+            await anyio.sleep(0.25)
+            now_left = self._unsent()
+            if now_left < left:  # the peer took bytes: it is reading, wait on
+                since = anyio.current_time()
+            left = now_left
+        scope.cancel()
+
+    def _unsent(self) -> int:
+        """Bytes not yet taken by the peer: asyncio's buffer plus the kernel's send queue."""
+        tcp = self.tcp
+        if tcp is None or tcp.is_closing():
+            return 0
+        queued = tcp.get_write_buffer_size()
+        sock = tcp.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass  # no send-queue size here (not Linux, socket gone): asyncio's buffer alone says it
+        return queued
 
     async def keepalive(self) -> None:
         return  # aiohttp's heartbeat pings the peer

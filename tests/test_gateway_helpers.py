@@ -24,6 +24,7 @@ import zmq
 from aiohttp import web
 
 from gateway_svc.app import make_app
+from gateway_svc.errors import JsonErrorAppRunner
 from shared.config import Settings, load_settings
 from shared.events import Event
 from shared.ids import new_run_id
@@ -115,7 +116,7 @@ class Gateway:
 async def running_gateway(settings: Settings, port: int | None = None) -> AsyncIterator[Gateway]:
     """The real gateway app on a real loopback port, in this process (so tests can read its counters)."""
     app = make_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    runner = JsonErrorAppRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     port = port or settings.config.gateway.port
     site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
