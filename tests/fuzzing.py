@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -310,6 +311,18 @@ def json_bomb(depth: int, kind: str = "list") -> bytes:
 def msgpack_bomb(depth: int) -> bytes:
     """A MessagePack value nested `depth` levels (fixarray of one element, repeated), built by hand."""
     return b"\x91" * depth + b"\x01"
+
+
+def int_verdict(raw: str, lo: int, hi: int) -> bool | None:
+    """Should a query integer `raw` be taken (True), refused with a 400 (False), or either (None: ASCII
+    digits zero-padded beyond 19 characters)? ASCII digits only, issue 11 (4)."""
+    if raw == "":
+        return True  # absent: the default
+    if not re.fullmatch(r"-?[0-9]+", raw, re.ASCII):
+        return False
+    if not lo <= int(raw) <= hi:
+        return False
+    return True if len(raw) <= 19 else None
 
 
 # digits a careless parser takes for numbers, and numbers no route should take
