@@ -129,8 +129,10 @@ subscribe = ["tcp://127.0.0.1:{ports.publish}", "tcp://127.0.0.1:{ports.schedule
 class Service:
     """One service (`python -m <module> --config <path>`) as a subprocess, its output in a log file."""
 
-    def __init__(self, module: str, config: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, module: str, config: Path, log_dir: Path, env: dict[str, str] | None = None,
+                 cwd: Path = REPO) -> None:
         self.module = module
+        self.cwd = cwd  # `python -m` imports the service from here (another checkout, for a snapshot)
         self.config = config
         self.log_path = log_dir / f"{module}.{int(time.time() * 1000)}.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -143,7 +145,7 @@ class Service:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, "--config", str(self.config)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO),
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.cwd),
             start_new_session=True,
         )
         if wait_ready:
