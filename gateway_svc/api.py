@@ -29,6 +29,9 @@ GET /api/runs/{run_id}/events?after_seq=N&limit=M   (M 1..10000, default 1000)
                                    event returned: corrupt lines its reader skipped; usually [])
 
 POST /api/runs  {"pipeline": str, "params": {...}}  -> 202 {"run_id": str, "status": "queued"}
+    optional header Idempotency-Key (1-255 visible ASCII, else 400): a retry with the same key within a
+    day answers 202 with the first run's id and current status (and `Idempotent-Replayed: true`), never a
+    second run; the same key with another pipeline or other params is 409 conflict. 503: no run happens.
 POST /api/runs/{run_id}/cancel                      -> 202 {"run_id": str, "status": "cancelling"|...}
 GET  /api/pipelines -> 200 {"pipelines": [{"name", "description", "stages": [names],
                               "params": [{"name", "type", "default", "choices", "description"}]}]}
@@ -51,8 +54,10 @@ import msgspec
 from aiohttp import web
 
 from shared.config import Settings, resolve_params
-from shared.control import Cancel, ControlClient, GetRun, Launch, ListRuns, ListSchedules, Pause, Request, Resume
-from shared.errors import RunwireError
+from shared.control import (
+    Cancel, ControlClient, GetRun, Launch, ListRuns, ListSchedules, Pause, Request, Resume, check_idempotency_key,
+)
+from shared.errors import ProtocolError, RunwireError
 from shared.ids import check_run_id, is_valid_run_id
 from shared.journal import JournalReader, journal_path
 from shared.runstate import RUN_STATUSES, RunState, StageState
@@ -233,11 +238,21 @@ async def launch_run(request: web.Request) -> web.Response:
     if not isinstance(params, dict):
         raise HttpError(400, "bad_params", "field 'params': expected an object")
     resolve_params(settings.pipeline(name), params)  # UnknownPipeline / BadParams -> 400 before asking anyone
-    result = await scheduler_call(request, Launch(pipeline=name, params=params))
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        try:
+            check_idempotency_key(key)
+        except ProtocolError as e:
+            raise HttpError(400, "bad_request", f"header {e}") from e
+    result = await scheduler_call(request, Launch(pipeline=name, params=params, idempotency_key=key))
     run_id = result.get("run_id") if isinstance(result, dict) else result
     if not is_valid_run_id(run_id):
         raise HttpError(502, "bad_gateway", f"the scheduler answered the launch without a run id: {str(result)[:200]}")
-    return web.json_response({"run_id": run_id, "status": "queued"}, status=202)
+    status = result.get("status") if isinstance(result, dict) else None
+    replayed = isinstance(result, dict) and result.get("replayed") is True
+    headers = {"Idempotent-Replayed": "true"} if replayed else None  # a retry: the first run's answer
+    return web.json_response({"run_id": run_id, "status": status if status in RUN_STATUSES else "queued"},
+                             status=202, headers=headers)
 
 
 async def cancel_run(request: web.Request) -> web.Response:

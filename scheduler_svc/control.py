@@ -1,5 +1,6 @@
-"""Requests on the scheduler's control socket (gateway, CLI, doctor): launch, cancel, list and get runs,
-schedules and pause/resume, identity. (The request types and their serving loop are in `shared.control`.)
+"""Requests on the scheduler's control socket (gateway, CLI, doctor): launch (`launches.py`), cancel, list
+and get runs, schedules and pause/resume, identity. (The request types and their serving loop are in
+`shared.control`.)
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import anyio
 import msgspec
 
 import shared
-from shared.config import endpoints_of, resolve_params
+from shared.config import endpoints_of
 from shared.control import Cancel, GetRun, Identity, IdentityInfo, Launch, ListRuns, ListSchedules, Pause, Resume
 from shared.dispatch import CancelRun
 from shared.errors import BadParams, Conflict, NotFound, ProtocolError
-from shared.ids import check_run_id, new_run_id
+from shared.ids import check_run_id
 from shared.journal import read_events
 from shared.runstate import RUN_STATUSES, fold
 
+from .launches import Launches
 from .runs import RunRecord, read_record
 
 if TYPE_CHECKING:
@@ -31,11 +33,12 @@ log = logging.getLogger(__name__)
 class ControlHandler:
     def __init__(self, scheduler: Scheduler) -> None:
         self.s = scheduler
+        self.launches = Launches(scheduler)
 
     async def handle(self, req: Any) -> Any:
         match req:
             case Launch():
-                return await self._launch(req)
+                return await self.launches.launch(req)
             case Cancel():
                 return await self._cancel(req)
             case ListRuns():
@@ -51,13 +54,6 @@ class ControlHandler:
             case Identity():
                 return self._identity()
         raise ProtocolError(f"{type(req).__name__} is not a scheduler operation (the runner answers it)")
-
-    async def _launch(self, req: Launch) -> dict[str, Any]:
-        pipeline = self.s.settings.pipeline(req.pipeline)
-        params = resolve_params(pipeline, req.params)
-        rec = await self.s.journaling.queue_run(req.pipeline, params, {"trigger": "manual"}, new_run_id())
-        log.info("run %s (%s) queued on request", rec.run_id, rec.pipeline)
-        return {"run_id": rec.run_id, "status": "queued"}
 
     def _find(self, run_id: str) -> RunRecord:
         check_run_id(run_id)

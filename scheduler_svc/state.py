@@ -1,5 +1,6 @@
 """The scheduler's small durable state in `<home>/state/scheduler.sqlite3`: pause flags, the last slot
-evaluated per schedule, the fire-at-start marker, and run -> (runner, attempt) assignments.
+evaluated per schedule, the fire-at-start marker, run -> (runner, attempt) assignments, and launch
+idempotency keys -> run id for a day (each key is also in its run's `queued` event, which stays the truth).
 
 Journals remain the truth for whether a run exists and how it ended; this holds only what journals do
 not say. stdlib sqlite3 in WAL mode with synchronous=FULL: every commit is durable when it returns,
@@ -33,6 +34,12 @@ CREATE TABLE IF NOT EXISTS assignments (
     run_id TEXT PRIMARY KEY,
     runner TEXT NOT NULL,
     attempt INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,      -- the run this key launched (or is launching: its journal may not exist yet)
+    fingerprint TEXT NOT NULL, -- pipeline and parameters of that launch: a reuse with others is refused
+    created_at REAL NOT NULL   -- unix time; keys are kept for a day
 );
 """
 
@@ -79,6 +86,12 @@ class StateStore:
         rows = self._db.execute("SELECT run_id, runner, attempt FROM assignments").fetchall()
         return {r: (runner, attempt) for r, runner, attempt in rows}
 
+    def idempotency_keys(self, since: float) -> list[tuple[str, str, str, float]]:
+        """(key, run_id, fingerprint, created_at) of keys created after `since` (unix time)."""
+        with self._lock:  # writes run in a worker thread on the same connection
+            return self._db.execute("SELECT key, run_id, fingerprint, created_at FROM idempotency_keys "
+                                    "WHERE created_at >= ?", (since,)).fetchall()
+
     # -- writing
 
     def _exec(self, sql: str, args: tuple[object, ...]) -> None:
@@ -106,6 +119,13 @@ class StateStore:
     async def assign(self, run_id: str, runner: str, attempt: int) -> None:
         await self._write("INSERT OR REPLACE INTO assignments(run_id, runner, attempt) VALUES (?, ?, ?)",
                           run_id, runner, attempt)
+
+    async def remember_key(self, key: str, run_id: str, fingerprint: str, created_at: float) -> None:
+        await self._write("INSERT OR REPLACE INTO idempotency_keys(key, run_id, fingerprint, created_at) "
+                          "VALUES (?, ?, ?, ?)", key, run_id, fingerprint, created_at)
+
+    async def forget_keys(self, before: float) -> None:
+        await self._write("DELETE FROM idempotency_keys WHERE created_at < ?", before)
 
     def forget_sync(self, run_ids: list[str]) -> None:
         """Drop assignments of ended runs (at start, in one transaction)."""

@@ -4,13 +4,17 @@
 Framing: a client sends one frame, the encoded request; the server's ROUTER sees [routing id, payload]
 (or [routing id, b"", payload] from a REQ socket) and answers with the same envelope and one reply frame.
 Every request carries an id (echoed in the reply) and a deadline: a server drops a request whose
-deadline has passed, so a launch that timed out at the client never runs later behind its back.
+deadline has passed, so a launch that timed out at the client never runs later behind its back. The
+client sets the deadline a margin (`deadline_margin`) before it gives up itself, so an answer the
+server commits to by its deadline still reaches the client in time; the scheduler checks a launch's
+deadline again right after the run is durably queued, and ends it `cancelled` when it has passed.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +43,8 @@ class Identity(Request, tag="identity"):
 class Launch(Request, tag="launch"):
     pipeline: str
     params: Params = {}
+    # the client's Idempotency-Key: a retry with the same key answers the first run, never a second
+    idempotency_key: str | None = None
 
 
 class Cancel(Request, tag="cancel"):
@@ -110,6 +116,25 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
+IDEMPOTENCY_KEY_MAX = 255
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,%d}" % IDEMPOTENCY_KEY_MAX)
+
+
+def check_idempotency_key(key: object) -> str:
+    """An Idempotency-Key is 1 to 255 visible ASCII characters (no spaces); ProtocolError otherwise."""
+    if not isinstance(key, str) or _IDEMPOTENCY_KEY.fullmatch(key) is None:
+        shown = repr(key)[:80]
+        raise ProtocolError(f"Idempotency-Key {shown}: expected 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII "
+                            "characters (letters, digits, punctuation; no spaces)")
+    return key
+
+
+def deadline_margin(timeout: float) -> float:
+    """Seconds between the deadline a client sends and the moment it gives up: the time an answer
+    committed at the deadline may take to reach it (a fifth of the timeout, at most a second)."""
+    return min(1.0, timeout / 5)
+
+
 def error_reply(req_id: int, exc: RunwireError) -> Reply:
     return Reply(id=req_id, ok=False, error=ErrorBody(code=exc.code, message=str(exc)))
 
@@ -151,7 +176,10 @@ async def _answer(payload: bytes, handle: Handler, where: str) -> Reply:
 
 class ControlClient:
     """An async DEALER client with a timeout per call. After a timeout the socket is thrown away
-    (nothing queued in it is sent later), and the request's deadline stops a late server acting."""
+    (nothing queued in it is sent later), and the request's deadline, `deadline_margin` before the
+    client gives up, stops a late server acting. Waiting to connect spends the same budget: the
+    deadline is fixed when the call starts, so a slow connect shortens the server's time, never the
+    margin."""
 
     _ids = itertools.count(1)
 
@@ -190,10 +218,10 @@ class ControlClient:
     async def _call(self, req: Request, timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else timeout
         req.id = next(self._ids)
-        req.deadline = time.time() + timeout
+        end = time.monotonic() + timeout
+        req.deadline = time.time() + timeout - deadline_margin(timeout)
         sock = self._socket()
         what = f"{type(req).__name__.lower()} to {self.endpoint}"
-        end = time.monotonic() + timeout
         try:
             if not await sock.poll(timeout * 1000, zmq.POLLOUT):
                 raise ServiceUnavailable(f"{what}: nothing listening (not connected within {timeout:g}s)")
