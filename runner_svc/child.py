@@ -4,7 +4,7 @@ with its `StageContext`; `python -m runner_svc.child --exec -- argv...` becomes 
 First it asks the kernel to SIGKILL this process when the runner dies (PR_SET_PDEATHSIG, Linux), so a
 runner killed with -9 does not leave its stages running; the setting survives exec, which is why
 command stages start through here too. Children that a stage spawns itself are found later by their
-RUNWIRE_RUN_ID environment (see procs.kill_orphans) when the runner restarts.
+RUNWIRE_RUN_ID environment (see shared/procs.py) when the run ends or the runner restarts.
 
 Command stages start it as a script with `python -S` (no site-packages, for a fast start), so this module
 imports only the standard library at the top; `shared` is imported for callable stages only.

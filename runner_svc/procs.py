@@ -1,5 +1,6 @@
-"""Process groups of stage processes: is a group still alive, end it (TERM, grace, KILL), and find the
-processes a dead runner left behind (by the RUNWIRE_RUN_ID in their environment).
+"""Process groups of stage processes: is a group still alive, end it (TERM, grace, KILL). Finding a
+run's processes by their environment (what a dead runner, or a stage's own daemon, left behind) is in
+shared/procs.py, which the scheduler uses too.
 
 Liveness is read from /proc and ignores zombies: a killed grandchild re-parented to an init that does
 not reap stays a zombie, which is dead for every purpose here.
@@ -13,25 +14,13 @@ import signal
 
 import anyio
 
+from shared.procs import RUN_ID_ENV, stat_fields
+
+__all__ = ["RUN_ID_ENV", "end_group", "group_members"]
+
 log = logging.getLogger(__name__)
 
-RUN_ID_ENV = "RUNWIRE_RUN_ID"
 _POLL = 0.05
-
-
-def _stat_fields(pid: str) -> tuple[str, int] | None:
-    """(state, pgrp) of a process from /proc/<pid>/stat, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # the command name is in parentheses and may hold spaces: split after the last ')'
-    rest = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return rest[0].decode(), int(rest[2])
-    except (IndexError, ValueError):
-        return None
 
 
 def group_members(pgid: int) -> list[int]:
@@ -50,7 +39,7 @@ def group_members(pgid: int) -> list[int]:
     for name in entries:
         if not name.isdigit():
             continue
-        fields = _stat_fields(name)
+        fields = stat_fields(name)
         if fields and fields[1] == pgid and fields[0] not in ("Z", "X"):
             members.append(int(name))
     return members
@@ -87,42 +76,3 @@ async def end_group(pgid: int, grace: float, what: str) -> bool:
             else:
                 log.error("%s: process group %d still has live members after SIGKILL: %s", what, pgid, group_members(pgid))
         return True
-
-
-def processes_of_run(run_id: str) -> list[int]:
-    """Processes (of this user) whose environment names the run: stage processes and their children."""
-    needle = f"{RUN_ID_ENV}={run_id}".encode()
-    found = []
-    me = os.getpid()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in entries:
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue  # gone meanwhile, or another user's process: not a stage of ours
-        if needle in env.split(b"\0"):
-            fields = _stat_fields(name)
-            if fields and fields[0] not in ("Z", "X"):
-                found.append(int(name))
-    return found
-
-
-def kill_orphans(run_id: str) -> list[int]:
-    """SIGKILL what a dead runner left running for this run (its process groups died with it only if
-    the stage process reacted to its parent's death); returns the pids killed."""
-    killed = []
-    for pid in processes_of_run(run_id):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except ProcessLookupError:
-            continue
-        except PermissionError as e:
-            log.error("run %s: cannot kill left-over stage process %d: %s", run_id, pid, e)
-    return killed

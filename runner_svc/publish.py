@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from shared.events import Event
+from shared.errors import JournalFenced
+from shared.events import PIPELINE_STAGE, Event
 from shared.journal import JournalWriter
 from shared.wire import Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
 
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 _DROP_WARN_EVERY = 5.0  # seconds between warnings about dropped messages
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_STAGE_ENDS = frozenset({"success", "failure", "skipped", "cancelled"})
 
 
 class Publisher:
@@ -85,15 +88,23 @@ class Publisher:
 class RunJournal:
     """A run's journal writer plus publication: `emit` appends, waits until the event is as durable as
     configured, then publishes every event up to it in seq order. After `release()` nothing more is
-    written (the scheduler has ended the run and owns its journal's last word)."""
+    written (the scheduler has ended the run and owns its journal's last word). A write that finds the
+    journal fenced (the scheduler ended the run in this runner's place, see shared/fence.py) is not
+    published, releases the journal and calls `on_fenced`, which stops the run.
+
+    It also keeps which stages (and fan-out items) have started and not ended, so whoever writes the
+    run's end can end them first, whatever way the run ends."""
 
     def __init__(self, writer: JournalWriter, publisher: Publisher) -> None:
         self.writer = writer
         self.publisher = publisher
         self.released = False
+        self.fenced = False
+        self.on_fenced: Callable[[str], None] = lambda why: None
         self.published_seq = writer.last_seq
         self._pending: deque[Event] = deque()
         self._flush_only = writer.durability == "flush"
+        self._open: dict[tuple[str, str | None], None] = {}  # (stage, item) started, not ended; in order
 
     @property
     def run_id(self) -> str:
@@ -107,7 +118,18 @@ class RunJournal:
         """Journal one event, then publish it. Returns None (writes nothing) once released."""
         if self.released:
             return None
-        ev = self.writer.append(stage, event, msg, data)
+        try:
+            ev = self.writer.append(stage, event, msg, data)
+        except JournalFenced as e:
+            self._on_fence(e)
+            return None
+        if stage != PIPELINE_STAGE and (event == "start" or event in _STAGE_ENDS):
+            item = data.get("item") if data else None
+            key = (stage, None if item is None else str(item))
+            if event == "start":
+                self._open[key] = None
+            else:
+                self._open.pop(key, None)
         if self._flush_only and not self._pending:
             # flush mode: the line is in the OS once append returns; nothing to wait for, nothing queued
             self.publisher.publish_event(ev)
@@ -123,6 +145,17 @@ class RunJournal:
             self.publisher.publish_event(out)
             self.published_seq = out.seq
         return ev
+
+    def _on_fence(self, e: JournalFenced) -> None:
+        log.error("%s; publishing and writing nothing more for run %s, stopping its stages", e, self.run_id)
+        self.released = self.fenced = True
+        self._pending.clear()
+        self.on_fenced(f"fenced: the scheduler ended the run in this runner's place ({self.writer.path} replaced)")
+
+    def open_stages(self) -> list[tuple[str, str | None]]:
+        """(stage, item) still running, fan-out items before their stage: what a run's end must end."""
+        keys = list(self._open)
+        return [k for k in keys if k[1] is not None] + [k for k in keys if k[1] is None]
 
     def release(self) -> None:
         self.released = True

@@ -1,6 +1,9 @@
 """Start-up recovery: a run this runner was executing when it died (its journal's `start` names this
 runner, its last event is not terminal, nobody holds its lock) gets a terminal `failure` saying so, and
-whatever its stages left running is killed. No run stays "running" forever."""
+whatever its stages left running is killed. No run stays "running" forever. Processes of runs that have
+ended meanwhile (the scheduler ended them "runner lost") are ended too, whichever runner started them:
+an ended run has nothing left to do. Processes of runs not ended that are not this runner's are left
+alone (another live runner on this host may own them)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from zoneinfo import ZoneInfo
 
 from shared.errors import JournalError
 from shared.events import PIPELINE_STAGE, Event
+from shared.fence import restore_fences
 from shared.journal import JournalReader, JournalWriter, journal_path, list_run_ids
+from shared.procs import StageProcess, is_alive, kill_processes, kill_run_processes, run_processes
 from shared.runstate import fold, open_stages
 
-from .procs import kill_orphans
 from .publish import Publisher, RunJournal
 
 log = logging.getLogger(__name__)
@@ -37,10 +41,38 @@ def _start_event(reader: JournalReader) -> Event | None:
     return None
 
 
+def end_processes_of_ended_runs(journal_dir: Path, home: Path) -> list[int]:
+    """Kill the processes (of this home) whose run has ended, or whose journal is gone and whose runner
+    is dead; one pass over /proc. Returns the pids killed."""
+    by_run: dict[str, list[StageProcess]] = {}
+    for p in run_processes(home):
+        by_run.setdefault(p.run_id, []).append(p)
+    killed: list[int] = []
+    for run_id, procs in sorted(by_run.items()):
+        path = journal_path(journal_dir, run_id)
+        if path.exists():
+            last = JournalReader(path, run_id).last_event()
+            if last is None or not last.is_terminal:
+                continue  # not ended: this runner's own are recovered below; another's are not ours
+            why = f"its run ended {last.event} ({last.msg})"
+        else:
+            procs = [p for p in procs if p.runner_pid is None or not is_alive(p.runner_pid)]
+            why = f"its run has no journal in {journal_dir} and its runner is gone"
+        pids = kill_processes(procs, why)
+        if pids:
+            log.warning("run %s: killed %d process(es) still running after their run: %s (%s)", run_id, len(pids), pids, why)
+            killed.extend(pids)
+    return killed
+
+
 async def recover_interrupted_runs(
-    journal_dir: Path, runner_id: str, tz: ZoneInfo, publisher: Publisher,
+    journal_dir: Path, home: Path, runner_id: str, tz: ZoneInfo, publisher: Publisher,
     durability: str = "flush", group_commit_ms: float = 5.0,
 ) -> list[Recovered]:
+    restored = restore_fences(journal_dir)
+    if restored:
+        log.warning("finished or undid %d journal fence(s) a process died in: %s", len(restored), ", ".join(restored))
+    end_processes_of_ended_runs(journal_dir, home)
     out: list[Recovered] = []
     for run_id in list_run_ids(journal_dir):
         path = journal_path(journal_dir, run_id)
@@ -60,7 +92,7 @@ async def recover_interrupted_runs(
         try:
             if writer.ended:
                 continue  # ended by someone else between our read and the lock
-            killed = kill_orphans(run_id)
+            killed = kill_run_processes(home, run_id, "left running by the previous runner")
             if killed:
                 log.warning("run %s: killed %d process(es) left running by the previous runner: %s", run_id, len(killed), killed)
             attempt = int((start.data or {}).get("attempt", 1))
@@ -69,9 +101,11 @@ async def recover_interrupted_runs(
             for stage, item in open_stages(fold(run_id, reader.read())):
                 data = {"item": item} if item is not None else None
                 await journal.emit(stage, "failure", f"interrupted: {msg}", data)
-            await journal.emit(PIPELINE_STAGE, "failure", msg, {"runner": runner_id, "attempt": attempt, "last_seq": last_seq})
+            end = await journal.emit(PIPELINE_STAGE, "failure", msg, {"runner": runner_id, "attempt": attempt, "last_seq": last_seq})
+            if end is None:
+                continue  # fenced meanwhile: the scheduler wrote the run's end (RunJournal said so)
             log.warning("run %s: %s; terminal failure written to %s", run_id, msg, path)
-            out.append(Recovered(run_id, attempt, last_seq))
+            out.append(Recovered(run_id, attempt, end.seq))
         finally:
             journal.close()
     return out

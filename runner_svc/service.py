@@ -36,10 +36,10 @@ from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run, remove_older_journals
 from shared.journal import stats_fields as journal_stats_fields
+from shared.procs import kill_run_processes
 from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
 from .execute import RunExecution
-from .procs import kill_orphans
 from .publish import Publisher, RunJournal
 from .recovery import recover_interrupted_runs
 from .report import RunReport, write_report
@@ -84,7 +84,7 @@ class RunnerService:
         self.runs: dict[str, ActiveRun] = {}
         # run_id -> (last seq published, when it ended): heartbeats keep listing a run for a minute after
         # its end, so a subscriber that lost the last events (the terminal one too) still learns of them
-        self.recently_ended = RecentlyEnded()
+        self.recently_ended = RecentlyEnded(path=settings.state_dir / f"recently-ended.runner.{self.runner_id}.json")
         self.shutting_down = False
         self.publisher: Publisher | None = None
         self._dispatch: zmq.asyncio.Socket | None = None
@@ -108,10 +108,12 @@ class RunnerService:
                 log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
                 await tg.start(self._control_loop, ctx)
                 recovered = await recover_interrupted_runs(
-                    s.journal_dir, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
+                    s.journal_dir, s.home, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
                 )
                 if recovered:
                     log.warning("recovered %d interrupted run(s): %s", len(recovered), ", ".join(r.run_id for r in recovered))
+                for r in recovered:  # published right after the bind, before most subscribers are back
+                    self.recently_ended.add(r.run_id, r.last_seq)
                 await tg.start(self._dispatch_loop, ctx)
                 for r in recovered:  # the scheduler learns of each as an ordinary end
                     await self._send(RunFinished(runner_id=self.runner_id, run_id=r.run_id, attempt=r.attempt, outcome="failure"))
@@ -287,6 +289,7 @@ class RunnerService:
         report.start = ev.timestamp if ev else None
         report._t0 = anyio.current_time()
         run = ActiveRun(run_id=msg.run_id, attempt=msg.attempt, pipeline=msg.pipeline, journal=journal, report=report)
+        journal.on_fenced = run.cancel
         self.runs[msg.run_id] = run
         log.info("run %s attempt %d accepted: pipeline %s, journal %s", msg.run_id, msg.attempt, msg.pipeline, writer.path)
         await self._send(RunAccepted(runner_id=self.runner_id, run_id=msg.run_id, attempt=msg.attempt))
@@ -321,7 +324,7 @@ class RunnerService:
     async def _sweep(self, run: ActiveRun) -> None:
         """Kill what a stage left behind outside its process group (e.g. a daemon that called setsid);
         such processes still carry the run's RUNWIRE_RUN_ID."""
-        killed = kill_orphans(run.run_id)
+        killed = kill_run_processes(self.settings.home, run.run_id, "left running outside its stage's group")
         if killed:
             log.warning("run %s: killed %d process(es) left running outside their stage's group: %s", run.run_id, len(killed), killed)
             try:
@@ -330,13 +333,32 @@ class RunnerService:
             except JournalError as e:
                 log.error("run %s: cannot journal the sweep of left-over processes: %s", run.run_id, e)
 
+    async def _end_open_stages(self, run: ActiveRun, outcome: str, msg: str) -> None:
+        """A stage (or item) still open, e.g. when the execution itself raised, ends with the run, so
+        none stays "running" (in the journal and in the report)."""
+        for stage, item in run.journal.open_stages():
+            why = f"{outcome}: {msg}"
+            try:
+                ev = await run.journal.emit(stage, outcome, why, {"item": item} if item is not None else None)
+            except JournalError as e:
+                log.error("run %s: cannot end its open stage %s%s: %s", run.run_id, stage, f" [{item}]" if item else "", e)
+                return
+            rep = run.report.stage(stage)
+            target = rep if item is None else rep.items.get(item)
+            if target is not None:
+                target.finish(outcome, ev.timestamp if ev else None, why)
+            log.warning("run %s: stage %s%s was still open at the run's end: ended %s", run.run_id, stage,
+                        f" [{item}]" if item else "", outcome)
+
     async def _finish(self, run: ActiveRun, outcome: str, msg: str) -> None:
         journal = run.journal
         try:
             await self._sweep(run)
             if journal.released:
-                log.info("run %s: released; journal closed without a terminal event of ours", run.run_id)
+                log.info("run %s: %s; journal closed without a terminal event of ours (no RunFinished)", run.run_id,
+                         "fenced" if journal.fenced else "released")
                 return
+            await self._end_open_stages(run, outcome, msg)
             # the report first, so whoever sees the terminal event finds the report in place
             report = run.report
             report.status, report.msg = outcome, msg
@@ -348,17 +370,21 @@ class RunnerService:
             except OSError as e:
                 log.error("run %s: cannot write its report to %s: %s", run.run_id, self.settings.reports_dir, e)
             try:
-                await journal.emit(PIPELINE_STAGE, outcome, msg, {"runner": self.runner_id, "attempt": run.attempt})
+                ev = await journal.emit(PIPELINE_STAGE, outcome, msg, {"runner": self.runner_id, "attempt": run.attempt})
             except JournalError as e:
                 log.error("run %s: cannot write its terminal %s event: %s; the scheduler ends it when this runner "
                           "stops reporting it", run.run_id, outcome, e)
+                return
+            if ev is None:
+                log.info("run %s: fenced while ending; its end is the scheduler's (no RunFinished)", run.run_id)
                 return
             log.info("run %s ended %s: %s (report %s)", run.run_id, outcome, msg, path)
             await self._send(RunFinished(runner_id=self.runner_id, run_id=run.run_id, attempt=run.attempt, outcome=outcome))  # type: ignore[arg-type]
         finally:
             journal.close()
             self.runs.pop(run.run_id, None)
-            self.recently_ended.add(run.run_id, journal.published_seq)
+            if journal.ended:  # a run released or fenced was ended by the scheduler, which lists it
+                self.recently_ended.add(run.run_id, journal.published_seq)
             run.done.set()
 
     # -------------------------------------------------------------------------------------- control
@@ -409,6 +435,7 @@ class RunnerService:
         finally:
             journal.close()
         assert ev is not None
+        self.recently_ended.add(run_id, ev.seq)
         log.info("probe run %s written and published (last seq %d)", run_id, ev.seq)
         # each doctor run leaves a probe journal: keep the last few (to look at), not one per check ever run
         removed = await anyio.to_thread.run_sync(remove_older_journals, s.journal_dir, PROBE_PREFIX, PROBES_KEPT)

@@ -1,5 +1,9 @@
 """The scheduler's own journal writes (queued, skipped slots, ends it writes for a runner) and what it
 publishes on its PUB socket: each event after it is journalled (fsync), and its heartbeats.
+
+An end written in a runner's place (runner lost) does not wait for a runner that still holds the
+journal's lock (stopped or partitioned): the scheduler fences it off (shared/fence.py), and ends what
+the run's processes left running on this host.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import anyio
 import zmq
 import zmq.asyncio
 
-from shared.errors import JournalError
+from shared.errors import JournalBusy, JournalError
+from shared.fence import fenced_writer
 from shared.events import PIPELINE_STAGE, Event, now_timestamp
 from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events
 from shared.journal import stats_fields as journal_stats_fields
+from shared.procs import kill_run_processes
 from shared.runstate import fold, open_stages
 from shared.wire import Heartbeat, encode_event_frames, encode_heartbeat_frames
 
@@ -101,11 +107,17 @@ class Journaling:
             w.sync()
         return [queued, skipped, cancelled]
 
-    def _write_end_sync(self, run_id: str, kind: str, msg: str, data: dict[str, Any] | None) -> tuple[list[Event], bool]:
-        """Take the journal (flock), write the terminal event unless one is there; (events written, the
-        terminal last; or [the terminal found], True)."""
+    def _write_end_sync(self, run_id: str, kind: str, msg: str, data: dict[str, Any] | None,
+                        fence: bool = False) -> tuple[list[Event], bool]:
+        """Take the journal (flock; or, with `fence`, fence off whoever holds it), write the terminal
+        event unless one is there; (events written, the terminal last; or [the terminal found], True)."""
         s = self.s
-        with JournalWriter.open(s.journal_dir, run_id, s.tz) as w:
+        if fence:
+            last = JournalReader(journal_path(s.journal_dir, run_id), run_id).last_event()
+            if last is not None and last.is_terminal:
+                return [last], True  # ended by its holder meanwhile: nothing to fence
+        opened = fenced_writer(s.journal_dir, run_id, s.tz) if fence else JournalWriter.open(s.journal_dir, run_id, s.tz)
+        with opened as w:
             if w.ended:
                 last = JournalReader(w.path, run_id).last_event()
                 assert last is not None
@@ -125,10 +137,18 @@ class Journaling:
         s.dispatcher.release_slot(rec)
         rec.set_phase("ending")
         tries = 0
+        fence = False
         while True:
             try:
-                written, was_there = await anyio.to_thread.run_sync(self._write_end_sync, rec.run_id, kind, msg, data)
+                written, was_there = await anyio.to_thread.run_sync(self._write_end_sync, rec.run_id, kind, msg, data, fence)
                 break
+            except JournalBusy as e:
+                # The scheduler has taken the run back: the holder (its runner, stopped, hung or cut off,
+                # or a runner that took a stale dispatch) writes nothing more that counts. Waiting for it
+                # would leave the run "running" for as long as it hangs.
+                log.warning("run %s: %s; fencing that writer off to write the %s (%s)", rec.run_id, e, kind, msg)
+                fence = True
+                continue
             except JournalError as e:
                 tries += 1
                 if not journal_path(s.journal_dir, rec.run_id).exists():
@@ -148,3 +168,14 @@ class Journaling:
                 await self.publish(each)
             s.recently_ended.add(rec.run_id, ev.seq)
         s.dispatcher.wake()
+        if rec.runner is not None:
+            await self._end_processes(rec, kind)
+
+    async def _end_processes(self, rec: RunRecord, kind: str) -> None:
+        """A run that had a runner, ended here: its processes on this host (a lost runner's stages, and
+        what they spawned outside their group) have nothing left to do."""
+        why = f"run ended {kind} by the scheduler"
+        killed = await anyio.to_thread.run_sync(kill_run_processes, self.s.settings.home, rec.run_id, why)
+        if killed:
+            log.warning("run %s: killed %d process(es) of runner %s's stages still running after its end: %s",
+                        rec.run_id, len(killed), rec.runner, killed)

@@ -22,6 +22,7 @@ import zmq.asyncio
 from shared.config import Settings
 from shared.control import serve_requests
 from shared.errors import ServiceUnavailable
+from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
 
 from .control import ControlHandler
@@ -47,7 +48,7 @@ class Scheduler:
         self.active: dict[str, RunRecord] = {}  # dispatching, dispatched, running
         self.runners: dict[str, RunnerInfo] = {}
         # run_id -> (terminal seq, when) for runs this scheduler ended: heartbeats list them for a while
-        self.recently_ended = RecentlyEnded()
+        self.recently_ended = RecentlyEnded(path=settings.state_dir / "recently-ended.scheduler.json")
         self.state = StateStore(settings.state_dir / "scheduler.sqlite3")
         self.schedules = ScheduleDriver(self)
         self.journaling = Journaling(self)
@@ -115,6 +116,7 @@ class Scheduler:
     def _recover(self) -> None:
         """Rebuild runs from journals (the truth), runner assignments from the state file."""
         assignments = self.state.assignments()
+        restore_fences(self.journal_dir)  # before reading journals: a fence this process died in
         records = scan_journals(self.journal_dir)
         now = time.monotonic()
         ended: list[str] = []

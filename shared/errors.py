@@ -43,6 +43,15 @@ class RunEnded(JournalError):
     code = "run_ended"
 
 
+class JournalBusy(JournalError):
+    """A journal whose flock another writer holds (alive, hung or partitioned: flock cannot tell)."""
+
+
+class JournalFenced(JournalError):
+    """A writer's journal file was replaced under it (the scheduler ended the run in its place): the
+    writer must write and publish nothing more for that run."""
+
+
 class ProtocolError(RunwireError):
     """A message on a control socket that is not a valid request or reply."""
 

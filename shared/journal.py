@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import anyio
 import msgspec
 
-from .errors import JournalError, RunEnded
+from .errors import JournalBusy, JournalError, JournalFenced, RunEnded
 from .events import (
     PIPELINE_STAGE,
     Event,
@@ -326,6 +326,12 @@ class JournalWriter:
         self.ended = ended
         self.durability = durability
         self._fd: int | None = fd
+        # the file this writer holds: when the path stops naming it (the scheduler fenced the run, see
+        # shared/fence.py), every write after that is refused and nothing of it may be published
+        st = os.fstat(fd)
+        self._ident = (st.st_ino, st.st_dev)
+        self._path_str = os.fspath(path)
+        self.fenced = False
         self._group_commit = group_commit_ms / 1000.0
         self._synced_seq = last_seq
         self._sync_done: anyio.Event | None = None
@@ -349,7 +355,7 @@ class JournalWriter:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise JournalError(f"journal {path} is held by another writer") from e
+                raise JournalBusy(f"journal {path} is held by another writer") from e
             raise JournalError(f"cannot lock journal {path}: {e.strerror}") from e
         return fd
 
@@ -416,6 +422,8 @@ class JournalWriter:
                 self._valid_stages.add(stage)
         if self.ended:
             raise RunEnded(f"run {self.run_id} has ended; {stage}/{event} not appended to {self.path}")
+        if self.fenced:
+            raise JournalFenced(f"run {self.run_id}: {stage}/{event} not written: this writer was fenced off {self.path}")
         ev = Event(
             run_id=self.run_id,
             seq=self.last_seq + 1,
@@ -430,10 +438,27 @@ class JournalWriter:
         except (TypeError, msgspec.EncodeError) as e:
             raise JournalError(f"event {stage}/{event} of run {self.run_id} cannot be encoded: {e}") from e
         self._write_line(line)
+        # Checked after the write and before anyone publishes the event: a fence renames the path to
+        # a new file first and copies this one after, so an event that passes here is in that copy,
+        # and one written after the fence is refused here and never published.
+        if not self.owns_path():
+            self.fenced = True
+            raise JournalFenced(
+                f"run {self.run_id}: {self.path} no longer names the file this writer holds: the run was "
+                f"ended in its place (fenced); {stage}/{event} seq {ev.seq} is not part of the journal"
+            )
         self.last_seq = ev.seq
         if is_terminal(stage, event):
             self.ended = True
         return ev
+
+    def owns_path(self) -> bool:
+        """Does the journal's path still name the file this writer holds? (One stat, ~1 us.)"""
+        try:
+            st = os.stat(self._path_str)
+        except FileNotFoundError:
+            return False
+        return (st.st_ino, st.st_dev) == self._ident
 
     def _write_line(self, line: bytes) -> None:
         assert self._fd is not None

@@ -10,7 +10,10 @@ last seq (a lost tail shows as a heartbeat seq above the last event it received)
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,6 +24,8 @@ from .errors import ProtocolError
 
 EVENT_TOPIC_PREFIX = b"ev/"
 HEARTBEAT_TOPIC_PREFIX = b"hb/"
+
+log = logging.getLogger(__name__)
 
 
 def event_topic(ev: Event) -> bytes:
@@ -68,22 +73,66 @@ ENDED_RUNS_KEPT_S = 60.0
 
 class RecentlyEnded:
     """The runs a publisher ended in the last ENDED_RUNS_KEPT_S seconds, with their last seq: what its
-    heartbeats keep listing after the end, so a subscriber that lost a terminal event learns of it."""
+    heartbeats keep listing after the end, so a subscriber that lost a terminal event learns of it.
 
-    def __init__(self, keep_s: float = ENDED_RUNS_KEPT_S) -> None:
+    With a `path` the list is kept in that file too (rewritten at each end, times by the wall clock), so
+    a publisher that restarts, or restarts again, goes on listing the runs it ended within the minute,
+    those its own recovery ended at start included."""
+
+    def __init__(self, keep_s: float = ENDED_RUNS_KEPT_S, path: Path | None = None) -> None:
         self.keep_s = keep_s
+        self.path = path
         self._ended: dict[str, tuple[int, float]] = {}
+        if path is not None:
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warning("recently ended runs: cannot read %s (%s); heartbeats start without them", path, e)
+            return
+        try:
+            kept = _ended_decoder.decode(raw)
+        except msgspec.DecodeError as e:
+            log.warning("recently ended runs: %s is not a valid list (%s); heartbeats start without it", path, e)
+            return
+        self._ended = {run_id: (seq, at) for run_id, (seq, at) in kept.items()}
+        self._prune()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(_ended_encoder.encode({r: [seq, at] for r, (seq, at) in self._ended.items()}))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.error("recently ended runs: cannot write %s (%s); a restart within a minute forgets them", self.path, e)
 
     def add(self, run_id: str, last_seq: int) -> None:
-        self._ended[run_id] = (last_seq, time.monotonic())
+        self._ended[run_id] = (last_seq, time.time())
+        self._prune()
+        self._save()
+
+    def _prune(self) -> None:
+        now = time.time()
+        horizon = now - self.keep_s
+        # an entry from the future (the clock was set back) is kept no longer than one from now
+        for run_id in [r for r, (_, at) in self._ended.items() if at < horizon or at > now + self.keep_s]:
+            del self._ended[run_id]
 
     def seqs(self) -> dict[str, int]:
         """run_id -> last seq of the runs still kept (older ones are dropped here)."""
-        horizon = time.monotonic() - self.keep_s
-        for run_id in [r for r, (_, at) in self._ended.items() if at < horizon]:
-            del self._ended[run_id]
+        self._prune()
         return {run_id: seq for run_id, (seq, _) in self._ended.items()}
 
+
+_ended_encoder = msgspec.json.Encoder()
+_ended_decoder = msgspec.json.Decoder(dict[str, tuple[int, float]])
 
 _hb_encoder = msgspec.msgpack.Encoder()
 _hb_decoder = msgspec.msgpack.Decoder(Heartbeat)
