@@ -191,7 +191,8 @@ class StreamClient:
         """The hub's watchdog: cancel a live send that is taking too long; wake an idle client for a
         keepalive."""
         if self.send_started:
-            if now - self.send_started > self.send_timeout and self._pump_scope is not None:
+            # a close under way is bounded by the transport itself (the peer must keep reading)
+            if now - self.send_started > self.send_timeout and self._pump_scope is not None and self.mode is not CLOSING:
                 self._pump_scope.cancel()
         elif self.mode is LIVE and not self.queue and now - self.last_send >= KEEPALIVE:
             self.keepalive_due = True
@@ -524,6 +525,10 @@ class StreamClient:
             stats.events_out += n
 
     async def close(self, code: int, reason: str) -> None:
+        # recorded first: the peer's reader sees its receive loop end when the close starts, and must
+        # take that for our close under way, not for a peer gone (which cancels the close: 1006)
+        if self.close_request is None:
+            self.close_request = (code, reason)
         self.mode = CLOSING
         await self.transport.close(code, reason)
 

@@ -80,6 +80,11 @@ class WsTransport:
         self.ws = ws
         self.kind = kind
         self.tcp = request.transport  # the upgraded connection (uncompressed: see _websocket())
+        # the task reading the peer's messages (_read_client): stopped before a close, since aiohttp
+        # drops the connection right after the close frame when a receive is pending, cutting off what
+        # the peer has yet to read (the close frame included: it would see 1006)
+        self.reader: anyio.CancelScope | None = None
+        self.reader_done = anyio.Event()
 
     def write_now(self, frame: bytes) -> bool:
         tcp = self.tcp
@@ -98,6 +103,9 @@ class WsTransport:
         """Send the close frame behind what is already buffered for the peer. A peer that reads slowly
         gets it (4008 included) as long as it keeps taking bytes, up to WS_CLOSE_MAX; one that reads
         nothing for WS_CLOSE_TIMEOUT cannot take it and is dropped (it sees 1006)."""
+        if self.reader is not None:
+            self.reader.cancel()
+            await self.reader_done.wait()
         with anyio.move_on_after(WS_CLOSE_MAX):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drop_when_stalled, tg.cancel_scope)
@@ -109,7 +117,9 @@ class WsTransport:
         while anyio.current_time() - since < WS_CLOSE_TIMEOUT:
             await anyio.sleep(0.25)
             now_left = self._unsent()
-            if now_left < left:  # the peer took bytes: it is reading, wait on
+            # the peer took bytes, or has all of them (the close frame too) in its own buffer: it is
+            # reading or about to; wait on, up to WS_CLOSE_MAX, for its close reply
+            if now_left < left or now_left == 0:
                 since = anyio.current_time()
             left = now_left
         scope.cancel()
@@ -297,6 +307,18 @@ async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
 
 
 async def _read_client(ws: web.WebSocketResponse, client: StreamClient, scope: anyio.CancelScope) -> None:
+    transport = client.transport
+    assert isinstance(transport, WsTransport)
+    try:
+        with anyio.CancelScope() as transport.reader:
+            await _read_messages(ws, client)
+    finally:
+        transport.reader_done.set()
+    if client.close_request is None:
+        scope.cancel()  # the peer went away: stop serving it
+
+
+async def _read_messages(ws: web.WebSocketResponse, client: StreamClient) -> None:
     async for msg in ws:
         if msg.type is WSMsgType.TEXT and len(msg.data) > MAX_CLIENT_MESSAGE:
             what = f"a message of {len(msg.data)} characters (at most {MAX_CLIENT_MESSAGE})"
@@ -316,8 +338,6 @@ async def _read_client(ws: web.WebSocketResponse, client: StreamClient, scope: a
         )
         client.request_close(CLOSE_BAD_MESSAGE, "bad message")
         return
-    if client.close_request is None:
-        scope.cancel()  # the peer went away: stop serving it
 
 
 async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: StreamClient, serve: Callable[[], Awaitable[None]]) -> None:
@@ -343,7 +363,9 @@ async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: Strea
 
 def _websocket() -> web.WebSocketResponse:
     return web.WebSocketResponse(
-        compress=False, max_msg_size=MAX_CLIENT_FRAME, heartbeat=30.0, timeout=WS_CLOSE_TIMEOUT
+        # timeout: how long close() waits for the peer's close reply; WsTransport.close ends it sooner when
+        # the peer stops reading
+        compress=False, max_msg_size=MAX_CLIENT_FRAME, heartbeat=30.0, timeout=WS_CLOSE_MAX
     )
 
 
