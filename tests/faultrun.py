@@ -58,6 +58,10 @@ kind = sys.argv[1]
 if kind == "spawn":  # a grandchild in its own session: it escapes the stage's process group
     subprocess.Popen(["sleep", "300"], start_new_session=True)
     print("spawned a background sleeper", flush=True)
+elif kind == "burst":  # enough output that a client which stops reading fills its socket buffers
+    line = "x" * 120
+    for i in range(1000):
+        print(f"burst {i} {line}")
 elif kind == "work":
     for burst in range(3):
         for i in range(20):
@@ -91,6 +95,12 @@ timeout = 30
 [[pipelines.faulty.stages]]
 name = "work"
 command = ["{python}", "{script}", "work"]
+timeout = 30
+
+[[pipelines.faulty.stages]]
+name = "burst"
+command = ["{python}", "{script}", "burst"]
+log_rate = 5000
 timeout = 30
 
 [[pipelines.faulty.stages]]

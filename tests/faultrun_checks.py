@@ -111,6 +111,7 @@ class ClientLog:
     disconnects: int = 0
     errors: list[str] = field(default_factory=list)  # error frames (code: message)
     hellos: list[tuple[int, str]] = field(default_factory=list)  # (len(received) at the hello, what resumed)
+    cursor: str | None = None  # where it resumes: kept here, so a session that dies mid-read keeps its last one
     terminal_seen: bool = False  # some run's terminal event arrived (per-run clients stop then)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import threading
 import time
 import urllib.error
@@ -23,6 +24,18 @@ import zmq
 from tests.faultrun_checks import ClientLog, is_terminal
 
 RETRY_S = 0.5
+RCVBUF = 32 * 1024  # a small, fixed receive buffer: a client that stops reading soon stops the gateway's sends
+
+
+def _small_buffer_socket(addr_info: Any) -> socket.socket:
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)  # set before connect: no autotuning
+    return sock
+
+
+def _session(**kwargs: Any) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=_small_buffer_socket), **kwargs)
 
 
 class Mood:
@@ -52,8 +65,8 @@ async def _whim(log: ClientLog, rng: random.Random, what: str) -> bool:
     return False
 
 
-def _on_frame(log: ClientLog, frame: dict[str, Any], resumed: str = "") -> str | None:
-    """Record one frame; returns its cursor, if it has one."""
+def _on_frame(log: ClientLog, frame: dict[str, Any], resumed: str = "") -> None:
+    """Record one frame and the cursor it carries."""
     kind = frame.get("type")
     if kind == "hello":
         log.connects += 1
@@ -70,26 +83,26 @@ def _on_frame(log: ClientLog, frame: dict[str, Any], resumed: str = "") -> str |
     elif kind == "error":
         log.errors.append(f"{frame.get('code')}: {frame.get('message')}")
     cur = frame.get("cursor")
-    return cur if isinstance(cur, str) else None
+    if isinstance(cur, str):
+        log.cursor = cur
 
 
 async def ws_all_client(base: str, log: ClientLog, rng: random.Random, mood: Mood) -> None:
-    cursor: str | None = None
-    async with aiohttp.ClientSession() as http:
+    async with _session() as http:
         while not mood.stop:
-            params = {"cursor": cursor} if cursor else {}
+            params = {"cursor": log.cursor} if log.cursor else {}
             try:
                 async with http.ws_connect(f"{base}/ws/events", params=params, autoping=True) as ws:
-                    cursor = await _ws_session(ws, log, rng, mood, cursor)
+                    await _ws_session(ws, log, rng, mood)
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 log.closes[type(e).__name__] += 1
             await anyio.sleep(rng.uniform(0.0, 2.0) if not mood.calm else RETRY_S)
 
 
-async def _ws_session(ws: aiohttp.ClientWebSocketResponse, log: ClientLog, rng: random.Random, mood: Mood,
-                      cursor: Any, on_event: Callable[[], bool] | None = None) -> Any:
+async def _ws_session(ws: aiohttp.ClientWebSocketResponse, log: ClientLog, rng: random.Random, mood: Mood) -> None:
     due, what = _next_whim(rng, mood)
     deadline = time.monotonic() + due
+    resumed = str(log.cursor)
     while not mood.stop:
         wait = max(0.01, min(deadline - time.monotonic(), 1.0))
         try:
@@ -97,7 +110,7 @@ async def _ws_session(ws: aiohttp.ClientWebSocketResponse, log: ClientLog, rng: 
         except TimeoutError:
             if time.monotonic() >= deadline:
                 if await _whim(log, rng, what):
-                    return cursor
+                    return
                 due, what = _next_whim(rng, mood)
                 deadline = time.monotonic() + due
             elif mood.calm and what != "stay":
@@ -105,24 +118,21 @@ async def _ws_session(ws: aiohttp.ClientWebSocketResponse, log: ClientLog, rng: 
                 deadline = time.monotonic() + due
             continue
         if msg.type == aiohttp.WSMsgType.TEXT:
-            cur = _on_frame(log, json.loads(msg.data), str(cursor))
-            if cur is not None:
-                cursor = cur
+            _on_frame(log, json.loads(msg.data), resumed)
         else:
             log.closes[str(ws.close_code) if ws.close_code is not None else msg.type.name] += 1
-            return cursor
-    return cursor
+            return
 
 
 async def run_ws_client(base: str, log: ClientLog, rng: random.Random, mood: Mood) -> None:
     """/ws/events/{run_id}?after_seq=<last received>, until the terminal event has arrived."""
     assert log.run_id is not None
-    async with aiohttp.ClientSession() as http:
+    async with _session() as http:
         while not mood.stop and not log.terminal_seen:
             after = max((s for _, s in log.received), default=0)
             try:
                 async with http.ws_connect(f"{base}/ws/events/{log.run_id}", params={"after_seq": str(after)}) as ws:
-                    await _ws_session(ws, log, rng, mood, after)
+                    await _ws_session(ws, log, rng, mood)
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 log.closes[type(e).__name__] += 1
             if not log.terminal_seen:
@@ -130,32 +140,30 @@ async def run_ws_client(base: str, log: ClientLog, rng: random.Random, mood: Moo
 
 
 async def sse_client(base: str, log: ClientLog, rng: random.Random, mood: Mood) -> None:
-    last_id: str | None = None
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as http:
+    async with _session(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as http:
         while not mood.stop:
-            headers = {"Last-Event-ID": last_id} if last_id else {}
+            headers = {"Last-Event-ID": log.cursor} if log.cursor else {}
             try:
                 async with http.get(f"{base}/api/events", headers=headers) as resp:
                     if resp.status != 200:
                         log.closes[f"http {resp.status}"] += 1
                     else:
-                        last_id = await _sse_session(resp, log, rng, mood, last_id)
+                        await _sse_session(resp, log, rng, mood)
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 log.closes[type(e).__name__] += 1
             await anyio.sleep(rng.uniform(0.0, 2.0) if not mood.calm else RETRY_S)
 
 
-async def _sse_session(resp: aiohttp.ClientResponse, log: ClientLog, rng: random.Random, mood: Mood,
-                       last_id: str | None) -> str | None:
+async def _sse_session(resp: aiohttp.ClientResponse, log: ClientLog, rng: random.Random, mood: Mood) -> None:
     due, what = _next_whim(rng, mood)
     deadline = time.monotonic() + due
     fields: dict[str, str] = {}
     buf = b""
-    resumed = str(last_id)
+    resumed = str(log.cursor)
     while not mood.stop:
         if time.monotonic() >= deadline:
             if await _whim(log, rng, what):
-                return last_id
+                return
             due, what = _next_whim(rng, mood)
             deadline = time.monotonic() + due
         elif mood.calm and what != "stay":
@@ -167,7 +175,7 @@ async def _sse_session(resp: aiohttp.ClientResponse, log: ClientLog, rng: random
                 chunk = await resp.content.readany()
                 if not chunk:
                     log.closes["eof"] += 1
-                    return last_id
+                    return
                 buf += chunk
             continue
         raw, _, buf = buf.partition(b"\n")
@@ -177,15 +185,16 @@ async def _sse_session(resp: aiohttp.ClientResponse, log: ClientLog, rng: random
                 name, _, value = line.partition(":")
                 fields[name] = fields.get(name, "") + value.removeprefix(" ")
             continue
-        if "id" in fields:
-            last_id = fields["id"]
         if "data" in fields:
             frame = json.loads(fields["data"])
             if fields.get("event") == "error":
                 frame = {**frame, "type": "error"}
+            frame.pop("cursor", None)  # SSE resumes from the `id:` field, whatever the frame holds
             _on_frame(log, frame, resumed)
+        if "id" in fields:
+            log.cursor = fields["id"]
         fields = {}
-    return last_id
+    return
 
 
 class ZmqSubscriber:
