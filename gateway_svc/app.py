@@ -16,7 +16,7 @@ from aiohttp import web
 from shared.config import Settings
 
 from . import api, health, streams
-from .errors import error_middleware
+from .errors import HttpError, error_middleware, expect_handler
 from .hub import Hub
 from .keys import CLIENTS, HUB, INDEX, REGISTRY, SETTINGS, STATS, ZMQ
 from .metrics import GatewayStats, make_registry
@@ -86,6 +86,16 @@ async def index_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
 
 
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of the dashboard (the folder is flat); a missing one is the API's JSON 404 (aiohttp's
+    static route answers an empty application/octet-stream 404)."""
+    name = request.match_info["name"]
+    path = STATIC_DIR / name
+    if name.startswith(".") or "/" in name or "\\" in name or not path.is_file():
+        raise HttpError(404, "not_found", f"no dashboard file {name[:100]!r}")
+    return web.FileResponse(path)
+
+
 def make_app(settings: Settings) -> web.Application:
     gw = settings.config.gateway
     app = web.Application(
@@ -106,12 +116,14 @@ def make_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(streams.close_streams)
 
     app.router.add_get("/", index_page)
-    if STATIC_DIR.is_dir():
-        app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+    app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/api/events", streams.sse_events)
     app.router.add_get("/ws/events", streams.ws_all_events)
     app.router.add_get("/ws/events/{run_id}", streams.ws_run_events)
     api.add_routes(app)
+    for route in app.router.routes():
+        # aiohttp takes an expect handler per route only (add_get(..., expect_handler=)): set it on all
+        route._expect_handler = expect_handler  # type: ignore[attr-defined]
     return app

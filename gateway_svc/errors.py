@@ -48,7 +48,8 @@ _STATUS: list[tuple[type[RunwireError], int]] = [
 ]
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "body_too_large", 414: "uri_too_long", 431: "headers_too_large", 500: "internal"}
+               413: "body_too_large", 414: "uri_too_long", 417: "expectation_failed", 431: "headers_too_large",
+               500: "internal"}
 
 
 def status_of(exc: RunwireError) -> int:
@@ -110,3 +111,16 @@ class JsonErrorAppRunner(web.AppRunner):
         plain = await super()._make_server()
         return _JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
                                 loop=plain._loop, **plain._kwargs)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """The routes' `Expect:` answer: 100 Continue as aiohttp's default does, anything else a JSON 417
+    (aiohttp's default raises a text/plain one before any middleware runs)."""
+    expect = request.headers.get("Expect", "")
+    if request.version != (1, 1):
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+        return None
+    return error_response(417, "expectation_failed", f"unknown Expect: {expect[:100]!r} (only 100-continue)")
