@@ -77,7 +77,7 @@ def decode_cursor(text: str, tag: bytes) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         cur = _decoder.decode(raw)
-    except (binascii.Error, ValueError, msgspec.DecodeError) as e:
+    except (binascii.Error, ValueError, msgspec.DecodeError, RecursionError) as e:
         raise CursorError(f"cursor is not one this gateway issued (undecodable: {e})") from None
     if cur.v != VERSION:
         raise CursorError(f"cursor version {cur.v} is not supported (expected {VERSION})")

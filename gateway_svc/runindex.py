@@ -18,6 +18,7 @@ import msgspec
 from shared.events import Event, json_decoder
 from shared.journal import JournalReader, journal_path, list_run_ids
 from shared.runstate import RunState, fold
+from shared.values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _head_events(path: Path, run_id: str) -> list[Event]:
     for line in head.split(b"\n")[:-1][:2]:
         try:
             ev = json_decoder.decode(line)
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             continue
         if ev.run_id == run_id:
             out.append(ev)

@@ -43,6 +43,7 @@ from .execute import RunExecution
 from .publish import Publisher, RunJournal
 from .recovery import recover_interrupted_runs
 from .report import RunReport, write_report
+from shared.values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class RunnerService:
                 frames = await sock.recv_multipart()
                 try:
                     msg = from_scheduler_decoder.decode(frames[-1])
-                except msgspec.DecodeError as e:
+                except DECODE_ERRORS as e:
                     log.warning("dispatch %s: ignored a bad message (%d frames): %s", endpoint, len(frames), e)
                     continue
                 await self._on_scheduler_message(msg)

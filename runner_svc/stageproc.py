@@ -19,6 +19,7 @@ from anyio.abc import ByteReceiveStream
 from shared.stage import STAGE_FD_ENV, StageMessage, stage_message_decoder
 
 from .procs import end_group
+from shared.values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ async def run_process(
                     continue
                 try:
                     message = stage_message_decoder.decode(raw)
-                except msgspec.DecodeError as e:
+                except DECODE_ERRORS as e:
                     await on_note(f"bad stage message ({len(raw)} bytes) ignored: {e}")
                     continue
                 await on_message(message)

@@ -26,6 +26,7 @@ from shared.journal import JournalReader, journal_path
 
 from .runs import ACTIVE_PHASES, RunRecord
 from .silence import JudgeClock, verdict
+from shared.values import DECODE_ERRORS
 
 if TYPE_CHECKING:
     from .service import Scheduler
@@ -90,9 +91,14 @@ class RunnerTracker:
             routing, payload = frames
             try:
                 msg = from_runner_decoder.decode(payload)
-            except msgspec.DecodeError as e:
+            except DECODE_ERRORS as e:
                 self.dispatch_dropped += 1
                 log.warning("%s: dropped a bad message from %r: %s", where, routing[:64], e)
+                continue
+            if routing != msg.runner_id.encode():  # runners connect with their id as routing id
+                self.dispatch_dropped += 1
+                log.warning("%s: dropped a %s naming runner %r from connection %r: a runner speaks only for itself",
+                            where, type(msg).__name__, msg.runner_id[:64], routing[:64])
                 continue
             match msg:
                 case RunnerStatus():

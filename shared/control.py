@@ -27,6 +27,7 @@ import zmq.asyncio
 from .errors import ERRORS_BY_CODE, InternalError, ProtocolError, RunwireError, ServiceUnavailable
 from .values import Params
 from .wire import configure_socket
+from .values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ async def serve_requests(sock: zmq.asyncio.Socket, handle: Handler, where: str) 
 async def _answer(payload: bytes, handle: Handler, where: str) -> Reply:
     try:
         req = _request_decoder.decode(payload)
-    except msgspec.DecodeError as e:
+    except DECODE_ERRORS as e:
         log.warning("%s: refused a bad request (%d bytes): %s", where, len(payload), e)
         return error_reply(0, ProtocolError(f"bad request: {e}"))
     if req.deadline and time.time() > req.deadline:

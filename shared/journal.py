@@ -35,6 +35,7 @@ from .events import (
     now_timestamp,
 )
 from .ids import check_run_id
+from .values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _decode_block(path: Path, run_id: str | None, buf: bytes, base_offset: int) 
     """Decode a block of complete lines; fall back to line by line only when the block has a bad line."""
     try:
         events = json_decoder.decode_lines(buf)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         events = None
     if events is not None and (run_id is None or all(map(run_id.__eq__, map(_run_id_of, events)))):
         return events
@@ -150,7 +151,7 @@ def _decode_block(path: Path, run_id: str | None, buf: bytes, base_offset: int) 
             continue
         try:
             ev = json_decoder.decode(line)
-        except msgspec.DecodeError as e:
+        except DECODE_ERRORS as e:
             _report_corrupt(path, base_offset + start, str(e))
             continue
         if run_id is not None and ev.run_id != run_id:
@@ -190,7 +191,7 @@ class JournalReader:
             try:
                 ev = json_decoder.decode(block[:end])
                 return start, ev.seq
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 start += end + 1
         return None
 
@@ -289,9 +290,12 @@ class JournalReader:
                     if not line.strip():
                         continue
                     try:
-                        return json_decoder.decode(line)
-                    except msgspec.DecodeError:
+                        ev = json_decoder.decode(line)
+                    except DECODE_ERRORS:
                         continue
+                    if self.run_id is None or ev.run_id == self.run_id:
+                        return ev
+                    _report_corrupt(self.path, pos, f"run_id {ev.run_id!r} in the journal of {self.run_id!r}")
                 if pos > 0:
                     # keep the (maybe partial) first line for the next, earlier read
                     tail = lines[0] + b"\n"

@@ -36,10 +36,17 @@ Object = dict[str, Value]  # type: ignore[valid-type]
 ParamValue = Union[str, int, float, bool, list[Union[str, int, float, bool]]]
 Params = dict[str, ParamValue]
 
+# What decoding bytes from outside can raise. A typed decoder skips a field it does not know by walking
+# it, recursively: a depth bomb in an unknown field still raises RecursionError, not DecodeError.
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, RecursionError)
+
 _object_json = msgspec.json.Decoder(Object)
 
 
 def decode_json_object(buf: bytes) -> dict[str, object]:
     """A JSON object from outside (a request body, a client frame); msgspec.DecodeError when it is not
     one, is not JSON, or nests deeper than MAX_DEPTH."""
-    return _object_json.decode(buf)  # type: ignore[no-any-return]
+    try:
+        return _object_json.decode(buf)  # type: ignore[no-any-return]
+    except RecursionError as e:
+        raise msgspec.DecodeError(f"nested deeper than {MAX_DEPTH} levels") from e

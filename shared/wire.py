@@ -21,6 +21,7 @@ import zmq
 
 from .events import Event, msgpack_decoder, msgpack_encoder
 from .errors import ProtocolError
+from .values import DECODE_ERRORS
 
 EVENT_TOPIC_PREFIX = b"ev/"
 HEARTBEAT_TOPIC_PREFIX = b"hb/"
@@ -44,7 +45,7 @@ def encode_event_frames(ev: Event) -> list[bytes]:
 def decode_event_payload(payload: bytes) -> Event:
     try:
         return msgpack_decoder.decode(payload)
-    except msgspec.DecodeError as e:
+    except DECODE_ERRORS as e:
         raise ProtocolError(f"bad event payload ({len(payload)} bytes): {e}") from e
 
 
@@ -96,7 +97,7 @@ class RecentlyEnded:
             return
         try:
             kept = _ended_decoder.decode(raw)
-        except msgspec.DecodeError as e:
+        except DECODE_ERRORS as e:
             log.warning("recently ended runs: %s is not a valid list (%s); heartbeats start without it", path, e)
             return
         self._ended = {run_id: (seq, at) for run_id, (seq, at) in kept.items()}
@@ -149,7 +150,7 @@ def encode_heartbeat_frames(hb: Heartbeat) -> list[bytes]:
 def decode_heartbeat_payload(payload: bytes) -> Heartbeat:
     try:
         return _hb_decoder.decode(payload)
-    except msgspec.DecodeError as e:
+    except DECODE_ERRORS as e:
         raise ProtocolError(f"bad heartbeat payload ({len(payload)} bytes): {e}") from e
 
 
