@@ -172,7 +172,11 @@ class JournalReader:
         return self.path.exists()
 
     def _line_after(self, f: Any, pos: int, hi: int) -> tuple[int, int] | None:
-        """(offset, seq) of the first decodable line starting at or after `pos` and before `hi`."""
+        """(offset, seq) of the first line of this run starting at or after `pos` and before `hi`.
+
+        A line that does not decode, or that belongs to another run, is stepped over: its seq says
+        nothing about this run's order (a foreign seq 1 after our seq 2 would send the bisect past it).
+        """
         if pos == 0:
             start = 0
         else:
@@ -190,9 +194,11 @@ class JournalReader:
                 return None
             try:
                 ev = json_decoder.decode(block[:end])
-                return start, ev.seq
             except DECODE_ERRORS:
-                start += end + 1
+                ev = None
+            if ev is not None and (self.run_id is None or ev.run_id == self.run_id):
+                return start, ev.seq
+            start += end + 1
         return None
 
     def offset_after(self, after_seq: int) -> int:

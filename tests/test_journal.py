@@ -110,6 +110,29 @@ def test_resume_from_any_seq_in_a_long_journal(tmp_path: Path) -> None:
         assert [e.seq for e in got] == expected, after
 
 
+def test_resume_is_exact_past_foreign_and_overlong_lines(tmp_path: Path) -> None:
+    """The bisect that finds a resume offset steps over lines that are not this run's events: a line of
+    another run with a low seq (found by the fuzz suite: it sent the bisect past our seq 2), garbage, and
+    a line longer than the bisect's 64 KiB window."""
+    rid, other = _queued(tmp_path), _queued(tmp_path)
+    with JournalWriter.open(tmp_path, other, TZ) as w:
+        w.append("s", "log", "of another run")
+    foreign = journal_path(tmp_path, other).read_bytes().splitlines(keepends=True)
+    path = journal_path(tmp_path, rid)
+    with JournalWriter.open(tmp_path, rid, TZ) as w:
+        for i in range(1, 400):
+            w.append("s", "log", f"event {i} " + "." * 2000)  # long lines of ours: the bisect mostly lands in one
+            with open(path, "ab") as f:  # hostile lines between our events, never from our writer
+                f.write(foreign[0] + (b"\x00garbage{{\n" + b"x" * 100_000 + b"\n" if i % 97 == 0 else b""))
+    size = path.stat().st_size
+    assert size > 4 * 64 * 1024  # big enough that the reader bisects
+    reader = JournalReader(path)
+    seqs = [e.seq for e in reader.read()]
+    assert seqs == list(range(1, 401))
+    for after in (1, 2, 97, 98, 99, 200, 291, 292, 399, 400):
+        assert [e.seq for e in reader.read(after_seq=after, limit=3)] == seqs[after:after + 3], after
+
+
 def test_reader_concurrent_with_writer_sees_each_event_once_in_order(tmp_path: Path) -> None:
     rid = _queued(tmp_path)
     n = 20_000
