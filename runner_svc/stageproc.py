@@ -24,6 +24,7 @@ from shared.values import DECODE_ERRORS
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 64 * 1024  # a longer "line" is cut into pieces of this size
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a longer ctx message (no newline in sight) is skipped with a note
 DRAIN_TIMEOUT = 5.0  # seconds to read what is left in the pipes after the process group ended
 
 LineHandler = Callable[[str, str], Awaitable[None]]  # (stream, line)
@@ -138,6 +139,7 @@ async def run_process(
 
     async def read_messages() -> None:
         buf = b""
+        dropping = 0  # bytes of an over-long message being skipped up to its newline
         while True:
             await anyio.wait_readable(parent_sock)
             try:
@@ -146,10 +148,26 @@ async def run_process(
                 continue
             if not chunk:
                 break
+            if dropping:
+                nl = chunk.find(b"\n")
+                if nl < 0:
+                    dropping += len(chunk)
+                    continue
+                await on_note(f"stage message of over {MAX_MESSAGE_BYTES} bytes ignored ({dropping + nl} bytes)")
+                dropping, chunk = 0, chunk[nl + 1:]
             buf += chunk
+            if b"\n" not in chunk:
+                if len(buf) > MAX_MESSAGE_BYTES:  # a message without end in sight: never buffer it whole
+                    dropping, buf = len(buf), b""
+                continue
             *lines, buf = buf.split(b"\n")
+            if len(buf) > MAX_MESSAGE_BYTES:
+                dropping, buf = len(buf), b""
             for raw in lines:
                 if not raw.strip():
+                    continue
+                if len(raw) > MAX_MESSAGE_BYTES:
+                    await on_note(f"stage message of over {MAX_MESSAGE_BYTES} bytes ignored ({len(raw)} bytes)")
                     continue
                 try:
                     message = stage_message_decoder.decode(raw)
@@ -157,6 +175,8 @@ async def run_process(
                     await on_note(f"bad stage message ({len(raw)} bytes) ignored: {e}")
                     continue
                 await on_message(message)
+        if dropping or buf.strip():
+            await on_note(f"stage message cut off by the stage's exit ignored ({dropping + len(buf)} bytes)")
 
     async def wait_exit() -> None:
         async with anyio.create_task_group() as watchers:

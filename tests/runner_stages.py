@@ -82,6 +82,22 @@ def failing(ctx) -> None:  # type: ignore[no-untyped-def]
     raise ValueError("callable went wrong on purpose")
 
 
+def flooding(ctx) -> None:  # type: ignore[no-untyped-def]
+    """Hostile messages on the stage's message socket: 20 MiB without a newline (then its end), a bad
+    line, then a good message; the runner must skip the first two with notes and keep the third."""
+    fd = int(os.environ["RUNWIRE_STAGE_FD"])
+
+    def send(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    for _ in range(20):
+        send(b"x" * (1 << 20))
+    send(b"\n{not json\n")
+    ctx.metric("still heard", ok=1)
+
+
 def hang_callable(ctx) -> None:  # type: ignore[no-untyped-def]
     hang()
 

@@ -126,6 +126,12 @@ progress_interval = 0.2
 name = "explode"
 callable = "runner_stages:failing"
 env = {{ PYTHONPATH = "{TESTS_DIR}" }}
+
+[pipelines.flood]
+[[pipelines.flood.stages]]
+name = "flood"
+callable = "runner_stages:flooding"
+env = {{ PYTHONPATH = "{TESTS_DIR}" }}
 """
 
 
@@ -295,3 +301,13 @@ def test_callable_stage_reports_logs_counters_and_metrics(rig: RunnerRig) -> Non
     assert events[-1].event == "failure"
     report = json.loads((rig.home / "reports" / f"{run_id}.json").read_text())
     assert report["stages"]["count"]["counters"] == {"files_written": 3, "rows": 1234}
+
+
+def test_an_endless_stage_message_is_skipped_with_a_note_and_later_messages_still_count(rig: RunnerRig) -> None:
+    _, events, _ = rig.run("flood")
+    flood = [e for e in events if e.stage == "flood"]
+    notes = [e.msg for e in flood if "ignored" in e.msg]
+    assert any("stage message of over 8388608 bytes ignored (20971520 bytes)" in m for m in notes), notes
+    assert any("bad stage message (9 bytes)" in m for m in notes), notes
+    assert any(e.event == "metric" and e.msg == "still heard" for e in flood)
+    assert ("flood", "success") in kinds(events) and events[-1].event == "success"
