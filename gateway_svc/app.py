@@ -1,16 +1,11 @@
-"""The gateway's aiohttp application: routes, middlewares, and the lifecycle of the hub (ZeroMQ
-subscriber and journal sweeper) as a cleanup context: started before the site listens, cancelled and
-awaited on shutdown after every open stream was closed with 1001."""
+"""The gateway's aiohttp application: routes, middlewares and the objects its handlers share (the hub,
+the run index, the stats). The hub itself runs in the service's task group (service.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import zmq.asyncio
 from aiohttp import web
 
 from shared.config import Settings
@@ -18,7 +13,7 @@ from shared.config import Settings
 from . import api, health, streams
 from .errors import HttpError, error_middleware, expect_handler
 from .hub import Hub
-from .keys import CLIENTS, HUB, INDEX, REGISTRY, SETTINGS, STATS, ZMQ
+from .keys import CLIENTS, HUB, INDEX, REGISTRY, SETTINGS, STATS
 from .metrics import GatewayStats, make_registry
 from .runindex import RunIndex
 from .security import auth_middleware
@@ -26,57 +21,7 @@ from .security import auth_middleware
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-HUB_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("hub_task")
 MAX_LINE = 64 * 1024  # request line and header sizes: cursors ride in URLs and Last-Event-ID
-
-
-class _Started:
-    """The `task_status` of a hub run inside a plain asyncio task."""
-
-    def __init__(self, fut: asyncio.Future[None]) -> None:
-        self.fut = fut
-
-    def started(self, value: Any = None) -> None:
-        if not self.fut.done():
-            self.fut.set_result(None)
-
-
-async def _run_hub(hub: Hub, ctx: zmq.asyncio.Context, started: asyncio.Future[None]) -> None:
-    try:
-        await hub.run(ctx, task_status=_Started(started))  # type: ignore[arg-type]
-    except Exception as e:
-        if not started.done():
-            started.set_exception(e)
-            return
-        log.critical("the event hub failed: %s", e, exc_info=True)
-        raise
-
-
-async def _hub_context(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    journal_dir = settings.journal_dir
-    count = await asyncio.to_thread(app[HUB].prepare)
-    log.info("indexed %d run(s) from %s", count, journal_dir)
-    ctx = zmq.asyncio.Context()
-    app[ZMQ] = ctx
-    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(_run_hub(app[HUB], ctx, started), name="gateway-hub")
-    app[HUB_TASK] = task
-    try:
-        await started
-    except BaseException:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        ctx.destroy(linger=0)
-        raise
-    try:
-        yield
-    finally:
-        task.cancel()
-        results = await asyncio.gather(task, return_exceptions=True)
-        if isinstance(results[0], Exception):
-            log.error("event hub ended with %r", results[0])
-        ctx.destroy(linger=0)
 
 
 async def index_page(request: web.Request) -> web.StreamResponse:
@@ -112,7 +57,6 @@ def make_app(settings: Settings) -> web.Application:
     app[HUB] = hub
     app[CLIENTS] = set()
     app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()])
-    app.cleanup_ctx.append(_hub_context)
     app.on_shutdown.append(streams.close_streams)
 
     app.router.add_get("/", index_page)

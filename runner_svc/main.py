@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from shared.config import Settings
 from shared.entry import service_main
 
 from .service import RunnerService
 
 
-async def _serve(settings: Settings) -> None:
-    await RunnerService(settings).serve()
-
-
 def main(argv: list[str] | None = None) -> int:
-    return service_main("runner", "runwire runner: executes pipeline runs", argv, _serve)
+    return service_main("runner", "runwire runner: executes pipeline runs", argv, RunnerService)

@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from shared.errors import JournalFenced
+from shared.errors import BindError, JournalFenced
 from shared.events import PIPELINE_STAGE, Event
 from shared.journal import JournalWriter
 from shared.wire import Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
@@ -41,7 +41,7 @@ class Publisher:
         self._dropped_at_warn = 0
 
     @classmethod
-    def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int) -> Publisher:
+    def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int, config: object = None) -> Publisher:
         # A plain (not asyncio) socket: a PUB send with NOBLOCK never waits, so nothing is gained by
         # awaiting it, and the hot path stays a direct call.
         sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.PUB)
@@ -50,7 +50,7 @@ class Publisher:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
             sock.close(linger=0)
-            raise OSError(f"runner.publish: cannot bind PUB socket on {endpoint}: {e}") from e
+            raise BindError("runner.publish", endpoint, str(e), config, "PUB socket") from e
         return cls(sock, endpoint)
 
     def close(self, linger_ms: int = 0) -> None:

@@ -19,7 +19,6 @@ from anyio.abc import TaskStatus
 from shared import __version__
 from shared.config import Settings, endpoints_of, resolve_params
 from shared.control import Identity, IdentityInfo, Probe, serve_requests
-from shared.entry import watch_signals
 from shared.dispatch import (
     CancelRun,
     DispatchRun,
@@ -31,19 +30,19 @@ from shared.dispatch import (
     encode as encode_dispatch,
     from_scheduler_decoder,
 )
-from shared.errors import BadParams, JournalError, ProtocolError, RunwireError, UnknownPipeline
+from shared.errors import BadParams, BindError, JournalError, ProtocolError, RunwireError, UnknownPipeline
 from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run, remove_older_journals
 from shared.journal import stats_fields as journal_stats_fields
 from shared.procs import kill_run_processes
+from shared.values import DECODE_ERRORS
 from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
 from .execute import RunExecution
 from .publish import Publisher, RunJournal
 from .recovery import recover_interrupted_runs
 from .report import RunReport, write_report
-from shared.values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +94,17 @@ class RunnerService:
 
     # ------------------------------------------------------------------------------------ lifecycle
 
-    async def serve(self) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The service (see shared.entry): bind, recover interrupted runs, serve until cancelled."""
         s = self.settings
         log.info("runner %s (pid %d) starting: config %s", self.runner_id, os.getpid(), s.path)
         log.info("journal directory %s", s.journal_dir)
-        s.journal_dir.mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(lambda: s.journal_dir.mkdir(parents=True, exist_ok=True))
         ctx = zmq.asyncio.Context()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await tg.start(watch_signals, tg.cancel_scope, self._before_stop)
-                self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm)
+                self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path)
                 log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
                 await tg.start(self._control_loop, ctx)
                 recovered = await recover_interrupted_runs(
@@ -119,7 +118,7 @@ class RunnerService:
                 for r in recovered:  # the scheduler learns of each as an ordinary end
                     await self._send(RunFinished(runner_id=self.runner_id, run_id=r.run_id, attempt=r.attempt, outcome="failure"))
                 tg.start_soon(self._heartbeat_loop)
-                log.info("runner ready")
+                task_status.started()
         finally:
             if self.publisher is not None:
                 # a last heartbeat saying "stopping", so watchers know at once that this runner is gone
@@ -127,10 +126,10 @@ class RunnerService:
                 self.publisher.publish_heartbeat(self._heartbeat(stopping=True))
                 self.publisher.close(linger_ms=200)
             ctx.term()
-            log.info("runner stopped (events published %d, dropped %d)",
+            log.info("runner %s: events published %d, dropped %d", self.runner_id,
                      self.publisher.sent if self.publisher else 0, self.publisher.dropped if self.publisher else 0)
 
-    async def _before_stop(self, signame: str) -> None:
+    async def before_stop(self, signame: str) -> None:
         log.info("cancelling %d active run(s) before stopping", len(self.runs))
         self.shutting_down = True
         await self._cancel_all(SHUTDOWN_REASON)
@@ -270,7 +269,8 @@ class RunnerService:
         except RunwireError as e:  # an invalid run id: the reason goes back to the scheduler
             return await self._reject(msg, str(e))
         try:
-            writer = JournalWriter.open(s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
+            writer = await anyio.to_thread.run_sync(  # open, lock and repair: file work, off the loop
+                JournalWriter.open, s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
         except JournalError as e:
             return await self._reject(msg, str(e))
         if writer.ended:
@@ -325,7 +325,8 @@ class RunnerService:
     async def _sweep(self, run: ActiveRun) -> None:
         """Kill what a stage left behind outside its process group (e.g. a daemon that called setsid);
         such processes still carry the run's RUNWIRE_RUN_ID."""
-        killed = kill_run_processes(self.settings.home, run.run_id, "left running outside its stage's group")
+        killed = await anyio.to_thread.run_sync(  # a scan of /proc: off the loop
+            kill_run_processes, self.settings.home, run.run_id, "left running outside its stage's group")
         if killed:
             log.warning("run %s: killed %d process(es) left running outside their stage's group: %s", run.run_id, len(killed), killed)
             try:
@@ -367,7 +368,7 @@ class RunnerService:
             report.duration_s = round(anyio.current_time() - report._t0, 6)
             path = None
             try:
-                path = write_report(self.settings.reports_dir, report)
+                path = await anyio.to_thread.run_sync(write_report, self.settings.reports_dir, report)  # fsync
             except OSError as e:
                 log.error("run %s: cannot write its report to %s: %s", run.run_id, self.settings.reports_dir, e)
             try:
@@ -398,7 +399,7 @@ class RunnerService:
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as e:
-                raise OSError(f"runner.control: cannot bind ROUTER on {endpoint}: {e}") from e
+                raise BindError("runner.control", endpoint, str(e), self.settings.path, "ROUTER") from e
             log.info("bound control ROUTER %s", endpoint)
             task_status.started()
             await serve_requests(sock, self._handle_request, f"runner control {endpoint}")
@@ -428,9 +429,14 @@ class RunnerService:
         s = self.settings
         assert self.publisher is not None
         run_id = check_run_id(req.run_id) if req.run_id else new_run_id(PROBE_PREFIX)
-        queued = begin_run(s.journal_dir, run_id, s.tz, pipeline="doctor-probe", params={}, trigger={"trigger": "probe"})
+
+        def begin() -> tuple[Any, JournalWriter]:
+            queued = begin_run(s.journal_dir, run_id, s.tz, pipeline="doctor-probe", params={}, trigger={"trigger": "probe"})
+            return queued, JournalWriter.open(s.journal_dir, run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
+
+        queued, writer = await anyio.to_thread.run_sync(begin)
         self.publisher.publish_event(queued)
-        journal = RunJournal(JournalWriter.open(s.journal_dir, run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms), self.publisher)
+        journal = RunJournal(writer, self.publisher)
         try:
             ev = await journal.emit(PIPELINE_STAGE, "success", "probe", {"runner": self.runner_id})
         finally:

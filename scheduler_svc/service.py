@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from shared.config import Settings
 from shared.control import serve_requests
-from shared.errors import ServiceUnavailable
+from shared.errors import BindError
 from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
 
@@ -106,8 +106,7 @@ class Scheduler:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
-            raise ServiceUnavailable(f"cannot bind {what} to {endpoint}: {e} (another scheduler running? "
-                                     f"change [scheduler] in {self.settings.path})") from e
+            raise BindError(what, endpoint, str(e), self.settings.path) from e
         log.info("bound %s %s", what, endpoint)
         return sock
 

@@ -1,5 +1,13 @@
 """How every runwire service starts and stops: its arguments, config, logging, the one owner of
-SIGINT/SIGTERM, and exit codes (0 clean stop, 1 could not start or failed, 2 bad config)."""
+SIGINT/SIGTERM and of the service's task group, and exit codes (0 clean stop, 1 could not start or
+failed, 2 bad config).
+
+The one service shape: a service is an object with `async def run(self, *, task_status)` that opens its
+sockets in the task that owns them, calls `task_status.started()` once it serves, and runs until
+cancelled; optionally `async def before_stop(self, signame)` (e.g. end runs cleanly) runs on the first
+signal, before the cancel. `service_main` runs it here; the tests start services through the same
+object (`run_service`, or `tg.start(service.run)` in-process).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
@@ -19,14 +28,31 @@ from .logs import setup_logging
 log = logging.getLogger(__name__)
 
 
+class Service(Protocol):
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+
+async def run_service(name: str, service: Service) -> None:
+    """Run `service` in a task group with the signal watcher; log `<name> ready` once it serves (the
+    line the tests and the run book wait for) and `<name> stopped` at the end, however it ends."""
+    before_stop: Callable[[str], Awaitable[None]] | None = getattr(service, "before_stop", None)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(watch_signals, tg.cancel_scope, before_stop)
+            await tg.start(service.run)
+            log.info("%s ready", name)
+    finally:
+        log.info("%s stopped", name)
+
+
 def service_main(
     name: str,
     description: str,
     argv: list[str] | None,
-    serve: Callable[[Settings], Awaitable[None]],
+    make: Callable[[Settings], Service],
     check: Callable[[Settings], None] | None = None,
 ) -> int:
-    """Parse `--config`, load and check the settings, set up logging, run `serve` until it returns.
+    """Parse `--config`, load and check the settings, set up logging, run the service `make` builds.
 
     A service that cannot start because of its environment (a port taken, a directory it cannot make:
     OSError or RunwireError, alone or in a task group) says so in one line and exits 1; anything else
@@ -44,7 +70,7 @@ def service_main(
         return 2
     setup_logging(settings.config.log_level, name)
     try:
-        anyio.run(serve, settings)
+        anyio.run(_build_and_run, name, make, settings)
     except KeyboardInterrupt:
         return 0
     except (OSError, RunwireError, BaseExceptionGroup) as e:
@@ -55,6 +81,10 @@ def service_main(
             log.error("%s cannot start: %s", name, x)
         return 1
     return 0
+
+
+async def _build_and_run(name: str, make: Callable[[Settings], Service], settings: Settings) -> None:
+    await run_service(name, make(settings))  # built inside the event loop: it may use anyio at once
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

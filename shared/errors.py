@@ -52,6 +52,19 @@ class JournalFenced(JournalError):
     writer must write and publish nothing more for that run."""
 
 
+class BindError(RunwireError):
+    """A service could not bind (or listen on) one of its endpoints: names the endpoint, the config key
+    that sets it and the file, so the fix is one edit (or stopping the other process on it)."""
+
+    code = "bind_failed"
+
+    def __init__(self, key: str, endpoint: str, reason: str, config: object = None, what: str = "socket") -> None:
+        self.key, self.endpoint, self.reason = key, endpoint, reason
+        where = f" in {config}" if config else ""
+        super().__init__(f"{key}: cannot bind {what} on {endpoint}: {reason} (another process on it? "
+                         f"change {key}{where})")
+
+
 class ProtocolError(RunwireError):
     """A message on a control socket that is not a valid request or reply."""
 
@@ -88,6 +101,7 @@ class InternalError(RunwireError):
     code = "internal"
 
 
+# the errors a control reply can carry, rebuilt by the client from their code (BindError never travels)
 ERRORS_BY_CODE: dict[str, type[RunwireError]] = {
     cls.code: cls
     for cls in (

@@ -23,8 +23,7 @@ import msgspec
 import zmq
 from aiohttp import web
 
-from gateway_svc.app import make_app
-from gateway_svc.errors import JsonErrorAppRunner
+from gateway_svc.service import GatewayService
 from shared.config import Settings, load_settings
 from shared.events import Event
 from shared.ids import new_run_id
@@ -114,18 +113,15 @@ class Gateway:
 
 @asynccontextmanager
 async def running_gateway(settings: Settings, port: int | None = None) -> AsyncIterator[Gateway]:
-    """The real gateway app on a real loopback port, in this process (so tests can read its counters)."""
-    app = make_app(settings)
-    runner = JsonErrorAppRunner(app, handle_signals=False, shutdown_timeout=5)
-    await runner.setup()
-    port = port or settings.config.gateway.port
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
-    await site.start()
-    try:
-        yield Gateway(app, f"http://127.0.0.1:{port}", settings)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await runner.cleanup()
+    """The real gateway service on a real loopback port, in this process (so tests can read its counters),
+    started as `python -m gateway_svc` starts it: `GatewayService.run` in a task group."""
+    service = GatewayService(settings, host="127.0.0.1", port=port, shutdown_timeout=5)
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        try:
+            yield Gateway(service.app, service.url, settings)
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def make_settings(tmp: Path, gateway: str = "", **kw: Any) -> tuple[Settings, Any]:

@@ -4,6 +4,7 @@ Events come from the test-side `FakePublisher` (journal first, then PUB, per the
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,11 @@ from typing import Any
 
 import aiohttp
 import anyio
+import pytest
 
+from gateway_svc.keys import HUB
 from gateway_svc.security import check_bind, is_loopback
+from gateway_svc.service import GatewayService
 from shared.errors import ConfigError
 from tests.harness import REPO, Service, write_config
 from tests.test_gateway_helpers import FakePublisher, collect, journal_of, make_settings
@@ -97,3 +101,45 @@ async def test_gateway_killed_mid_run_and_restarted_loses_nothing_for_a_resuming
             assert [e for e in delivered if e["run_id"] == run_id] == journal_of(settings, run_id)
     finally:
         pub.close()
+
+
+async def test_a_failing_hub_stops_the_gateway_with_its_cause(tmp_path: Path) -> None:
+    """The hub runs in the gateway's task group: when it fails, the gateway stops serving (no stale
+    events) and the failure is what the service raises. The failure is injected around the real hub."""
+    settings, _ = make_settings(tmp_path)
+    service = GatewayService(settings, host="127.0.0.1")
+    hub = service.app[HUB]
+    real_run = hub.run
+
+    async def run_then_fail(ctx: Any, *, task_status: Any) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(real_run, ctx)
+            task_status.started()
+            await anyio.sleep(0.5)
+            raise RuntimeError("the hub failed on purpose")
+
+    hub.run = run_then_fail  # type: ignore[method-assign]
+    served = False
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            async with aiohttp.ClientSession() as http, http.get(f"{service.url}/healthz") as resp:
+                served = resp.status in (200, 503)
+            await anyio.sleep(30)  # the hub's failure cancels this
+    assert served
+    assert caught.group_contains(RuntimeError, match="the hub failed on purpose")
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as http, http.get(f"{service.url}/healthz"):
+            pass
+
+
+def test_a_taken_port_is_a_bind_error_naming_the_key_and_the_file(tmp_path: Path) -> None:
+    cfg, ports = write_config(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports.http))
+        squatter.listen()
+        result = subprocess.run([sys.executable, "-m", "gateway_svc", "--config", str(cfg)], capture_output=True,
+                                text=True, timeout=60, cwd=str(REPO))
+    assert result.returncode == 1, result.stderr
+    assert f"gateway cannot start: gateway.port: cannot bind HTTP on http://127.0.0.1:{ports.http}" in result.stderr
+    assert str(cfg) in result.stderr
