@@ -210,7 +210,11 @@ def settings_from_toml(data: bytes | str, path: Path) -> Settings:
         raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from e
     _validate(config, path)
     home_raw = os.environ.get(HOME_ENV)
-    home = Path(home_raw).expanduser().resolve() if home_raw else (path.parent / config.home).resolve()
+    try:
+        home = Path(home_raw).expanduser().resolve() if home_raw else (path.parent / config.home).resolve()
+    except (ValueError, OSError) as e:  # a NUL byte, a name too long, a loop of links
+        where = f"${HOME_ENV}" if home_raw else "key `home`"
+        raise ConfigError(f"{path}: {where}: not a usable directory path ({e})") from None
     token = os.environ.get(TOKEN_ENV) or None
     return Settings(config=config, path=path, home=home, token=token)
 
@@ -227,7 +231,7 @@ def _fail(path: Path, key: str, expected: str) -> ConfigError:
 def _check_zone(path: Path, key: str, name: str) -> None:
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
         raise _fail(path, key, f"expected an IANA time zone like 'America/Chicago', got {name!r}") from None
 
 

@@ -110,6 +110,8 @@ def _check(text: str) -> None:
 @example(doc={"pipelines": {"p": {"stages": [{"name": "s", "command": ["x"]}], "params": {"x": {"type": "str", "pattern": "("}}}}})
 @example(doc={"schedules": {"s": {"pipeline": "p", "cron": "*/0 * * * *"}}, "pipelines": {"p": {"stages": [{"name": "s", "command": ["x"]}]}}})
 @example(doc={"timezone": "UTC\x00"})
+@example(doc={"timezone": "x" * 300})  # found in CI: ZoneInfo raised OSError (file name too long)
+@example(doc={"home": "\x00"})  # found in CI: resolving the home raised ValueError
 def test_generated_configs_give_settings_or_a_config_error_naming_the_file(doc: dict[str, Any]) -> None:
     _check(to_toml(doc))
 
