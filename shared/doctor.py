@@ -26,7 +26,7 @@ from .control import ControlClient, Identity, Probe
 from .errors import RunwireError
 from .render import json_line
 
-PROBE_DEADLINE = 1.0
+PROBE_DEADLINE = 1.0  # a probe slower than this is called slow; one not there after 3x is a FAIL
 # a gateway started a moment ago has not heard a runner heartbeat yet: /healthz is asked again for
 # this long before its failure counts (the runner's control socket has answered by then)
 HEALTH_SETTLE = 3.0
@@ -190,9 +190,10 @@ class Doctor:
                      "WebSocket: check the gateway's `subscribe` endpoints and the runner's `publish`")
             return
         ms = (arrived - t0) * 1000
-        ok = ms <= PROBE_DEADLINE * 1000
-        self.add("probe event", ok, f"runner -> journal -> ZeroMQ -> gateway -> WebSocket in {ms:.0f} ms"
-                 + ("" if ok else f" (over {PROBE_DEADLINE:g} s)"))
+        # it arrived: the path works. How fast is a figure (slow is worth saying), not a verdict: a loaded
+        # machine is not a broken one
+        self.add("probe event", True, f"runner -> journal -> ZeroMQ -> gateway -> WebSocket in {ms:.0f} ms"
+                 + ("" if ms <= PROBE_DEADLINE * 1000 else f" (slow: over {PROBE_DEADLINE:g} s)"))
 
     async def run(self) -> None:
         await self.check_config()

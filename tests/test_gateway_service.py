@@ -91,8 +91,12 @@ async def test_gateway_killed_mid_run_and_restarted_loses_nothing_for_a_resuming
             pub.emit(run_b, "pipeline", "success", "b done")
             pub.emit(run_a, "pipeline", "success", "a done")
             ended: set[str] = set()
+
+            def enough(c: Any) -> bool:  # a few frames (then resume again), or the rest of both runs
+                return len(c.frames) >= 3 or ended | {e["run_id"] for e in c.events if e["event"] == "success"} == {run_a, run_b}
+
             while ended != {run_a, run_b}:
-                got = await collect(http, f"{ws_base}/ws/events?cursor={cursor}", max_frames=3)
+                got = await collect(http, f"{ws_base}/ws/events?cursor={cursor}", until=enough)
                 assert got.frames[0]["recovered"] is True
                 delivered += got.events
                 ended |= {e["run_id"] for e in got.events if e["event"] == "success"}
