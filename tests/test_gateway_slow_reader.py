@@ -7,12 +7,14 @@ from pathlib import Path
 
 import aiohttp
 import anyio
+import pytest
 
 from tests.test_gateway_helpers import FakePublisher, make_settings, running_gateway
 
 READ_RATE = 400_000  # bytes per second the slow client takes: several MB buffered take longer than 5 s
 
 
+@pytest.mark.timeout(90)  # the close waits while the slow peer keeps taking bytes (about 25 s here)
 async def test_a_slow_reader_is_closed_4008_and_receives_the_close(tmp_path: Path) -> None:
     settings, ports = make_settings(
         tmp_path, gateway="client_queue_events = 200\nclient_queue_bytes = 1000000\nsend_timeout = 2.0"
