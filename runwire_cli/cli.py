@@ -2,7 +2,7 @@
 
 Everything but the service commands speaks to the gateway's HTTP/WebSocket API (the one entry point,
 with its token), so the CLI sees exactly what the dashboard sees. The service subcommands import their
-service lazily: `shared` stays the contract, and `runwire runner` is `python -m runner_svc`.
+service lazily (a CLI call does not load three services), and `runwire runner` is `python -m runner_svc`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 
 import anyio
 
+from shared.config import Settings, load_settings, parse_param_text
+from shared.errors import BadParams, ConfigError, RunwireError, ServiceUnavailable
+from shared.ids import check_run_id
+
 from .client import GatewayClient, gateway_url
-from .config import Settings, load_settings, parse_param_text
-from .errors import BadParams, ConfigError, RunwireError, ServiceUnavailable
-from .ids import check_run_id
 from .render import event_line, json_line, print_table, use_colour
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3

@@ -20,10 +20,11 @@ from typing import Any
 import aiohttp
 import anyio
 
+from shared.config import Settings, endpoints_of
+from shared.control import ControlClient, Identity, Probe
+from shared.errors import RunwireError
+
 from .client import GatewayClient, gateway_url
-from .config import Settings, endpoints_of
-from .control import ControlClient, Identity, Probe
-from .errors import RunwireError
 from .render import json_line
 
 PROBE_DEADLINE = 1.0  # a probe slower than this is called slow; one not there after 3x is a FAIL

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from .config import Settings
-from .errors import ERRORS_BY_CODE, ProtocolError, RunwireError, ServiceUnavailable
-from .events import Event
+from shared.config import Settings
+from shared.errors import ERRORS_BY_CODE, ProtocolError, RunwireError, ServiceUnavailable
+from shared.events import Event
 
 GATEWAY_URL_ENV = "RUNWIRE_GATEWAY_URL"
 RETRYABLE_CLOSES = frozenset({1001, 1006, 1011, 1012, 1013, 4008})  # going away, dropped, restart, slow consumer

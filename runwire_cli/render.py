@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from .events import Event
+from shared.events import Event
 
 _COLOURS = {
     "queued": "36", "start": "34", "success": "32", "failure": "31;1", "cancelled": "33",

@@ -1,0 +1,7 @@
+"""`python -m runwire_cli ...` is `runwire ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
