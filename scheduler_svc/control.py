@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import msgspec
 
 import shared
-from shared.config import endpoints_of
+from shared.config import Settings, endpoints_of
 from shared.control import Cancel, GetRun, Identity, IdentityInfo, Launch, ListRuns, ListSchedules, Pause, Resume
 from shared.dispatch import CancelRun
 from shared.errors import BadParams, Conflict, NotFound, ProtocolError
@@ -21,19 +22,29 @@ from shared.ids import check_run_id
 from shared.journal import read_events
 from shared.runstate import RUN_STATUSES, fold
 
+from .dispatcher import Send
+from .journaling import Journaling
 from .launches import Launches
+from .runbook import RunBook
 from .runs import RunRecord, read_record
-
-if TYPE_CHECKING:
-    from .service import Scheduler
+from .schedules import ScheduleDriver
 
 log = logging.getLogger(__name__)
 
 
 class ControlHandler:
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.s = scheduler
-        self.launches = Launches(scheduler)
+    def __init__(self, book: RunBook, settings: Settings, launches: Launches, schedules: ScheduleDriver,
+                 journaling: Journaling, send: Send, wait_reason: Callable[[RunRecord], str | None],
+                 judge_now: Callable[[], float]) -> None:
+        self.book = book
+        self.settings = settings
+        self.journal_dir = settings.journal_dir
+        self.launches = launches
+        self.schedules = schedules
+        self.journaling = journaling
+        self.send = send
+        self.wait_reason = wait_reason
+        self.judge_now = judge_now  # the runner monitor's clock: what a runner's last_seen is on
 
     async def handle(self, req: Any) -> Any:
         match req:
@@ -46,24 +57,23 @@ class ControlHandler:
             case GetRun():
                 return await self._get_run(req)
             case ListSchedules():
-                return {"schedules": self.s.schedules.describe()}
+                return {"schedules": self.schedules.describe()}
             case Pause():
-                return await self.s.schedules.set_paused(req.name, True)
+                return await self.schedules.set_paused(req.name, True)
             case Resume():
-                return await self.s.schedules.set_paused(req.name, False)
+                return await self.schedules.set_paused(req.name, False)
             case Identity():
                 return self._identity()
         raise ProtocolError(f"{type(req).__name__} is not a scheduler operation (the runner answers it)")
 
     def _find(self, run_id: str) -> RunRecord:
         check_run_id(run_id)
-        rec = self.s.runs.get(run_id)
+        rec = self.book.get(run_id)
         if rec is None:
-            raise NotFound(f"run {run_id} not found in {self.s.journal_dir}")
+            raise NotFound(f"run {run_id} not found in {self.journal_dir}")
         return rec
 
     async def _cancel(self, req: Cancel) -> dict[str, Any]:
-        s = self.s
         rec = self._find(req.run_id)
         reason = req.reason or "cancelled on request"
         if rec.phase == "ended":
@@ -71,46 +81,44 @@ class ControlHandler:
         if rec.phase == "ending":
             raise Conflict(f"run {rec.run_id} is already being ended by the scheduler")
         if rec.phase == "queued":
-            await s.journaling.end_run(rec, "cancelled", reason, {"reason": reason})
+            await self.journaling.end_run(rec, "cancelled", reason, {"reason": reason})
             return {"run_id": rec.run_id, "status": rec.status}
         rec.cancel_requested = True
         rec.msg = reason
-        if rec.phase != "dispatching" and rec.runner in s.runners:
-            await s.tracker.send(s.runners[rec.runner],
-                                 CancelRun(run_id=rec.run_id, attempt=rec.attempt, reason=reason))
+        if rec.phase != "dispatching" and rec.runner in self.book.runners:
+            await self.send(self.book.runners[rec.runner],
+                            CancelRun(run_id=rec.run_id, attempt=rec.attempt, reason=reason))
         log.info("run %s: cancel forwarded to runner %s", rec.run_id, rec.runner)
         return {"run_id": rec.run_id, "status": "cancelling"}
 
     def _list_runs(self, req: ListRuns) -> dict[str, Any]:
-        s = self.s
+        runs = self.book.runs
         if req.status is not None and req.status not in RUN_STATUSES:
             raise BadParams(f"status {req.status!r}: expected one of {', '.join(RUN_STATUSES)}")
         limit = max(1, min(req.limit, 10_000))
         out = []
-        for run_id in sorted(s.runs, reverse=True):
-            rec = s.runs[run_id]
+        for run_id in sorted(runs, reverse=True):
+            rec = runs[run_id]
             if req.status is None or rec.status == req.status:
-                out.append(rec.summary(s.dispatcher.wait_reason(rec)))
+                out.append(rec.summary(self.wait_reason(rec)))
                 if len(out) >= limit:
                     break
         return {"runs": out}
 
     async def _get_run(self, req: GetRun) -> dict[str, Any]:
-        s = self.s
-        rec = s.runs.get(check_run_id(req.run_id))
+        rec = self.book.get(check_run_id(req.run_id))
         if rec is None:
-            rec = await anyio.to_thread.run_sync(read_record, s.journal_dir, req.run_id)
+            rec = await anyio.to_thread.run_sync(read_record, self.journal_dir, req.run_id)
             if rec is None:
-                raise NotFound(f"run {req.run_id} not found in {s.journal_dir}")
-        events = await anyio.to_thread.run_sync(read_events, s.journal_dir, rec.run_id)
+                raise NotFound(f"run {req.run_id} not found in {self.journal_dir}")
+        events = await anyio.to_thread.run_sync(read_events, self.journal_dir, rec.run_id)
         state = msgspec.to_builtins(fold(rec.run_id, events))
-        return {**state, **rec.summary(s.dispatcher.wait_reason(rec)), "stages": state.get("stages", {})}
+        return {**state, **rec.summary(self.wait_reason(rec)), "stages": state.get("stages", {})}
 
     def _identity(self) -> IdentityInfo:
-        s = self.s
         runners = {}
-        now = s.tracker.clock.now()  # last_seen is judge time
-        for r in s.runners.values():
+        now = self.judge_now()  # last_seen is judge time
+        for r in self.book.runners.values():
             if r.connected and r.status is not None:
                 st = r.status
                 runners[r.runner_id] = {
@@ -119,5 +127,5 @@ class ControlHandler:
                     "capacity": st.capacity, "runs": len(r.runs), "last_seen_s": round(now - r.last_seen, 3),
                 }
         return IdentityInfo(service="scheduler", version=shared.__version__, pid=os.getpid(),
-                            config_path=str(s.settings.path), journal_dir=str(s.journal_dir),
-                            endpoints=endpoints_of(s.settings), runners=runners)
+                            config_path=str(self.settings.path), journal_dir=str(self.journal_dir),
+                            endpoints=endpoints_of(self.settings), runners=runners)

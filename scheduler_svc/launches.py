@@ -17,21 +17,21 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
 
-from shared.config import resolve_params
+from shared.config import Settings, resolve_params
 from shared.control import Launch, check_idempotency_key
 from shared.errors import Conflict, JournalError, ServiceUnavailable
 from shared.ids import new_run_id
 from shared.journal import JournalReader, begin_run, journal_path
 
+from .journaling import Journaling
+from .runbook import RunBook
 from .runs import RunRecord, record_from_queued
-
-if TYPE_CHECKING:
-    from .service import Scheduler
+from .state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,19 @@ class KeyEntry:
 
 
 class Launches:
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.s = scheduler
+    def __init__(self, book: RunBook, settings: Settings, state: StateStore, journaling: Journaling) -> None:
+        self.book = book
+        self.settings = settings
+        self.journal_dir = settings.journal_dir
+        self.state = state
+        self.journaling = journaling
         self.keys: dict[str, KeyEntry] | None = None  # loaded on the first keyed launch
         self._locks: dict[str, anyio.Lock] = {}
         self._purged_at = 0.0
         self.now: Callable[[], float] = time.time  # what request deadlines are compared with (unix time)
 
     async def launch(self, req: Launch) -> dict[str, Any]:
-        params = resolve_params(self.s.settings.pipeline(req.pipeline), req.params)
+        params = resolve_params(self.settings.pipeline(req.pipeline), req.params)
         if req.idempotency_key is None:
             return await self._commit(req, params, new_run_id(), None)
         key = check_idempotency_key(req.idempotency_key)
@@ -80,13 +84,12 @@ class Launches:
                 self._locks.pop(key, None)
 
     async def _keyed(self, req: Launch, params: dict[str, Any], key: str) -> dict[str, Any]:
-        s = self.s
         keys = await self._keys()
         fp = fingerprint(req.pipeline, params)
         now = time.time()
         entry = keys.get(key)
         if entry is not None and now - entry.created_at < KEY_TTL:
-            rec = s.runs.get(entry.run_id)
+            rec = self.book.get(entry.run_id)
             if rec is not None and not is_expired(rec):
                 if entry.fingerprint != fp:
                     raise Conflict(f"Idempotency-Key {key!r} was used for another launch (run {entry.run_id}, "
@@ -98,7 +101,7 @@ class Launches:
                      "expired before it was acknowledged" if rec is not None else "was never queued")
         self._check_deadline(req, "before its key was remembered")
         run_id = new_run_id()
-        await s.state.remember_key(key, run_id, fp, now)
+        await self.state.remember_key(key, run_id, fp, now)
         keys[key] = KeyEntry(run_id, fp, now)
         return await self._commit(req, params, run_id, key)
 
@@ -108,23 +111,22 @@ class Launches:
             raise ServiceUnavailable(f"launch of {req.pipeline}: its deadline passed {when}; not acted on")
 
     async def _commit(self, req: Launch, params: dict[str, Any], run_id: str, key: str | None) -> dict[str, Any]:
-        s = self.s
         trigger: dict[str, Any] = {"trigger": "manual"}
         if key is not None:
             trigger["idempotency_key"] = key
         self._check_deadline(req, "before it was queued")
-        ev = await anyio.to_thread.run_sync(begin_run, s.journal_dir, run_id, s.tz, req.pipeline, params, trigger)
+        ev = await anyio.to_thread.run_sync(begin_run, self.journal_dir, run_id, self.settings.tz, req.pipeline,
+                                            params, trigger)
         rec = record_from_queued(ev)
-        s.runs[rec.run_id] = rec  # not in the queue yet: nothing dispatches it before the check below
-        await s.journaling.publish(ev)
+        self.book.record(rec)  # not in the queue yet: nothing dispatches it before the check below
+        await self.journaling.publish(ev)
         if req.deadline and self.now() > req.deadline:
             reason = f"{EXPIRED}: the request's deadline passed while the run was being queued"
             log.warning("run %s (%s, request %d): %s; ending it cancelled, it will not run",
                         run_id, req.pipeline, req.id, reason)
-            await s.journaling.end_run(rec, "cancelled", reason, {"reason": reason})
+            await self.journaling.end_run(rec, "cancelled", reason, {"reason": reason})
             raise ServiceUnavailable(f"launch of {req.pipeline}: {reason} (run {run_id} ended cancelled; it will not run)")
-        s.queue[rec.run_id] = rec
-        s.dispatcher.wake()
+        self.book.enqueue(rec)
         log.info("run %s (%s) queued on request%s", rec.run_id, rec.pipeline,
                  f" (idempotency key {key!r})" if key is not None else "")
         return {"run_id": rec.run_id, "status": "queued"}
@@ -132,27 +134,28 @@ class Launches:
     # ------------------------------------------------------------------------------------ the keys
 
     async def _keys(self) -> dict[str, KeyEntry]:
-        s = self.s
+        runs = self.book.runs
         now = time.time()
         if self.keys is None:
             keys = {key: KeyEntry(run_id, fp, created)
-                    for key, run_id, fp, created in s.state.idempotency_keys(now - KEY_TTL)}
+                    for key, run_id, fp, created in
+                    await anyio.to_thread.run_sync(self.state.idempotency_keys, now - KEY_TTL)}
             # journals are the truth: a key in a `queued` event counts even when the state file lacks it
             # (removed, or rewound), and wins over a state entry whose run never came to exist
             day = time.strftime("%Y%m%d", time.gmtime(now - KEY_TTL))
-            recent = [rec for run_id, rec in s.runs.items()
+            recent = [rec for run_id, rec in runs.items()
                       if rec.trigger == "manual" and run_id[:8] >= day and not is_expired(rec)]
             for key, rec, created in await anyio.to_thread.run_sync(self._keys_in_journals, recent):
                 entry = keys.get(key)
-                if created >= now - KEY_TTL and (entry is None or entry.run_id not in s.runs
-                                                 or is_expired(s.runs[entry.run_id])):
+                if created >= now - KEY_TTL and (entry is None or entry.run_id not in runs
+                                                 or is_expired(runs[entry.run_id])):
                     keys[key] = KeyEntry(rec.run_id, fingerprint(rec.pipeline, rec.params), created)
             self.keys = keys
             log.info("idempotency keys of the last day: %d (state %s, journals %s)",
-                     len(keys), s.state.path, s.journal_dir)
+                     len(keys), self.state.path, self.journal_dir)
         if now - self._purged_at > _PURGE_EVERY:
             self._purged_at = now
-            await s.state.forget_keys(now - KEY_TTL)
+            await self.state.forget_keys(now - KEY_TTL)
             for key in [k for k, e in self.keys.items() if now - e.created_at >= KEY_TTL]:
                 del self.keys[key]
         return self.keys
@@ -162,7 +165,7 @@ class Launches:
         out = []
         for rec in recs:
             try:
-                head = JournalReader(journal_path(self.s.journal_dir, rec.run_id), rec.run_id).read(0, 1)
+                head = JournalReader(journal_path(self.journal_dir, rec.run_id), rec.run_id).read(0, 1)
             except (JournalError, OSError) as e:
                 log.warning("run %s: cannot read its queued event for an idempotency key: %s", rec.run_id, e)
                 continue

@@ -7,14 +7,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import anyio
 
 from shared.journal import JournalReader, journal_path, list_run_ids
 
-if TYPE_CHECKING:
-    from .service import Scheduler
+from .runbook import RunBook
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +45,23 @@ def remove_expired(journal_dir: Path, reports_dir: Path, keep_days: float, now: 
 
 
 class Retention:
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.s = scheduler
-        self.keep_days = scheduler.cfg.scheduler.keep_days
+    def __init__(self, book: RunBook, journal_dir: Path, reports_dir: Path, keep_days: float) -> None:
+        self.book = book
+        self.journal_dir = journal_dir
+        self.reports_dir = reports_dir
+        self.keep_days = keep_days
 
     async def run(self) -> None:
         if self.keep_days <= 0:
             return  # keep every run
-        s = self.s
         while True:
             removed = await anyio.to_thread.run_sync(
-                remove_expired, s.journal_dir, s.settings.reports_dir, self.keep_days, time.time())
+                remove_expired, self.journal_dir, self.reports_dir, self.keep_days, time.time())
             for run_id in removed:
-                rec = s.runs.get(run_id)
+                rec = self.book.get(run_id)
                 if rec is not None and rec.ended:
-                    del s.runs[run_id]
+                    self.book.forget(rec)
             if removed:
                 log.info("removed %d ended run(s) last written more than %g days ago (journals and reports "
-                         "in %s), oldest %s", len(removed), self.keep_days, s.journal_dir, removed[0])
+                         "in %s), oldest %s", len(removed), self.keep_days, self.journal_dir, removed[0])
             await anyio.sleep(RETENTION_INTERVAL)

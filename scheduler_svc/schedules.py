@@ -18,30 +18,27 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 
-from shared.config import ScheduleConfig, resolve_params
+from shared.config import Config, ScheduleConfig, resolve_params
 from shared.errors import JournalError, NotFound
 from shared.journal import journal_path
 
+from .clock import Clock, WallClock
+from .journaling import Journaling
 from .planner import Decision, Policy, plan
+from .runbook import RunBook
 from .slots import SlotClock, iso_utc, slot_run_id
-
-if TYPE_CHECKING:
-    from .service import Scheduler
+from .state import StateStore
 
 log = logging.getLogger(__name__)
 
 SLOT_SCAN_LIMIT = 10_000
-UTC = timezone.utc
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -61,8 +58,14 @@ class ScheduleEntry:
 
 
 class ScheduleDriver:
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.s = scheduler
+    def __init__(self, cfg: Config, state: StateStore, book: RunBook, journaling: Journaling, journal_dir: Path,
+                 clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.book = book
+        self.journaling = journaling
+        self.journal_dir = journal_dir
+        self.clock: Clock = clock or WallClock()
         self.entries: dict[str, ScheduleEntry] = {}
         self._changed = anyio.Event()
 
@@ -79,22 +82,34 @@ class ScheduleDriver:
             if e.cfg.fire_at_start:
                 await self._fire_at_start(e)
         while True:
-            now = utcnow()
+            now = self.clock.now()
             for e in self.entries.values():
                 if not e.paused and e.next_fire <= now:
                     await self._evaluate(e, now)
             upcoming = [e.next_fire for e in self.entries.values() if not e.paused]
-            delay = (min(upcoming) - utcnow()).total_seconds() if upcoming else math.inf
-            changed = self._changed
-            with anyio.move_on_after(max(delay, 0.0)):
-                await changed.wait()
-            if changed.is_set():
-                self._changed = anyio.Event()
+            delay = (min(upcoming) - self.clock.now()).total_seconds() if upcoming else math.inf
+            await self._wait(max(delay, 0.0))
+
+    async def _wait(self, delay: float) -> None:
+        """Until `delay` seconds pass on the clock, or a schedule is paused or resumed."""
+        changed = self._changed
+        if math.isinf(delay):
+            await changed.wait()
+        else:
+            async with anyio.create_task_group() as tg:
+                async def until_changed() -> None:
+                    await changed.wait()
+                    tg.cancel_scope.cancel()
+                tg.start_soon(until_changed)
+                await self.clock.sleep(delay)
+                tg.cancel_scope.cancel()
+        if changed.is_set():
+            self._changed = anyio.Event()
 
     async def _load(self) -> None:
-        cfg = self.s.cfg
-        saved = self.s.state.schedules()
-        now = utcnow()
+        cfg = self.cfg
+        saved = self.state.schedules()  # at start, small (state.py)
+        now = self.clock.now()
         for name, sc in cfg.schedules.items():
             st = saved.get(name)
             clock = SlotClock.from_config(sc, cfg.timezone)
@@ -102,7 +117,7 @@ class ScheduleDriver:
             last = datetime.fromisoformat(st.last_slot) if st and st.last_slot else None
             if last is None:
                 last = now  # a new schedule starts from now: no back-fill
-                await self.s.state.set_last_slot(name, iso_utc(now))
+                await self.state.set_last_slot(name, iso_utc(now))
             e = ScheduleEntry(
                 name=name, cfg=sc, clock=clock,
                 policy=Policy(sc.misfire_grace, sc.misfire, sc.catch_up_max, sc.overlap),
@@ -119,7 +134,7 @@ class ScheduleDriver:
     # ------------------------------------------------------------------------------------ deciding
 
     def _active_run(self, name: str) -> str | None:
-        for rec in self.s.runs.values():
+        for rec in self.book.runs.values():
             if rec.schedule == name and not rec.ended and rec.phase != "ending":
                 return rec.run_id
         return None
@@ -137,13 +152,14 @@ class ScheduleDriver:
             for d in decisions:
                 await self._execute(e, d, now)
             e.last_slot = slots[-1]
-            await self.s.state.set_last_slot(e.name, iso_utc(e.last_slot))
+            await self.state.set_last_slot(e.name, iso_utc(e.last_slot))
         e.next_fire = e.clock.next_after(max(now, e.last_slot))
 
     async def _execute(self, e: ScheduleEntry, d: Decision, now: datetime, extra: dict[str, Any] | None = None) -> None:
         run_id = slot_run_id(d.slot, e.name)
         late_ms = (now - d.slot).total_seconds() * 1000
-        if journal_path(self.s.journal_dir, run_id).exists():
+        path = journal_path(self.journal_dir, run_id)
+        if await anyio.to_thread.run_sync(path.exists):
             log.info("schedule %s: slot %s already has run %s (fired before a restart); not again",
                      e.name, iso_utc(d.slot), run_id)
             return
@@ -151,22 +167,22 @@ class ScheduleDriver:
                    **d.data, **(extra or {})}
         try:
             if d.action == "fire":
-                await self.s.journaling.queue_run(e.cfg.pipeline, e.params, trigger, run_id,
+                await self.journaling.queue_run(e.cfg.pipeline, e.params, trigger, run_id,
                                                   f"{e.cfg.pipeline} queued by schedule {e.name} for {e.local(d.slot)}")
                 log.info("schedule %s: FIRE slot %s (%s) as run %s, %.1f ms after the slot: %s",
                          e.name, e.local(d.slot), iso_utc(d.slot), run_id, late_ms, d.reason)
             else:
-                await self.s.journaling.record_skipped(e.cfg.pipeline, e.params, trigger, run_id, d.reason)
+                await self.journaling.record_skipped(e.cfg.pipeline, e.params, trigger, run_id, d.reason)
                 log.warning("schedule %s: SKIP slot %s (%s), recorded as run %s: %s",
                             e.name, e.local(d.slot), iso_utc(d.slot), run_id, d.reason)
         except JournalError as ex:
-            if journal_path(self.s.journal_dir, run_id).exists():
+            if await anyio.to_thread.run_sync(path.exists):
                 log.info("schedule %s: slot %s was taken by another writer (%s); not fired twice", e.name, iso_utc(d.slot), ex)
             else:
                 log.error("schedule %s: slot %s could not be recorded: %s", e.name, iso_utc(d.slot), ex)
 
     async def _fire_at_start(self, e: ScheduleEntry) -> None:
-        now = utcnow()
+        now = self.clock.now()
         if e.paused:
             log.info("schedule %s: fire_at_start not done: the schedule is paused", e.name)
             return
@@ -179,7 +195,7 @@ class ScheduleDriver:
             d = Decision(d.slot, "fire", "fire_at_start", d.data)
         await self._execute(e, d, now, {"fire_at_start": True})
         e.start_fired_at = now
-        await self.s.state.set_start_fired(e.name, iso_utc(now))
+        await self.state.set_start_fired(e.name, iso_utc(now))
 
     # ------------------------------------------------------------------------------------ control
 
@@ -193,12 +209,12 @@ class ScheduleDriver:
     async def set_paused(self, name: str, paused: bool) -> dict[str, Any]:
         e = self._entry(name)
         if e.paused != paused:
-            await self.s.state.set_paused(name, paused)
+            await self.state.set_paused(name, paused)
             e.paused = paused
-            now = utcnow()
+            now = self.clock.now()
             if not paused:
                 e.last_slot = max(e.last_slot, now)  # no catching up on slots passed while paused
-                await self.s.state.set_last_slot(name, iso_utc(e.last_slot))
+                await self.state.set_last_slot(name, iso_utc(e.last_slot))
             e.next_fire = e.clock.next_after(max(e.last_slot, now))
             log.info("schedule %s %s; next fire %s", name, "PAUSED" if paused else "resumed", e.local(e.next_fire))
             self._changed.set()

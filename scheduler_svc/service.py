@@ -1,8 +1,9 @@
 """The scheduler service: its lifecycle (sockets, the task group and the loops in it) and recovery at
-start; it holds the shared state (runs, queue, active runs, runners) that its parts work on:
-`journaling` (its own journal writes and publishing), `dispatcher` (queue -> runners), `runners` (runner
-messages, runner lost), `control` (control requests), `retention` (old ended runs) and
-`schedules.ScheduleDriver` (schedules).
+start. It builds its parts and hands each only what it uses: the run book (`runbook`: runs, queue,
+active runs, runners, and their transitions), `journaling` (its own journal writes, publishing, and
+the one task that writes the ends other parts send it), `dispatcher` (queue -> runners), `runners`
+(runner messages, runner lost), `control` + `launches` (control requests), `retention` (old ended
+runs) and `schedules.ScheduleDriver` (schedules, on a clock it is given).
 
 Ownership of a run's journal: the scheduler writes `queued` (begin_run), hands the journal over with
 `DispatchRun`, and takes it back only to write an end the runner cannot write (runner lost, cancel while
@@ -12,6 +13,7 @@ queued, rejected too often). Every event written here is journalled (fsync) befo
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import anyio
@@ -25,11 +27,14 @@ from shared.errors import BindError
 from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
 
+from .clock import Clock
 from .control import ControlHandler
 from .dispatcher import Dispatcher
-from .journaling import Journaling
+from .journaling import EndRequest, EndSender, Journaling
+from .launches import Launches
 from .retention import Retention
-from .runners import RunnerInfo, RunnerTracker
+from .runbook import RunBook
+from .runners import RunnerTracker
 from .runs import RunRecord, scan_journals
 from .schedules import ScheduleDriver
 from .state import StateStore
@@ -38,25 +43,25 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
-        self.cfg = settings.config
-        self.tz = settings.tz
-        self.journal_dir = settings.journal_dir
-        self.runs: dict[str, RunRecord] = {}
-        self.queue: dict[str, RunRecord] = {}  # phase queued, oldest first
-        self.active: dict[str, RunRecord] = {}  # dispatching, dispatched, running
-        self.runners: dict[str, RunnerInfo] = {}
+        self.cfg = cfg = settings.config
+        self.journal_dir = journal_dir = settings.journal_dir
+        self.book = book = RunBook()
         # run_id -> (terminal seq, when) for runs this scheduler ended: heartbeats list them for a while
         self.recently_ended = RecentlyEnded(path=settings.state_dir / "recently-ended.scheduler.json")
-        self.state = StateStore(settings.state_dir / "scheduler.sqlite3")
-        self.schedules = ScheduleDriver(self)
-        self.journaling = Journaling(self)
-        self.dispatcher = Dispatcher(self)
-        self.tracker = RunnerTracker(self)
-        self.control = ControlHandler(self)
-        self.retention = Retention(self)
-        self.tg: anyio.abc.TaskGroup | None = None
+        self.state = state = StateStore(settings.state_dir / "scheduler.sqlite3")
+        # ends requested by the parts, written by one task (Journaling.write_ends); at most one per run
+        self._ends_out, self._ends_in = anyio.create_memory_object_stream[EndRequest](math.inf)
+        self.journaling = Journaling(book, journal_dir, settings.tz, settings.home, self.recently_ended)
+        self.tracker = RunnerTracker(book, EndSender(book, self._ends_out), journal_dir, settings.tz,
+                                     cfg.scheduler.runner_lost_after, f"scheduler.dispatch {cfg.scheduler.dispatch}")
+        self.schedules = ScheduleDriver(cfg, state, book, self.journaling, journal_dir, clock)
+        self.dispatcher = Dispatcher(book, cfg, self.tracker.send, state.assign, self.schedules.overlap_of)
+        self.launches = Launches(book, settings, state, self.journaling)
+        self.control = ControlHandler(book, settings, self.launches, self.schedules, self.journaling,
+                                      self.tracker.send, self.dispatcher.wait_reason, self.tracker.clock.now)
+        self.retention = Retention(book, journal_dir, settings.reports_dir, cfg.scheduler.keep_days)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -71,20 +76,20 @@ class Scheduler:
             self.journaling.pub = self._bind(ctx, socks, zmq.PUB, c.publish, "scheduler.publish")
             log.info("config %s; journal directory %s; state %s", self.settings.path, self.journal_dir,
                      self.state.path)
-            self.journal_dir.mkdir(parents=True, exist_ok=True)
-            self._recover()
+            await self._recover()
             async with anyio.create_task_group() as tg:
-                self.tg = tg
+                await tg.start(self.journaling.write_ends, self._ends_in)
                 tg.start_soon(serve_requests, control, self.control.handle, f"scheduler.control {c.control}")
                 tg.start_soon(self.tracker.receive)
                 tg.start_soon(self.dispatcher.run)
                 tg.start_soon(self.tracker.monitor)
-                tg.start_soon(self.journaling.heartbeats)
+                tg.start_soon(self.journaling.heartbeats, self.cfg.runner.heartbeat_interval, self.settings.path)
                 tg.start_soon(self.retention.run)
                 await tg.start(self.schedules.run)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
+                self._ends_out.close()
                 for s in socks:
                     s.close(linger=0)
                 ctx.term()
@@ -112,41 +117,37 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------ recovery
 
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """Rebuild runs from journals (the truth), runner assignments from the state file."""
         assignments = self.state.assignments()
-        restore_fences(self.journal_dir)  # before reading journals: a fence this process died in
-        records = scan_journals(self.journal_dir)
+        records = await anyio.to_thread.run_sync(self._read_journals)
+        book = self.book
         now = time.monotonic()
         ended: list[str] = []
         requeued = adopted = 0
         for rec in records:
-            self.runs[rec.run_id] = rec
             if rec.ended:
+                book.record(rec)
                 if rec.run_id in assignments:
                     ended.append(rec.run_id)
                 continue
             assigned = assignments.get(rec.run_id)
             if rec.phase == "queued" and assigned is None:
-                self.queue[rec.run_id] = rec
+                book.record(rec)
+                book.enqueue(rec)
                 requeued += 1
                 continue
             # dispatched before the restart, or running: wait for its runner to report it
             if assigned is not None:
                 rec.runner = rec.runner or assigned[0]
                 rec.attempt = max(rec.attempt, assigned[1])
-            if rec.phase == "queued":
-                rec.set_phase("dispatched")
-            runner_id = rec.runner or "(unknown runner)"
-            rec.runner = runner_id
-            runner = self.runners.get(runner_id)
-            if runner is None:
-                runner = self.runners[runner_id] = RunnerInfo(runner_id, last_seen=now)
-            runner.runs.add(rec.run_id)
-            rec.unreported_since = now
-            rec.recovered = True
-            self.active[rec.run_id] = rec
+            book.restore_active(rec, book.runner(rec.runner or "(unknown runner)", last_seen=now), now)
             adopted += 1
         self.state.forget_sync(ended)
         log.info("recovered %d runs from %s: %d queued, %d dispatched or running (awaiting their runners: %s)",
-                 len(records), self.journal_dir, requeued, adopted, ", ".join(sorted(self.runners)) or "none")
+                 len(records), self.journal_dir, requeued, adopted, ", ".join(sorted(book.runners)) or "none")
+
+    def _read_journals(self) -> list[RunRecord]:
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        restore_fences(self.journal_dir)  # before reading journals: a fence this process died in
+        return scan_journals(self.journal_dir)

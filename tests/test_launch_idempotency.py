@@ -123,11 +123,11 @@ async def test_a_launch_whose_deadline_passes_while_it_is_queued_ends_cancelled_
         [first] = runs_with_key(settings, "k-1").items()
         assert first[1][0][1] == "queued" and first[1][-1][1] == "cancelled" and EXPIRED in first[1][-1][2]
         assert [e for e in first[1] if e[1] == "start"] == []
-        assert first[0] not in sched.queue and first[0] not in sched.active
+        assert first[0] not in sched.book.queue and first[0] not in sched.book.active
         # the key was never acknowledged: a retry in time launches (once), and is answered from then on
         launches.now = time.time
         again = await launches.launch(Launch(pipeline="sleepy", idempotency_key="k-1", deadline=time.time() + 10))
-        assert again["status"] == "queued" and again["run_id"] != first[0] and again["run_id"] in sched.queue
+        assert again["status"] == "queued" and again["run_id"] != first[0] and again["run_id"] in sched.book.queue
         third = await launches.launch(Launch(pipeline="sleepy", idempotency_key="k-1", deadline=time.time() + 10))
         assert third == {"run_id": again["run_id"], "status": "queued", "replayed": True}
         assert len(runs_with_key(settings, "k-1")) == 2  # the expired one (cancelled) and the one run

@@ -5,10 +5,9 @@ kill -9 and restart, cancel (queued and running), pause across restarts, bad con
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,80 +246,9 @@ async def test_pause_survives_restart(tmp_path: Path, services: list[Service]) -
         assert s["paused"] is False
 
 
-DOWNTIME = SLEEP_PIPELINE + """
-[schedules.quarter]
-pipeline = "sleepy"
-cron = "*/15 * * * *"
-misfire = "{misfire}"
-misfire_grace = {grace}
-catch_up_max = 3
-overlap = "allow"
-"""
-
-
-@pytest.mark.parametrize(("misfire", "grace", "fired", "skipped"), [
-    ("coalesce", 7200, 1, 3),   # one run for the 4 missed slots; 3 recorded as coalesced
-    ("catch_up", 7200, 3, 1),   # each up to the cap of 3; the oldest recorded as skipped
-    ("coalesce", 1, 0, 4),      # all beyond the grace: recorded as skipped
-])
-async def test_restart_after_an_hour_of_downtime(tmp_path: Path, services: list[Service], misfire: str,
-                                                 grace: int, fired: int, skipped: int) -> None:
-    """The state file says the last evaluated slot was an hour and a bit ago (as after an outage)."""
-    cfg, settings = setup(tmp_path, DOWNTIME.replace("{misfire}", misfire).replace("{grace}", str(grace)))
-    now = datetime.now(timezone.utc)
-    floor = now.replace(minute=now.minute - now.minute % 15, second=0, microsecond=0)
-    if not 5 < (now - floor).total_seconds() < 880:  # keep clear of a slot boundary: exactly 4 slots due
-        await anyio.sleep(25)
-        now = datetime.now(timezone.utc)
-        floor = now.replace(minute=now.minute - now.minute % 15, second=0, microsecond=0)
-    last = floor - timedelta(hours=1)
-    settings.state_dir.mkdir(parents=True)
-    db = sqlite3.connect(settings.state_dir / "scheduler.sqlite3")
-    db.executescript("CREATE TABLE schedules (name TEXT PRIMARY KEY, paused INTEGER, last_slot TEXT, start_fired_at TEXT);")
-    db.execute("INSERT INTO schedules VALUES ('quarter', NULL, ?, NULL)", (last.isoformat(),))
-    db.commit()
-    db.close()
-    services.append(Service("scheduler_svc", cfg, tmp_path).start())
-    async with ControlClient(settings.config.scheduler.control) as client:
-        async def decided() -> list[dict[str, Any]] | None:
-            runs = (await client.call(ListRuns()))["runs"]
-            return runs if len(runs) >= fired + skipped else None
-        runs = await wait_until("the downtime decisions", decided)
-    assert len(runs) == 4
-    assert sum(r["status"] == "queued" for r in runs) == fired
-    assert sum(r["status"] == "cancelled" for r in runs) == skipped
-    for r in runs:
-        assert r["schedule"] == "quarter" and r["trigger"] == "schedule"
-        if r["status"] == "cancelled":
-            assert kinds(settings, r["run_id"]) == [("pipeline", "queued"), ("pipeline", "skipped"), ("pipeline", "cancelled")]
-
-
-OVERLAP = SLEEP_PIPELINE.replace('default = 0.2', 'default = 30.0') + """
-[schedules.tick]
-pipeline = "sleepy"
-every = "2s"
-overlap = "{overlap}"
-"""
-
-
-@pytest.mark.parametrize("overlap", ["skip", "queue"])
-async def test_overlap(tmp_path: Path, services: list[Service], overlap: str) -> None:
-    cfg, settings = setup(tmp_path, OVERLAP.replace("{overlap}", overlap))
-    services.append(Service("scheduler_svc", cfg, tmp_path).start())
-    services.append(Service("runner_svc", cfg, tmp_path).start())
-    async with ControlClient(settings.config.scheduler.control) as client:
-        async def three() -> list[dict[str, Any]] | None:
-            runs = (await client.call(ListRuns()))["runs"]
-            return runs if len(runs) >= 3 else None
-        runs = sorted(await wait_until("three slots", three), key=lambda r: r["run_id"])
-    assert runs[0]["status"] == "running"  # 30 s nap: still running when the next slots come
-    if overlap == "skip":
-        for r in runs[1:3]:
-            assert r["status"] == "cancelled" and "overlap" in r["reason"]
-            assert kinds(settings, r["run_id"])[1] == ("pipeline", "skipped")
-    else:
-        for r in runs[1:3]:
-            assert r["status"] == "queued" and "waiting" in r["reason"]
+# Slots after downtime, overlap, pause and fire_at_start are decided on a fake clock, in-process, in
+# test_schedule_driver.py (the dispatcher's overlap hold in test_tracker_fencing.py); the test below
+# is their end-to-end counterpart across a kill -9, on the real clock.
 
 
 async def test_bad_control_input_gets_an_error_and_the_scheduler_keeps_serving(tmp_path: Path, services: list[Service]) -> None:
