@@ -18,6 +18,8 @@ def _open_zmq() -> dict[int, str]:
     found = {}
     for obj in gc.get_objects():
         if isinstance(obj, (zmq.Context, zmq.Socket)) and not obj.closed:
+            if getattr(type(obj), "_instance", None) is obj:
+                continue  # Context.instance(): the process-wide context, by design never terminated
             kind = "context" if isinstance(obj, zmq.Context) else f"socket type {obj.type}"
             found[id(obj)] = f"{type(obj).__module__}.{type(obj).__qualname__} ({kind})"
     return found
