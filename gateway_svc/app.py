@@ -15,10 +15,11 @@ from aiohttp import web
 
 from shared.config import Settings
 
-from . import api, health, streams
+from . import api, health, history_api, streams
+from .archiver import Archiver
 from .errors import HttpError, error_middleware, expect_handler
 from .hub import Hub
-from .keys import CLIENTS, HUB, INDEX, REGISTRY, SETTINGS, STATS, ZMQ
+from .keys import ARCHIVER, CLIENTS, HUB, INDEX, REGISTRY, SETTINGS, STATS, ZMQ
 from .metrics import GatewayStats, make_registry
 from .runindex import RunIndex
 from .security import auth_middleware
@@ -79,6 +80,24 @@ async def _hub_context(app: web.Application) -> AsyncIterator[None]:
         ctx.destroy(linger=0)
 
 
+async def _archiver_context(app: web.Application) -> AsyncIterator[None]:
+    """The archiver's task for the app's lifetime: a failure that ends it is logged at once (it retries
+    its own errors, so only a bug ends it), and it is cancelled and awaited on shutdown."""
+    archiver = app[ARCHIVER]
+
+    def ended(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.critical("the archiver failed: runs are no longer archived: %r", t.exception())
+
+    task = asyncio.create_task(archiver.run(), name="gateway-archiver")
+    task.add_done_callback(ended)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def index_page(request: web.Request) -> web.StreamResponse:
     page = STATIC_DIR / "index.html"
     if not page.is_file():
@@ -110,9 +129,13 @@ def make_app(settings: Settings) -> web.Application:
     app[STATS] = stats
     app[INDEX] = index
     app[HUB] = hub
+    archiver = Archiver(settings)
+    hub.run_end_listeners.append(archiver.run_ended)
+    app[ARCHIVER] = archiver
     app[CLIENTS] = set()
     app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()])
     app.cleanup_ctx.append(_hub_context)
+    app.cleanup_ctx.append(_archiver_context)
     app.on_shutdown.append(streams.close_streams)
 
     app.router.add_get("/", index_page)
@@ -123,6 +146,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/ws/events", streams.ws_all_events)
     app.router.add_get("/ws/events/{run_id}", streams.ws_run_events)
     api.add_routes(app)
+    history_api.add_routes(app)
     for route in app.router.routes():
         # aiohttp takes an expect handler per route only (add_get(..., expect_handler=)): set it on all
         route._expect_handler = expect_handler  # type: ignore[attr-defined]

@@ -266,3 +266,11 @@ class Archive:
         first, last = min(us), max(us)
         ledger.add_file(FileEntry(name, day_of(first), table["pipeline"][0].as_py(), len(runs), table.num_rows, first, last),
                         [(rid, u, status) for rid, (u, status) in runs.items()])
+
+
+ARCHIVE_DIRNAME = "archive"
+
+
+def archive_dir_of(home: Path) -> Path:
+    """`<home>/archive/` (CONTRACT.md)."""
+    return home / ARCHIVE_DIRNAME
