@@ -241,7 +241,7 @@ class Archive:
             have = ledger.run_ids()
             ids = pc.unique(table["run_id"]).to_pylist()
             new = [r for r in ids if r not in have]
-            if not new:
+            if not new:  # every run in it is archived already (e.g. a merge's leftover)
                 (self.dir / name).unlink(missing_ok=True)
                 rep.removed_files += 1
                 continue

@@ -169,12 +169,28 @@ def test_compaction_merges_a_partition_and_keeps_each_run_once(tmp_path: Path, m
     assert sorted(archived_rows(archive_dir)) == sorted(journal_rows(journals, ids))
     s = history(archive_dir, Query("p", "1d"))["summary"]
     assert (s["runs"], s["failure"]) == (len(ids), 5)
+    singles = {p: p.read_bytes() for p in archive_dir.rglob("run-*.parquet")}
+    assert singles
     # once the day is over, the partition is merged into one file
     monkeypatch.setattr(archive_mod, "_today", lambda: "9999-12-31")
     arch.sync()
     with Ledger(archive_dir) as ledger:
         assert len(ledger.files()) == 1
     assert sorted(archived_rows(archive_dir)) == sorted(journal_rows(journals, ids))
+    # a crash after the merge's commit, before the merged files were removed: they are leftovers
+    for path, data in singles.items():
+        path.write_bytes(data)
+    assert arch.sync().removed_files == len(singles)
+    assert not list(archive_dir.rglob("run-*.parquet"))
+    # the same with the ledger lost too: the merged file wins, the single-run files are dropped
+    for path, data in singles.items():
+        path.write_bytes(data)
+    for suffix in ("", "-wal", "-shm"):
+        (archive_dir / f"ledger.sqlite3{suffix}").unlink(missing_ok=True)
+    rep = arch.sync()
+    assert (rep.adopted_files, rep.removed_files, rep.archived) == (1, len(singles), [])
+    rows = archived_rows(archive_dir)
+    assert len(rows) == len(set(rows)) and sorted(rows) == sorted(journal_rows(journals, ids))
 
 
 def test_retention_archives_before_removing_and_keeps_what_it_cannot_archive(tmp_path: Path) -> None:
