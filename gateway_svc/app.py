@@ -1,5 +1,6 @@
 """The gateway's aiohttp application: routes, middlewares and the objects its handlers share (the hub,
-the run index, the stats). The hub itself runs in the service's task group (service.py)."""
+the run index, the stats, the archiver). The hub and the archiver run in the service's task group
+(service.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from aiohttp import web
 
 from shared.config import Settings
 
-from . import api, health, streams
+from . import api, health, history_api, streams
+from .archiver import Archiver
 from .errors import HttpError, error_middleware, expect_handler
 from .hub import Hub
-from .keys import CLIENTS, HUB, INDEX, REGISTRY, SETTINGS, STATS
+from .keys import ARCHIVER, CLIENTS, HUB, INDEX, REGISTRY, SETTINGS, STATS
 from .metrics import GatewayStats, make_registry
 from .runindex import RunIndex
 from .security import auth_middleware
@@ -55,6 +57,9 @@ def make_app(settings: Settings) -> web.Application:
     app[STATS] = stats
     app[INDEX] = index
     app[HUB] = hub
+    archiver = Archiver(settings)  # runs in the service's task group beside the hub (service.py)
+    hub.run_end_listeners.append(archiver.run_ended)
+    app[ARCHIVER] = archiver
     app[CLIENTS] = set()
     app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()])
     app.on_shutdown.append(streams.close_streams)
@@ -67,6 +72,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/ws/events", streams.ws_all_events)
     app.router.add_get("/ws/events/{run_id}", streams.ws_run_events)
     api.add_routes(app)
+    history_api.add_routes(app)
     for route in app.router.routes():
         # aiohttp takes an expect handler per route only (add_get(..., expect_handler=)): set it on all
         route._expect_handler = expect_handler  # type: ignore[attr-defined]

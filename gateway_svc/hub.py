@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +204,7 @@ class Hub:
         self._last_flush = 0.0
         self.pacing_from = FRAME_PACING_FROM  # clients; a test may lower it to exercise the ticks
         self._subscription: Subscription | None = None
+        self.run_end_listeners: list[Callable[[str], None]] = []  # called with each run id that ends (e.g. the archiver)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -469,6 +470,8 @@ class Hub:
         self.index.apply(entry, ev)
         if ev.is_terminal:
             self._ended_count += 1
+            for listener in self.run_end_listeners:
+                listener(ev.run_id)
         self._out.add(ev)
         if len(self._out.events) >= FLUSH_EVENTS:
             self.flush()  # a long journal fill goes out in pieces

@@ -14,6 +14,7 @@ from .metrics import GatewayStats
 from .runindex import RunIndex
 
 if TYPE_CHECKING:
+    from .archiver import Archiver
     from .clients import StreamClient
     from .hub import Hub
 
@@ -24,3 +25,4 @@ HUB: web.AppKey["Hub"] = web.AppKey("hub")
 ZMQ: web.AppKey[zmq.asyncio.Context] = web.AppKey("zmq")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 CLIENTS: web.AppKey["set[StreamClient]"] = web.AppKey("clients")
+ARCHIVER: web.AppKey["Archiver"] = web.AppKey("archiver")

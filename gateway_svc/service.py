@@ -16,7 +16,7 @@ from shared.errors import BindError
 
 from .app import make_app
 from .errors import JsonErrorAppRunner
-from .keys import HUB, ZMQ
+from .keys import ARCHIVER, HUB, ZMQ
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class GatewayService:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(run_hub)
+                await tg.start(app[ARCHIVER].run)  # it retries its own failures; one that ends it stops us
                 runner = JsonErrorAppRunner(app, handle_signals=False, access_log=None,
                                             shutdown_timeout=self.shutdown_timeout)
                 await runner.setup()

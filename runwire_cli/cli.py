@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--if-absent", action="store_true", help="do nothing when raw or processed data is present")
 
     sub.add_parser("doctor", parents=[common], help="check that config, journal, services and the event path agree")
+
+    # history and the archive: the commands live in the `history` package, imported when one runs
+    hist = sub.add_parser("history", parents=[common], help="run counts, success rate and durations from the archive")
+    hist.add_argument("pipeline")
+    hist.add_argument("--since", default="7d", help="window: runs queued in the last 7d (24h, 90m, 2w ...)")
+    hist.add_argument("--stage", help="one stage and its fan-out items")
+    archive = sub.add_parser("archive", parents=[common], help="the Parquet archive of ended runs")
+    archive.add_argument("action", choices=["rebuild"], help="rebuild: archive every ended journal not archived, repair the rest")
     return p
 
 
@@ -103,6 +111,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await run_doctor(load_settings(args.config), args.gateway, as_json=args.json)
     if args.command == "demo-data":
         return _demo_data(args)
+    if args.command in ("history", "archive"):
+        from . import history as history_cli  # polars and pyarrow load only for these
+
+        return int(await history_cli.run(args, _settings(args, required=args.command == "archive")))
     settings = _settings(args, required=args.command == "launch")
     token = settings.token if settings else None
     async with GatewayClient(gateway_url(settings, args.gateway), token) as client:

@@ -1,14 +1,18 @@
 """Retention: the journals and reports of ended runs last written more than `scheduler.keep_days` ago
 are removed, at start and every hour, by the scheduler (the owner of runs); the gateway's run list
-follows at its next directory sweep. Runs not ended are never removed, however old."""
+follows at its next directory sweep. Runs not ended are never removed, however old, and a run is
+archived (`runwire_history.archive`, normally done by the gateway at its end) before its journal goes, so it
+stays queryable in the history."""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
+
 import anyio
 
+from runwire_history.archive import Archive, archivable
 from shared.journal import JournalReader, journal_path, list_run_ids
 
 from .runbook import RunBook
@@ -19,9 +23,11 @@ RETENTION_INTERVAL = 3600.0  # seconds between passes
 DAY = 86400.0
 
 
-def remove_expired(journal_dir: Path, reports_dir: Path, keep_days: float, now: float) -> list[str]:
+def remove_expired(journal_dir: Path, reports_dir: Path, keep_days: float, now: float,
+                   archive: Archive | None = None) -> list[str]:
     """Remove the journal and report of every ended run whose journal was last written before
-    now - keep_days (blocking: for a worker thread). Returns the run ids removed."""
+    now - keep_days (blocking: for a worker thread), once `archive` holds the run. Returns the run ids
+    removed."""
     cutoff = now - keep_days * DAY
     removed: list[str] = []
     for run_id in list_run_ids(journal_dir):
@@ -34,6 +40,8 @@ def remove_expired(journal_dir: Path, reports_dir: Path, keep_days: float, now: 
         last = JournalReader(path, run_id).last_event()
         if last is None or not last.is_terminal:
             continue  # not ended, or no readable line: never removed here
+        if archive is not None and archivable(run_id) and not _archived(archive, run_id):
+            continue
         try:
             path.unlink(missing_ok=True)
             (reports_dir / f"{run_id}.json").unlink(missing_ok=True)
@@ -44,10 +52,21 @@ def remove_expired(journal_dir: Path, reports_dir: Path, keep_days: float, now: 
     return removed
 
 
+def _archived(archive: Archive, run_id: str) -> bool:
+    """Whether the run is in the archive, archiving it now if the gateway has not (yet)."""
+    try:
+        archive.archive_run(run_id)
+        return True
+    except Exception as e:  # a journal is never removed unarchived: kept, and tried again next pass
+        log.error("retention: run %s is not archived and cannot be archived now (%s): its journal is kept", run_id, e)
+        return False
+
+
 class Retention:
-    def __init__(self, book: RunBook, journal_dir: Path, reports_dir: Path, keep_days: float) -> None:
+    def __init__(self, book: RunBook, journal_dir: Path, reports_dir: Path, keep_days: float, archive_dir: Path) -> None:
         self.book = book
         self.journal_dir = journal_dir
+        self.archive_dir = archive_dir  # a journal is archived before it is removed
         self.reports_dir = reports_dir
         self.keep_days = keep_days
 
@@ -56,7 +75,8 @@ class Retention:
             return  # keep every run
         while True:
             removed = await anyio.to_thread.run_sync(
-                remove_expired, self.journal_dir, self.reports_dir, self.keep_days, time.time())
+                remove_expired, self.journal_dir, self.reports_dir, self.keep_days, time.time(),
+                Archive(self.archive_dir, self.journal_dir))
             for run_id in removed:
                 rec = self.book.get(run_id)
                 if rec is not None and rec.ended:

@@ -21,6 +21,7 @@ import anyio.abc
 import zmq
 import zmq.asyncio
 
+from runwire_history.archive import archive_dir_of
 from shared.config import Settings
 from shared.control import serve_requests
 from shared.errors import BindError
@@ -61,7 +62,8 @@ class Scheduler:
         self.launches = Launches(book, settings, state, self.journaling)
         self.control = ControlHandler(book, settings, self.launches, self.schedules, self.journaling,
                                       self.tracker.send, self.dispatcher.wait_reason, self.tracker.clock.now)
-        self.retention = Retention(book, journal_dir, settings.reports_dir, cfg.scheduler.keep_days)
+        self.retention = Retention(book, journal_dir, settings.reports_dir, cfg.scheduler.keep_days,
+                                   archive_dir_of(settings.home))
 
     # ------------------------------------------------------------------------------------ lifecycle
 

@@ -9,6 +9,7 @@ import { conn, reportStream } from "./conn.js";
 import { health, watchHealth } from "./health.js";
 import { mountHome } from "./home.js";
 import { mountRun } from "./runview.js";
+import { mountHistory } from "./history.js";
 
 // ---- the all-runs stream --------------------------------------------------------------------------
 const allRuns = new Stream({
@@ -38,8 +39,11 @@ function route() {
   const view = document.getElementById("view");
   if (current) current.unmount();
   const m = /^#\/runs\/([^/?#]+)/.exec(location.hash);
+  const h = /^#\/history(?:\/([^/?#]*))?(?:\?since=([0-9a-z]+))?/.exec(location.hash);
   if (m) {
     current = mountRun(view, decodeURIComponent(m[1]));
+  } else if (h) {
+    current = mountHistory(view, h[1] ? decodeURIComponent(h[1]) : "", h[2] || "7d");
   } else {
     current = mountHome(view);
   }
