@@ -15,14 +15,12 @@ from pathlib import Path
 
 import msgspec
 
-from shared.events import Event, json_decoder
+from shared.events import Event
 from shared.journal import JournalReader, journal_path, list_run_ids
 from shared.runstate import RunState, fold
-from shared.values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
-_HEAD_BYTES = 64 * 1024
 _DETAIL_CACHE = 256  # folded states of ended runs kept for GET /api/runs/{id}
 
 
@@ -63,24 +61,6 @@ class RunEntry:
         self.state.apply(ev)
 
 
-def _head_events(path: Path, run_id: str) -> list[Event]:
-    """The first two complete events of a journal (queued, and usually the runner's start)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_HEAD_BYTES)
-    except FileNotFoundError:
-        return []
-    out: list[Event] = []
-    for line in head.split(b"\n")[:-1][:2]:
-        try:
-            ev = json_decoder.decode(line)
-        except DECODE_ERRORS:
-            continue
-        if ev.run_id == run_id:
-            out.append(ev)
-    return out
-
-
 def scan_run(journal_dir: Path, run_id: str, discovery: int) -> RunEntry | None:
     """An entry for a run found on disk at start: frontier = its last seq in the journal now.
 
@@ -89,7 +69,7 @@ def scan_run(journal_dir: Path, run_id: str, discovery: int) -> RunEntry | None:
     """
     path = journal_path(journal_dir, run_id)
     reader = JournalReader(path, run_id)
-    head = _head_events(path, run_id)
+    head = reader.head()
     if not head:
         return None  # no complete line yet: the creator is mid-write; discovery finds it later
     last = reader.last_event()

@@ -106,7 +106,7 @@ def record_from_queued(ev: Event) -> RunRecord:
 def read_record(journal_dir: Path, run_id: str) -> RunRecord | None:
     """A run's record from its journal's first lines and last line; None if it has no readable events."""
     reader = JournalReader(journal_path(journal_dir, run_id), run_id)
-    head, _ = reader.read_chunk(0, 0, max_bytes=16 * 1024)
+    head = reader.head()
     if not head or head[0].event != "queued":
         log.warning("journal of run %s in %s: no `queued` first event; not a run the scheduler knows",
                     run_id, journal_dir)
@@ -127,7 +127,7 @@ def read_record(journal_dir: Path, run_id: str) -> RunRecord | None:
         if last.stage == PIPELINE_STAGE and last.event in TERMINAL_KINDS:
             rec.end(last)
         elif last.seq > 1 and rec.phase == "queued":
-            rec.set_phase("running")  # started beyond the first 16 KiB: unusual but possible
+            rec.set_phase("running")  # its start is not in the head: unusual but possible
     return rec
 
 

@@ -1,0 +1,277 @@
+"""Writing a journal: the single writer of a run (exclusive flock), gapless seqs, one write per line,
+group-commit fsync when asked; a torn last line left by a crash is repaired on open; `begin_run` is
+the one way a run comes to exist."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import msgspec
+
+from ..errors import JournalBusy, JournalError, JournalFenced, RunEnded
+from ..events import PIPELINE_STAGE, Event, event_to_json_line, is_terminal, is_valid_stage_name, now_timestamp
+from .files import BISECT_WINDOW, Durability, fsync_path, journal_path, log, stats
+from .reader import JournalReader
+
+
+class JournalWriter:
+    """The single writer of one run's journal. Use `open_journal` or `JournalWriter.create`."""
+
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        run_id: str,
+        tz: ZoneInfo,
+        last_seq: int,
+        ended: bool,
+        durability: Durability = "flush",
+        group_commit_ms: float = 5.0,
+    ) -> None:
+        self.path = path
+        self.run_id = run_id
+        self.tz = tz
+        self.last_seq = last_seq
+        self.ended = ended
+        self.durability = durability
+        self._fd: int | None = fd
+        # the file this writer holds: when the path stops naming it (the scheduler fenced the run, see
+        # shared/fence.py), every write after that is refused and nothing of it may be published
+        st = os.fstat(fd)
+        self._ident = (st.st_ino, st.st_dev)
+        self._path_str = os.fspath(path)
+        self.fenced = False
+        self._group_commit = group_commit_ms / 1000.0
+        self._synced_seq = last_seq
+        self._sync_done: anyio.Event | None = None
+        self._valid_stages: set[str] = set()  # names already checked (a run has few stages; append is hot)
+
+    # -- lifecycle
+
+    @classmethod
+    def _open_fd(cls, path: Path, create: bool) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError as e:
+            raise JournalError(f"journal {path} already exists: a run id is used once") from e
+        except OSError as e:
+            raise JournalError(f"cannot open journal {path} for writing: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise JournalBusy(f"journal {path} is held by another writer") from e
+            raise JournalError(f"cannot lock journal {path}: {e.strerror}") from e
+        return fd
+
+    @classmethod
+    def open(
+        cls,
+        journal_dir: Path,
+        run_id: str,
+        tz: ZoneInfo,
+        durability: Durability = "flush",
+        group_commit_ms: float = 5.0,
+    ) -> JournalWriter:
+        """Take over an existing journal: lock it, repair a torn last line, continue after the last seq."""
+        path = journal_path(journal_dir, run_id)
+        if not path.exists():
+            raise JournalError(f"journal {path} does not exist: the run was never queued")
+        fd = cls._open_fd(path, create=False)
+        try:
+            _repair_torn_tail(fd, path)
+            last = JournalReader(path, run_id).last_event()
+        except BaseException:
+            os.close(fd)
+            raise
+        last_seq = last.seq if last else 0
+        ended = bool(last and last.is_terminal)
+        return cls(path, fd, run_id, tz, last_seq, ended, durability, group_commit_ms)
+
+    @classmethod
+    def create(
+        cls,
+        journal_dir: Path,
+        run_id: str,
+        tz: ZoneInfo,
+        durability: Durability = "flush",
+        group_commit_ms: float = 5.0,
+    ) -> JournalWriter:
+        """Start a new journal; refuses a run id whose journal exists."""
+        journal_dir.mkdir(parents=True, exist_ok=True)
+        path = journal_path(journal_dir, run_id)
+        fd = cls._open_fd(path, create=True)
+        return cls(path, fd, run_id, tz, 0, False, durability, group_commit_ms)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing releases the flock
+
+    def __enter__(self) -> JournalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- appending
+
+    def append(self, stage: str, event: str, msg: str = "", data: dict[str, Any] | None = None) -> Event:
+        """Write the next event (seq = last + 1) in one write; return it. Raises RunEnded after a terminal."""
+        if self._fd is None:
+            raise JournalError(f"journal {self.path} is closed")
+        if stage not in self._valid_stages:
+            if not is_valid_stage_name(stage):
+                raise JournalError(f"invalid stage name {stage!r} for run {self.run_id}: no '/', 1-128 chars")
+            if len(self._valid_stages) < 1024:
+                self._valid_stages.add(stage)
+        if self.ended:
+            raise RunEnded(f"run {self.run_id} has ended; {stage}/{event} not appended to {self.path}")
+        if self.fenced:
+            raise JournalFenced(f"run {self.run_id}: {stage}/{event} not written: this writer was fenced off {self.path}")
+        ev = Event(
+            run_id=self.run_id,
+            seq=self.last_seq + 1,
+            timestamp=now_timestamp(self.tz),
+            stage=stage,
+            event=event,  # type: ignore[arg-type]
+            msg=msg,
+            data=data,
+        )
+        try:
+            line = event_to_json_line(ev)
+        except (TypeError, msgspec.EncodeError) as e:
+            raise JournalError(f"event {stage}/{event} of run {self.run_id} cannot be encoded: {e}") from e
+        self._write_line(line)
+        # Checked after the write and before anyone publishes the event: a fence renames the path to
+        # a new file first and copies this one after, so an event that passes here is in that copy,
+        # and one written after the fence is refused here and never published.
+        if not self.owns_path():
+            self.fenced = True
+            raise JournalFenced(
+                f"run {self.run_id}: {self.path} no longer names the file this writer holds: the run was "
+                f"ended in its place (fenced); {stage}/{event} seq {ev.seq} is not part of the journal"
+            )
+        self.last_seq = ev.seq
+        if is_terminal(stage, event):
+            self.ended = True
+        return ev
+
+    def owns_path(self) -> bool:
+        """Does the journal's path still name the file this writer holds? (One stat, ~1 us.)"""
+        try:
+            st = os.stat(self._path_str)
+        except FileNotFoundError:
+            return False
+        return (st.st_ino, st.st_dev) == self._ident
+
+    def _write_line(self, line: bytes) -> None:
+        assert self._fd is not None
+        written = 0
+        try:
+            written = os.write(self._fd, line)  # the whole line, nearly always: no loop, no view
+            if written == len(line):
+                return
+            view = memoryview(line)
+            while written < len(line):
+                written += os.write(self._fd, view[written:])
+        except OSError as e:
+            if written:
+                # never leave half a line behind: cut it off again
+                size = os.fstat(self._fd).st_size
+                os.ftruncate(self._fd, size - written)
+            raise JournalError(f"cannot append to journal {self.path}: {e.strerror}") from e
+
+    def sync(self) -> None:
+        """fsync now (blocking)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            self._synced_seq = self.last_seq
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once event `seq` is as durable as the setting asks: at once for `flush`; after a
+        group-commit fsync (shared by every append in the same few milliseconds) for `fsync`."""
+        if self.durability == "flush":
+            return
+        while self._synced_seq < seq:
+            if self._sync_done is None:
+                done = self._sync_done = anyio.Event()
+                try:
+                    await anyio.sleep(self._group_commit)
+                    target = self.last_seq
+                    fd = self._fd
+                    if fd is None:
+                        raise JournalError(f"journal {self.path} closed before its fsync")
+                    await anyio.to_thread.run_sync(os.fsync, fd)
+                    self._synced_seq = max(self._synced_seq, target)
+                finally:
+                    self._sync_done = None
+                    done.set()
+            else:
+                await self._sync_done.wait()
+
+
+def _repair_torn_tail(fd: int, path: Path) -> None:
+    """Cut a last line without its newline (a crash mid-write) and say so."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = size
+        keep = 0
+        while pos > 0:
+            step = min(BISECT_WINDOW, pos)
+            pos -= step
+            f.seek(pos)
+            nl = f.read(step).rfind(b"\n")
+            if nl >= 0:
+                keep = pos + nl + 1
+                break
+    os.ftruncate(fd, keep)
+    stats.torn_lines_repaired += 1
+    log.warning(
+        "journal %s: repaired a torn last line (dropped %d bytes after byte %d, left by a crash)",
+        path, size - keep, keep,
+    )
+
+
+def begin_run(
+    journal_dir: Path,
+    run_id: str,
+    tz: ZoneInfo,
+    pipeline: str,
+    params: dict[str, Any],
+    trigger: dict[str, Any],
+    msg: str = "",
+) -> Event:
+    """Durably queue a run: create its journal with the `queued` event, fsync file and directory.
+
+    This is the one way a run comes to exist; whoever calls it hands the journal over afterwards
+    (with the dispatch command) to the runner, which continues it as its only writer.
+    """
+    writer = JournalWriter.create(journal_dir, run_id, tz)
+    try:
+        ev = writer.append(
+            PIPELINE_STAGE,
+            "queued",
+            msg or f"{pipeline} queued ({trigger.get('trigger', 'manual')})",
+            {"pipeline": pipeline, "params": params, **trigger},
+        )
+        writer.sync()
+    finally:
+        writer.close()
+    fsync_path(journal_dir)
+    return ev
