@@ -53,13 +53,14 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from shared.config import Settings, resolve_params
+from shared.config import Settings
 from shared.control import (
     Cancel, ControlClient, GetRun, Launch, ListRuns, ListSchedules, Pause, Request, Resume, check_idempotency_key,
 )
 from shared.errors import ProtocolError, RunwireError
 from shared.ids import check_run_id, is_valid_run_id
 from shared.journal import JournalReader, journal_path
+from shared.params import resolve_params
 from shared.runstate import RUN_STATUSES, RunState, StageState
 
 from .errors import HttpError

@@ -17,7 +17,7 @@ import zmq.asyncio
 from anyio.abc import TaskStatus
 
 from shared import __version__
-from shared.config import Settings, endpoints_of, resolve_params
+from shared.config import Settings, endpoints_of
 from shared.control import Identity, IdentityInfo, Probe, serve_requests
 from shared.dispatch import (
     CancelRun,
@@ -35,6 +35,7 @@ from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run, remove_older_journals
 from shared.journal import stats_fields as journal_stats_fields
+from shared.params import resolve_params
 from shared.procs import kill_run_processes
 from shared.values import DECODE_ERRORS
 from shared.wire import Heartbeat, RecentlyEnded, configure_socket

@@ -15,9 +15,10 @@ from typing import Any
 
 import anyio
 
-from shared.config import Settings, load_settings, parse_param_text
+from shared.config import Settings, load_settings
 from shared.errors import BadParams, ConfigError, RunwireError, ServiceUnavailable
 from shared.ids import check_run_id
+from shared.params import parse_param_text
 
 from .client import GatewayClient, gateway_url
 from .render import event_line, json_line, print_table, use_colour

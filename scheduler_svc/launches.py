@@ -22,11 +22,12 @@ from typing import Any
 import anyio
 import msgspec
 
-from shared.config import Settings, resolve_params
+from shared.config import Settings
 from shared.control import Launch, check_idempotency_key
 from shared.errors import Conflict, JournalError, ServiceUnavailable
 from shared.ids import new_run_id
 from shared.journal import JournalReader, begin_run, journal_path
+from shared.params import resolve_params
 
 from .journaling import Journaling
 from .runbook import RunBook

@@ -25,9 +25,10 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from shared.config import Config, ScheduleConfig, resolve_params
+from shared.config import Config, ScheduleConfig
 from shared.errors import JournalError, NotFound
 from shared.journal import journal_path
+from shared.params import resolve_params
 
 from .clock import Clock, WallClock
 from .journaling import Journaling

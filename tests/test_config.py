@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import resolve_params, settings_from_toml
+from shared.config import settings_from_toml
 from shared.errors import BadParams, ConfigError
+from shared.params import resolve_params
 
 BASE = """
 [pipelines.p]
