@@ -72,11 +72,11 @@ async def launch_round(tmp: Path, n: int, pace: float | None) -> dict[str, float
                 t0 = time.perf_counter()
                 reply = await client.call(Launch(pipeline="fast"))
                 acks.append((time.perf_counter() - t0) * 1000)
-                ids.append(reply["run_id"])
+                ids.append(reply.run_id)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                runs = (await client.call(ListRuns(limit=n + 10)))["runs"]
-                if sum(r["status"] in ("success", "failure", "cancelled") for r in runs) >= n:
+                runs = (await client.call(ListRuns(limit=n + 10))).runs
+                if sum(r.status in ("success", "failure", "cancelled") for r in runs) >= n:
                     break
                 await anyio.sleep(0.2)
         to_start: list[float] = []

@@ -1,5 +1,6 @@
 """The gateway's HTTP API (CONTRACT.md "HTTP"): run lists and details from the journals, control
-requests forwarded to the scheduler. JSON shapes, for the dashboard and other clients:
+requests forwarded to the scheduler. Every answer is a Struct of `shared.httpapi` (or the scheduler's
+typed reply, `shared.replies`); the JSON shapes, for the dashboard and other clients:
 
 GET /api/runs?status=&limit=&include_probes=1&pipeline=&before=
     200 {"runs": [RunSummary, ...], "next_before": "<run_id>" | null}
@@ -10,7 +11,8 @@ GET /api/runs?status=&limit=&include_probes=1&pipeline=&before=
                   "schedule": str|null, "slot": str|null, "params": {...},
                   "queued_at": str|null, "started_at": str|null, "ended_at": str|null,
                   "msg": str (the terminal event's msg), "last_seq": int,
-                  "waiting": str|null (queued runs: why, as the scheduler says, e.g. "waiting for a runner")}
+                  "waiting": str|null (queued runs: why, as the scheduler says, e.g. "waiting for a runner";
+                                       null for any other run)}
 
 GET /api/runs/{run_id}
     200 {"run_id", "pipeline", "status", "trigger", "schedule", "slot", "params", "queued_at", "started_at",
@@ -35,11 +37,12 @@ POST /api/runs  {"pipeline": str, "params": {...}}  -> 202 {"run_id": str, "stat
 POST /api/runs/{run_id}/cancel                      -> 202 {"run_id": str, "status": "cancelling"|...}
 GET  /api/pipelines -> 200 {"pipelines": [{"name", "description", "stages": [names],
                               "params": [{"name", "type", "default", "choices", "description"}]}]}
-GET  /api/schedules -> 200 {"schedules": [...as the scheduler answers ListSchedules...]}
-POST /api/schedules/{name}/pause | /resume -> 200 {...the scheduler's answer...}
+GET  /api/schedules -> 200 {"schedules": [ScheduleInfo, ...]}   (shared/replies.py, as the scheduler answers)
+POST /api/schedules/{name}/pause | /resume -> 200 ScheduleInfo (the schedule after the change)
 
 Errors: {"error": {"code": str, "message": str}}: 400 bad input (invalid_run_id, unknown_pipeline,
 bad_params, bad_request), 401 unauthorized, 404 not_found, 409 conflict, 413 body_too_large,
+502 bad_reply (the scheduler's answer was not of the request's reply type: another version?),
 503 unavailable (the scheduler did not answer: nothing was done).
 """
 
@@ -47,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -58,7 +61,10 @@ from shared.control import (
     Cancel, ControlClient, GetRun, Launch, ListRuns, ListSchedules, Pause, Request, Resume, check_idempotency_key,
 )
 from shared.errors import ProtocolError, RunwireError
-from shared.ids import check_run_id, is_valid_run_id
+from shared.httpapi import (
+    EventsPage, Launched, ParamView, PipelinesPage, PipelineView, RunPage, RunsPage, RunView, SchedulesPage,
+)
+from shared.ids import check_run_id
 from shared.journal import JournalReader, journal_path
 from shared.params import resolve_params
 from shared.runstate import RUN_STATUSES, RunState, StageState
@@ -66,7 +72,7 @@ from shared.runstate import RUN_STATUSES, RunState, StageState
 from .errors import HttpError
 from .keys import HUB, INDEX, SETTINGS, ZMQ
 from .params import flag_param, int_param, json_body
-from .runindex import RunEntry, fold_journal
+from .runindex import fold_journal
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +81,24 @@ _SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _ASIDE_TIMEOUT = 1.0  # seconds for scheduler calls that only add detail to an answer from the journals
 
 
-async def scheduler_call(request: web.Request, req: Request, timeout: float | None = None) -> Any:
-    """One request to the scheduler's control socket; ServiceUnavailable (-> 503) when it does not answer."""
+R = TypeVar("R", bound=msgspec.Struct)
+_json = msgspec.json.Encoder()
+
+
+def json_answer(body: msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=_json.encode(body), status=status, headers=headers, content_type="application/json")
+
+
+async def scheduler_call(request: web.Request, req: Request[R], timeout: float | None = None) -> R:
+    """One request to the scheduler's control socket, answered with its reply type; ServiceUnavailable
+    (-> 503) when it does not answer, BadReply (-> 502) when the answer is not of that type."""
     settings = request.app[SETTINGS]
     sched = settings.config.scheduler
     async with ControlClient(sched.control, timeout or sched.request_timeout, request.app[ZMQ]) as client:
         return await client.call(req)
 
 
-async def _scheduler_aside(request: web.Request, req: Request) -> Any:
+async def _scheduler_aside(request: web.Request, req: Request[R]) -> R | None:
     """A scheduler answer that only adds detail: None (logged) when it does not come."""
     try:
         return await scheduler_call(request, req, _ASIDE_TIMEOUT)
@@ -92,45 +107,21 @@ async def _scheduler_aside(request: web.Request, req: Request) -> Any:
         return None
 
 
-def _waiting_of(info: Any) -> str | None:
-    if isinstance(info, dict):
-        for key in ("waiting", "reason", "waiting_for"):
-            value = info.get(key)
-            if isinstance(value, str) and value:
-                return value
-    return None
+def _view(st: RunState) -> RunView:
+    return RunView(
+        run_id=st.run_id, pipeline=st.pipeline, status=st.status, trigger=st.trigger,
+        schedule=st.schedule, slot=st.slot, params=st.params,
+        queued_at=st.queued_at, started_at=st.started_at, ended_at=st.ended_at,
+        msg=st.msg, last_seq=st.last_seq,
+    )
 
 
-def _summary(entry: RunEntry) -> dict[str, Any]:
-    st = entry.state
-    return {
-        "run_id": st.run_id, "pipeline": st.pipeline, "status": st.status, "trigger": st.trigger,
-        "schedule": st.schedule, "slot": st.slot, "params": st.params,
-        "queued_at": st.queued_at, "started_at": st.started_at, "ended_at": st.ended_at,
-        "msg": st.msg, "last_seq": st.last_seq, "waiting": None,
-    }
-
-
-def _stage(stage: StageState) -> dict[str, Any]:
-    return {
-        "name": stage.name, "status": stage.status, "started_at": stage.started_at, "ended_at": stage.ended_at,
-        "msg": stage.msg, "metrics": stage.metrics,
-        "items": {name: {"status": it.status, "started_at": it.started_at, "ended_at": it.ended_at, "msg": it.msg}
-                  for name, it in stage.items.items()},
-    }
-
-
-def _detail(settings: Settings, st: RunState) -> dict[str, Any]:
+def _page(settings: Settings, st: RunState) -> RunPage:
     pipeline = settings.config.pipelines.get(st.pipeline)
     order = [s.name for s in pipeline.stages] if pipeline is not None else []
     order += [name for name in st.stages if name not in order]
-    stages = [_stage(st.stages.get(name) or StageState(name=name)) for name in order]
-    return {
-        "run_id": st.run_id, "pipeline": st.pipeline, "status": st.status, "trigger": st.trigger,
-        "schedule": st.schedule, "slot": st.slot, "params": st.params,
-        "queued_at": st.queued_at, "started_at": st.started_at, "ended_at": st.ended_at,
-        "msg": st.msg, "last_seq": st.last_seq, "waiting": None, "stages": stages, "scheduler": None,
-    }
+    return RunPage(**msgspec.structs.asdict(_view(st)),
+                   stages=[st.stages.get(name) or StageState(name=name) for name in order])
 
 
 # ---------------------------------------------------------------------------- runs (from the journals)
@@ -147,7 +138,7 @@ async def list_runs(request: web.Request) -> web.Response:
     before = request.query.get("before") or None
     if before is not None:
         check_run_id(before)
-    runs: list[dict[str, Any]] = []
+    runs: list[RunView] = []
     skipping = before is not None
     for entry in index.newest_first():
         if skipping:
@@ -158,20 +149,19 @@ async def list_runs(request: web.Request) -> web.Response:
             continue
         if st.trigger == "probe" and not include_probes:
             continue
-        runs.append(_summary(entry))
+        runs.append(_view(st))
         if len(runs) > limit:
             break
-    next_before = runs[limit - 1]["run_id"] if len(runs) > limit else None
+    next_before = runs[limit - 1].run_id if len(runs) > limit else None
     runs = runs[:limit]
-    if any(r["status"] == "queued" for r in runs):
+    if any(r.status == "queued" for r in runs):
         answer = await _scheduler_aside(request, ListRuns(status="queued", limit=1000))
-        items = answer.get("runs") if isinstance(answer, dict) else answer
-        if isinstance(items, list):
-            waiting = {i.get("run_id"): _waiting_of(i) for i in items if isinstance(i, dict)}
+        if answer is not None:
+            waiting = {s.run_id: s.waiting for s in answer.runs}
             for r in runs:
-                if r["status"] == "queued":
-                    r["waiting"] = waiting.get(r["run_id"])
-    return web.json_response({"runs": runs, "next_before": next_before})
+                if r.status == "queued":
+                    r.waiting = waiting.get(r.run_id)
+    return json_answer(RunsPage(runs=runs, next_before=next_before))
 
 
 async def get_run(request: web.Request) -> web.Response:
@@ -183,12 +173,11 @@ async def get_run(request: web.Request) -> web.Response:
         if state is None:
             raise HttpError(404, "not_found", f"no run {run_id} in {settings.journal_dir}")
         index.remember_detail(state)
-    body = _detail(settings, state)
+    page = _page(settings, state)
     if not state.ended:
-        info = await _scheduler_aside(request, GetRun(run_id=run_id))
-        body["scheduler"] = info
-        body["waiting"] = _waiting_of(info)
-    return web.json_response(body)
+        page.scheduler = await _scheduler_aside(request, GetRun(run_id=run_id))
+        page.waiting = page.scheduler.waiting if page.scheduler is not None else None
+    return json_answer(page)
 
 
 async def run_events(request: web.Request) -> web.Response:
@@ -213,14 +202,7 @@ async def run_events(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     for lo, hi in gaps:
         hub.note_gap(run_id, lo, hi)
-    return web.json_response(
-        {"run_id": run_id, "events": events, "next_after_seq": next_after, "more": more, "gaps": gaps},
-        dumps=_dumps,
-    )
-
-
-def _dumps(obj: Any) -> str:
-    return msgspec.json.encode(obj).decode()
+    return json_answer(EventsPage(run_id=run_id, events=events, next_after_seq=next_after, more=more, gaps=gaps))
 
 
 # ---------------------------------------------------------------------------- control (the scheduler)
@@ -246,14 +228,8 @@ async def launch_run(request: web.Request) -> web.Response:
         except ProtocolError as e:
             raise HttpError(400, "bad_request", f"header {e}") from e
     result = await scheduler_call(request, Launch(pipeline=name, params=params, idempotency_key=key))
-    run_id = result.get("run_id") if isinstance(result, dict) else result
-    if not is_valid_run_id(run_id):
-        raise HttpError(502, "bad_gateway", f"the scheduler answered the launch without a run id: {str(result)[:200]}")
-    status = result.get("status") if isinstance(result, dict) else None
-    replayed = isinstance(result, dict) and result.get("replayed") is True
-    headers = {"Idempotent-Replayed": "true"} if replayed else None  # a retry: the first run's answer
-    return web.json_response({"run_id": run_id, "status": status if status in RUN_STATUSES else "queued"},
-                             status=202, headers=headers)
+    headers = {"Idempotent-Replayed": "true"} if result.replayed else None  # a retry: the first run's answer
+    return json_answer(Launched(run_id=result.run_id, status=result.status), status=202, headers=headers)
 
 
 async def cancel_run(request: web.Request) -> web.Response:
@@ -263,9 +239,7 @@ async def cancel_run(request: web.Request) -> web.Response:
     reason = body.get("reason", "cancelled via the API")
     if not isinstance(reason, str) or len(reason) > 500:
         raise HttpError(400, "bad_request", "field 'reason': expected a string of at most 500 characters")
-    result = await scheduler_call(request, Cancel(run_id=run_id, reason=reason))
-    status = result.get("status") if isinstance(result, dict) else None
-    return web.json_response({"run_id": run_id, "status": status or "cancelling"}, status=202)
+    return json_answer(await scheduler_call(request, Cancel(run_id=run_id, reason=reason)), status=202)
 
 
 def _schedule_name(request: web.Request) -> str:
@@ -277,18 +251,15 @@ def _schedule_name(request: web.Request) -> str:
 
 async def list_schedules(request: web.Request) -> web.Response:
     result = await scheduler_call(request, ListSchedules())
-    items = result.get("schedules") if isinstance(result, dict) else result
-    return web.json_response({"schedules": items if isinstance(items, list) else []})
+    return json_answer(SchedulesPage(schedules=result.schedules))
 
 
 async def pause_schedule(request: web.Request) -> web.Response:
-    result = await scheduler_call(request, Pause(name=_schedule_name(request)))
-    return web.json_response(result if isinstance(result, dict) else {"name": request.match_info["name"], "result": result})
+    return json_answer(await scheduler_call(request, Pause(name=_schedule_name(request))))
 
 
 async def resume_schedule(request: web.Request) -> web.Response:
-    result = await scheduler_call(request, Resume(name=_schedule_name(request)))
-    return web.json_response(result if isinstance(result, dict) else {"name": request.match_info["name"], "result": result})
+    return json_answer(await scheduler_call(request, Resume(name=_schedule_name(request))))
 
 
 # ---------------------------------------------------------------------------- config
@@ -297,19 +268,15 @@ async def resume_schedule(request: web.Request) -> web.Response:
 async def list_pipelines(request: web.Request) -> web.Response:
     config = request.app[SETTINGS].config
     pipelines = [
-        {
-            "name": name,
-            "description": p.description,
-            "stages": [s.name for s in p.stages],
-            "params": [
-                {"name": pname, "type": spec.type, "default": spec.default, "choices": spec.choices,
-                 "description": spec.description}
-                for pname, spec in p.params.items()
-            ],
-        }
+        PipelineView(
+            name=name, description=p.description, stages=[s.name for s in p.stages],
+            params=[ParamView(name=pname, type=spec.type, default=spec.default, choices=spec.choices,
+                              description=spec.description)
+                    for pname, spec in p.params.items()],
+        )
         for name, p in sorted(config.pipelines.items())
     ]
-    return web.json_response({"pipelines": pipelines})
+    return json_answer(PipelinesPage(pipelines=pipelines))
 
 
 def add_routes(app: web.Application) -> None:

@@ -13,6 +13,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from shared.errors import (
     BadParams,
+    BadReply,
     Conflict,
     InvalidRunId,
     NotFound,
@@ -37,6 +38,7 @@ class HttpError(Exception):
 
 
 _STATUS: list[tuple[type[RunwireError], int]] = [
+    (BadReply, 502),  # before ProtocolError, its base: the scheduler's answer, not the client's request
     (InvalidRunId, 400),
     (UnknownPipeline, 400),
     (BadParams, 400),

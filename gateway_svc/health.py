@@ -42,10 +42,10 @@ async def _check_scheduler(request: web.Request, journal_dir: Path) -> dict[str,
         info = await scheduler_call(request, Identity(), IDENTITY_TIMEOUT)
     except RunwireError as e:
         return {"ok": False, "endpoint": endpoint, "detail": f"scheduler not reachable on {endpoint}: {e}"}
-    theirs = str(info.get("journal_dir", "")) if isinstance(info, dict) else ""
+    theirs = info.journal_dir
     if not _same_dir(theirs, journal_dir):
         return {"ok": False, "endpoint": endpoint, "journal_dir": theirs, "detail": _mismatch("the scheduler", theirs, journal_dir)}
-    return {"ok": True, "endpoint": endpoint, "journal_dir": theirs, "pid": info.get("pid"),
+    return {"ok": True, "endpoint": endpoint, "journal_dir": theirs, "pid": info.pid,
             "detail": f"scheduler answers on {endpoint}"}
 
 

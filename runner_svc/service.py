@@ -18,7 +18,7 @@ from anyio.abc import TaskStatus
 
 from shared import __version__
 from shared.config import Settings, endpoints_of
-from shared.control import Identity, IdentityInfo, Probe, serve_requests
+from shared.control import Identity, Probe, serve_requests
 from shared.dispatch import (
     CancelRun,
     DispatchRun,
@@ -37,6 +37,7 @@ from shared.journal import JournalWriter, begin_run, remove_older_journals
 from shared.journal import stats_fields as journal_stats_fields
 from shared.params import resolve_params
 from shared.procs import kill_run_processes
+from shared.replies import IdentityInfo, ProbeResult
 from shared.values import DECODE_ERRORS
 from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
@@ -407,7 +408,7 @@ class RunnerService:
         finally:
             sock.close(linger=0)
 
-    async def _handle_request(self, req: Any) -> Any:
+    async def _handle_request(self, req: Any) -> Any:  # each request's reply type (checked by serve_requests)
         match req:
             case Identity():
                 return self.identity()
@@ -425,7 +426,7 @@ class RunnerService:
             endpoints={**endpoints_of(s), "runner.id": self.runner_id},
         )
 
-    async def _probe(self, req: Probe) -> dict[str, Any]:
+    async def _probe(self, req: Probe) -> ProbeResult:
         """The doctor's probe: a run written and published end to end (queued, then success)."""
         s = self.settings
         assert self.publisher is not None
@@ -449,4 +450,4 @@ class RunnerService:
         removed = await anyio.to_thread.run_sync(remove_older_journals, s.journal_dir, PROBE_PREFIX, PROBES_KEPT)
         if removed:
             log.info("removed %d older probe journal(s) (the newest %d are kept)", len(removed), PROBES_KEPT)
-        return {"run_id": run_id, "last_seq": ev.seq}
+        return ProbeResult(run_id=run_id, last_seq=ev.seq)

@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from shared.config import Settings, load_settings
 from shared.errors import BadParams, ConfigError, RunwireError, ServiceUnavailable
+from shared.httpapi import Launched, RunPage, RunsPage, SchedulesPage
 from shared.ids import check_run_id
 from shared.params import parse_param_text
+from shared.replies import CancelResult, ScheduleInfo
 
 from .client import GatewayClient, gateway_url
 from .render import event_line, json_line, print_table, use_colour
@@ -132,47 +136,30 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 await tail_all(client, as_json=args.json)
                 return EXIT_OK
             case "runs":
-                data = await client.get("/api/runs", status=args.status, limit=args.limit)
-                _print_rows(data, ["run_id", "pipeline", "status", "trigger", "queued_at", "ended_at", "waiting"], args.json)
+                page = await client.get("/api/runs", into=RunsPage, status=args.status, limit=args.limit)
+                _print_rows(page.runs, ["run_id", "pipeline", "status", "trigger", "queued_at", "ended_at", "waiting"], args.json)
             case "schedules":
-                data = await client.get("/api/schedules")
-                _print_rows(data, ["name", "pipeline", "spec", "timezone", "next_fire", "paused"], args.json)
+                schedules = await client.get("/api/schedules", into=SchedulesPage)
+                _print_rows(schedules.schedules, ["name", "pipeline", "spec", "timezone", "next_fire", "paused"], args.json)
             case "pause" | "resume":
-                data = await client.post(f"/api/schedules/{args.name}/{args.command}")
-                _print_result(data, f"schedule {args.name}: {args.command}d", args.json)
+                schedule = await client.post(f"/api/schedules/{args.name}/{args.command}", into=ScheduleInfo)
+                _print_result(schedule, f"schedule {args.name}: {args.command}d", args.json)
             case "cancel":
                 check_run_id(args.run_id)
-                data = await client.post(f"/api/runs/{args.run_id}/cancel")
-                _print_result(data, f"run {args.run_id}: {(data or {}).get('status', 'cancel requested')}", args.json)
+                cancelled = await client.post(f"/api/runs/{args.run_id}/cancel", into=CancelResult)
+                _print_result(cancelled, f"run {args.run_id}: {cancelled.status}", args.json)
     return EXIT_OK
 
 
-def _rows_of(data: Any) -> list[dict[str, Any]]:
-    if isinstance(data, dict):
-        for key in ("runs", "schedules", "items"):
-            if isinstance(data.get(key), list):
-                return data[key]
-    return data if isinstance(data, list) else []
-
-
-def _print_rows(data: Any, columns: list[str], as_json: bool) -> None:
-    rows = _rows_of(data)
+def _print_rows(rows: Sequence[msgspec.Struct], columns: list[str], as_json: bool) -> None:
     if as_json:
         for row in rows:
             print(json_line(row))
         return
-    flat = []
-    for row in rows:
-        r = dict(row)
-        if "spec" in columns and "spec" not in r:
-            r["spec"] = r.get("cron") or (f"every {r['every']}" if r.get("every") else "")
-        if "paused" in columns and "paused" not in r and "enabled" in r:
-            r["paused"] = not r["enabled"]
-        flat.append(r)
-    print_table(flat, columns)
+    print_table([msgspec.structs.asdict(row) for row in rows], columns)
 
 
-def _print_result(data: Any, text: str, as_json: bool) -> None:
+def _print_result(data: msgspec.Struct, text: str, as_json: bool) -> None:
     print(json_line(data) if as_json else text)
 
 
@@ -195,12 +182,12 @@ def _parse_params(settings: Settings, pipeline: str, pairs: list[str]) -> dict[s
 
 async def _launch(client: GatewayClient, settings: Settings, args: argparse.Namespace) -> int:
     params = _parse_params(settings, args.pipeline, args.param)
-    data = await client.post("/api/runs", {"pipeline": args.pipeline, "params": params})
-    run_id = data["run_id"]
+    launched = await client.post("/api/runs", {"pipeline": args.pipeline, "params": params}, into=Launched)
+    run_id = launched.run_id
     if args.json:
-        print(json_line(data))
+        print(json_line(launched))
     else:
-        print(f"run {run_id} {data.get('status', 'queued')}", file=sys.stderr if args.follow else sys.stdout)
+        print(f"run {run_id} {launched.status}", file=sys.stderr if args.follow else sys.stdout)
     if not args.follow:
         return EXIT_OK
     return _exit_for(await follow_run(client, run_id, 0, as_json=args.json))
@@ -235,9 +222,9 @@ async def follow_run(client: GatewayClient, run_id: str, after_seq: int, *, as_j
                             return ev.event
                 backoff = 0.2
             # closed normally without a terminal after `last`: the run ended at or before it
-            state = await client.get(f"/api/runs/{run_id}")
-            if state.get("status") in ("success", "failure", "cancelled"):
-                return str(state["status"])
+            run = await client.get(f"/api/runs/{run_id}", into=RunPage)
+            if run.status in ("success", "failure", "cancelled"):
+                return run.status
         except ServiceUnavailable as e:
             print(f"runwire: {e}; reconnecting after seq {last}", file=sys.stderr)
         await anyio.sleep(backoff)

@@ -1,20 +1,22 @@
 """The gateway's HTTP and WebSocket API from a program's side: what the CLI (and doctor) speak.
 
 Errors come back as the RunwireError the gateway named (`{"error": {"code", "message"}}`), and a gateway
-that does not answer is a ServiceUnavailable naming its URL.
+that does not answer is a ServiceUnavailable naming its URL. `get(..., into=T)` / `post(..., into=T)`
+decode the answer into T (a Struct of `shared.httpapi` or `shared.replies`): an answer of another shape
+is a BadReply naming what did not fit, never a map to guess at.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import aiohttp
 import msgspec
 
 from shared.config import Settings
-from shared.errors import ERRORS_BY_CODE, ProtocolError, RunwireError, ServiceUnavailable
+from shared.errors import ERRORS_BY_CODE, BadReply, ProtocolError, RunwireError, ServiceUnavailable
 from shared.events import Event
 
 GATEWAY_URL_ENV = "RUNWIRE_GATEWAY_URL"
@@ -22,6 +24,7 @@ RETRYABLE_CLOSES = frozenset({1001, 1006, 1011, 1012, 1013, 4008})  # going away
 NON_FATAL_ERRORS = frozenset({"journal_gap"})  # the stream goes on after these
 
 _frame_decoder = msgspec.json.Decoder()
+T = TypeVar("T")
 
 
 def gateway_url(settings: Settings | None, explicit: str | None = None) -> str:
@@ -59,7 +62,8 @@ class GatewayClient:
         assert self._session is not None, "use `async with GatewayClient(...)`"
         return self._session
 
-    async def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+    async def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
+                      into: type[Any] | None = None) -> Any:
         url = self.base_url + path
         try:
             async with self.session.request(method, url, json=json, params=params) as resp:
@@ -77,13 +81,26 @@ class GatewayClient:
                 cls = ERRORS_BY_CODE.get(str(err.get("code")), RunwireError)
                 raise cls(f"{err.get('message')} (HTTP {status} from {method} {path})")
             raise RunwireError(f"HTTP {status} from {method} {path}: {body[:200]!r}")
-        return data
+        if into is None:
+            return data
+        try:
+            return msgspec.convert(data, into)
+        except msgspec.ValidationError as e:
+            raise BadReply(f"{method} {path}: the gateway's answer is not a {into.__name__}: {e}") from e
 
-    async def get(self, path: str, **params: Any) -> Any:
-        return await self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+    @overload
+    async def get(self, path: str, *, into: type[T], **params: Any) -> T: ...
+    @overload
+    async def get(self, path: str, *, into: None = None, **params: Any) -> Any: ...
+    async def get(self, path: str, *, into: type[Any] | None = None, **params: Any) -> Any:
+        return await self.request("GET", path, params={k: v for k, v in params.items() if v is not None}, into=into)
 
-    async def post(self, path: str, json: Any = None) -> Any:
-        return await self.request("POST", path, json=json if json is not None else {})
+    @overload
+    async def post(self, path: str, json: Any = None, *, into: type[T]) -> T: ...
+    @overload
+    async def post(self, path: str, json: Any = None, *, into: None = None) -> Any: ...
+    async def post(self, path: str, json: Any = None, *, into: type[Any] | None = None) -> Any:
+        return await self.request("POST", path, json=json if json is not None else {}, into=into)
 
     def ws_url(self, path: str, **params: Any) -> str:
         base = "ws" + self.base_url[len("http"):] if self.base_url.startswith("http") else self.base_url

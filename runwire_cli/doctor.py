@@ -23,6 +23,7 @@ import anyio
 from shared.config import Settings, endpoints_of
 from shared.control import ControlClient, Identity, Probe
 from shared.errors import RunwireError
+from shared.replies import IdentityInfo
 
 from .client import GatewayClient, gateway_url
 from .render import json_line
@@ -45,7 +46,7 @@ class Doctor:
         self.settings = settings
         self.gateway = gateway_url(settings, gateway)
         self.checks: list[Check] = []
-        self.identities: dict[str, dict[str, Any]] = {}
+        self.identities: dict[str, IdentityInfo] = {}
 
     def add(self, name: str, ok: bool, detail: str) -> bool:
         self.checks.append(Check(name, ok, detail))
@@ -95,20 +96,21 @@ class Doctor:
             self.add(f"{who} reachable", False, f"{who} not answering on {endpoint}: {e}")
             return False
         self.identities[who] = info
-        self.add(f"{who} reachable", True, f"{endpoint} (pid {info.get('pid')}, version {info.get('version')})")
-        self._same_dir(who, info.get("journal_dir"), info.get("config_path"))
+        self.add(f"{who} reachable", True, f"{endpoint} (pid {info.pid}, version {info.version})")
+        self._same_dir(who, info.journal_dir, info.config_path)
         return True
 
     async def check_scheduler_sees_runner(self) -> None:
-        runners = self.identities.get("scheduler", {}).get("runners") or {}
+        scheduler = self.identities.get("scheduler")
+        runners = scheduler.runners if scheduler is not None else {}
         if not runners:
             self.add("scheduler sees a runner", False, "no runner connected to the scheduler's dispatch socket "
                      f"({self.settings.config.scheduler.dispatch}): runs would wait queued")
             return
         for rid, facts in runners.items():
-            jd = facts.get("journal_dir")
-            if jd is not None and Path(jd) != self.settings.journal_dir:
-                self.add("scheduler sees a runner", False, f"runner {rid} writes {jd}, not {self.settings.journal_dir}")
+            if Path(facts.journal_dir) != self.settings.journal_dir:
+                self.add("scheduler sees a runner", False,
+                         f"runner {rid} writes {facts.journal_dir}, not {self.settings.journal_dir}")
                 return
         self.add("scheduler sees a runner", True, ", ".join(sorted(runners)))
 
@@ -173,7 +175,7 @@ class Doctor:
                 t0 = time.perf_counter()
                 try:
                     async with ControlClient(self.settings.config.runner.control, timeout=2.0) as rc:
-                        run_id = (await rc.call(Probe()))["run_id"]
+                        run_id = (await rc.call(Probe())).run_id
                 except RunwireError as e:
                     failure = str(e)
                 else:

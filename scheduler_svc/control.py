@@ -15,11 +15,12 @@ import msgspec
 
 import shared
 from shared.config import Settings, endpoints_of
-from shared.control import Cancel, GetRun, Identity, IdentityInfo, Launch, ListRuns, ListSchedules, Pause, Resume
+from shared.control import Cancel, GetRun, Identity, Launch, ListRuns, ListSchedules, Pause, Resume
 from shared.dispatch import CancelRun
 from shared.errors import BadParams, Conflict, NotFound, ProtocolError
 from shared.ids import check_run_id
 from shared.journal import read_events
+from shared.replies import CancelResult, IdentityInfo, RunDetail, RunList, RunnerFacts, ScheduleList
 from shared.runstate import RUN_STATUSES, fold
 
 from .dispatcher import Send
@@ -46,7 +47,7 @@ class ControlHandler:
         self.wait_reason = wait_reason
         self.judge_now = judge_now  # the runner monitor's clock: what a runner's last_seen is on
 
-    async def handle(self, req: Any) -> Any:
+    async def handle(self, req: Any) -> Any:  # each request's reply type (checked by serve_requests)
         match req:
             case Launch():
                 return await self.launches.launch(req)
@@ -57,7 +58,7 @@ class ControlHandler:
             case GetRun():
                 return await self._get_run(req)
             case ListSchedules():
-                return {"schedules": self.schedules.describe()}
+                return ScheduleList(schedules=self.schedules.describe())
             case Pause():
                 return await self.schedules.set_paused(req.name, True)
             case Resume():
@@ -73,7 +74,7 @@ class ControlHandler:
             raise NotFound(f"run {run_id} not found in {self.journal_dir}")
         return rec
 
-    async def _cancel(self, req: Cancel) -> dict[str, Any]:
+    async def _cancel(self, req: Cancel) -> CancelResult:
         rec = self._find(req.run_id)
         reason = req.reason or "cancelled on request"
         if rec.phase == "ended":
@@ -82,16 +83,16 @@ class ControlHandler:
             raise Conflict(f"run {rec.run_id} is already being ended by the scheduler")
         if rec.phase == "queued":
             await self.journaling.end_run(rec, "cancelled", reason, {"reason": reason})
-            return {"run_id": rec.run_id, "status": rec.status}
+            return CancelResult(run_id=rec.run_id, status="cancelled")
         rec.cancel_requested = True
         rec.msg = reason
         if rec.phase != "dispatching" and rec.runner in self.book.runners:
             await self.send(self.book.runners[rec.runner],
                             CancelRun(run_id=rec.run_id, attempt=rec.attempt, reason=reason))
         log.info("run %s: cancel forwarded to runner %s", rec.run_id, rec.runner)
-        return {"run_id": rec.run_id, "status": "cancelling"}
+        return CancelResult(run_id=rec.run_id, status="cancelling")
 
-    def _list_runs(self, req: ListRuns) -> dict[str, Any]:
+    def _list_runs(self, req: ListRuns) -> RunList:
         runs = self.book.runs
         if req.status is not None and req.status not in RUN_STATUSES:
             raise BadParams(f"status {req.status!r}: expected one of {', '.join(RUN_STATUSES)}")
@@ -103,17 +104,19 @@ class ControlHandler:
                 out.append(rec.summary(self.wait_reason(rec)))
                 if len(out) >= limit:
                     break
-        return {"runs": out}
+        return RunList(runs=out)
 
-    async def _get_run(self, req: GetRun) -> dict[str, Any]:
+    async def _get_run(self, req: GetRun) -> RunDetail:
         rec = self.book.get(check_run_id(req.run_id))
         if rec is None:
             rec = await anyio.to_thread.run_sync(read_record, self.journal_dir, req.run_id)
             if rec is None:
                 raise NotFound(f"run {req.run_id} not found in {self.journal_dir}")
         events = await anyio.to_thread.run_sync(read_events, self.journal_dir, rec.run_id)
-        state = msgspec.to_builtins(fold(rec.run_id, events))
-        return {**state, **rec.summary(self.wait_reason(rec)), "stages": state.get("stages", {})}
+        state = fold(rec.run_id, events)
+        fields = msgspec.structs.asdict(rec.summary(self.wait_reason(rec)))
+        fields["last_seq"] = max(fields["last_seq"], state.last_seq)  # the journal, just read, may be ahead
+        return RunDetail(**fields, stages=state.stages)
 
     def _identity(self) -> IdentityInfo:
         runners = {}
@@ -121,11 +124,11 @@ class ControlHandler:
         for r in self.book.runners.values():
             if r.connected and r.status is not None:
                 st = r.status
-                runners[r.runner_id] = {
-                    "runner_id": r.runner_id, "pid": st.pid, "version": st.version, "config_path": st.config_path,
-                    "journal_dir": st.journal_dir, "publish": st.publish, "control": st.control,
-                    "capacity": st.capacity, "runs": len(r.runs), "last_seen_s": round(now - r.last_seen, 3),
-                }
+                runners[r.runner_id] = RunnerFacts(
+                    runner_id=r.runner_id, pid=st.pid, version=st.version, config_path=st.config_path,
+                    journal_dir=st.journal_dir, publish=st.publish, control=st.control,
+                    capacity=st.capacity, runs=len(r.runs), last_seen_s=round(now - r.last_seen, 3),
+                )
         return IdentityInfo(service="scheduler", version=shared.__version__, pid=os.getpid(),
                             config_path=str(self.settings.path), journal_dir=str(self.journal_dir),
                             endpoints=endpoints_of(self.settings), runners=runners)

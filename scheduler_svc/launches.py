@@ -28,6 +28,7 @@ from shared.errors import Conflict, JournalError, ServiceUnavailable
 from shared.ids import new_run_id
 from shared.journal import JournalReader, begin_run, journal_path
 from shared.params import resolve_params
+from shared.replies import LaunchResult
 
 from .journaling import Journaling
 from .runbook import RunBook
@@ -71,7 +72,7 @@ class Launches:
         self._purged_at = 0.0
         self.now: Callable[[], float] = time.time  # what request deadlines are compared with (unix time)
 
-    async def launch(self, req: Launch) -> dict[str, Any]:
+    async def launch(self, req: Launch) -> LaunchResult:
         params = resolve_params(self.settings.pipeline(req.pipeline), req.params)
         if req.idempotency_key is None:
             return await self._commit(req, params, new_run_id(), None)
@@ -84,7 +85,7 @@ class Launches:
             if not lock.locked():
                 self._locks.pop(key, None)
 
-    async def _keyed(self, req: Launch, params: dict[str, Any], key: str) -> dict[str, Any]:
+    async def _keyed(self, req: Launch, params: dict[str, Any], key: str) -> LaunchResult:
         keys = await self._keys()
         fp = fingerprint(req.pipeline, params)
         now = time.time()
@@ -97,7 +98,7 @@ class Launches:
                                    "another pipeline or other parameters): send a new key for a new launch")
                 log.info("launch of %s with idempotency key %r: run %s exists (%s); answered it, no new run",
                          req.pipeline, key, rec.run_id, rec.status)
-                return {"run_id": rec.run_id, "status": rec.status, "replayed": True}
+                return LaunchResult(run_id=rec.run_id, status=rec.status, replayed=True)  # type: ignore[arg-type]
             log.info("idempotency key %r: its run %s %s; launching anew", key, entry.run_id,
                      "expired before it was acknowledged" if rec is not None else "was never queued")
         self._check_deadline(req, "before its key was remembered")
@@ -111,7 +112,7 @@ class Launches:
             log.warning("launch of %s (request %d): its deadline passed %s; not acted on", req.pipeline, req.id, when)
             raise ServiceUnavailable(f"launch of {req.pipeline}: its deadline passed {when}; not acted on")
 
-    async def _commit(self, req: Launch, params: dict[str, Any], run_id: str, key: str | None) -> dict[str, Any]:
+    async def _commit(self, req: Launch, params: dict[str, Any], run_id: str, key: str | None) -> LaunchResult:
         trigger: dict[str, Any] = {"trigger": "manual"}
         if key is not None:
             trigger["idempotency_key"] = key
@@ -130,7 +131,7 @@ class Launches:
         self.book.enqueue(rec)
         log.info("run %s (%s) queued on request%s", rec.run_id, rec.pipeline,
                  f" (idempotency key {key!r})" if key is not None else "")
-        return {"run_id": rec.run_id, "status": "queued"}
+        return LaunchResult(run_id=rec.run_id, status="queued")
 
     # ------------------------------------------------------------------------------------ the keys
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from shared.events import PIPELINE_STAGE, TERMINAL_KINDS, Event
 from shared.journal import JournalReader, journal_path, list_run_ids
+from shared.replies import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,16 @@ class RunRecord:
         self.msg = ev.msg
         self.last_seq = ev.seq
 
-    def summary(self, wait_reason: str | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "run_id": self.run_id, "pipeline": self.pipeline, "status": self.status, "trigger": self.trigger,
-            "schedule": self.schedule, "slot": self.slot, "queued_at": self.queued_at,
-            "started_at": self.started_at, "ended_at": self.ended_at, "params": self.params,
-            "runner": self.runner, "attempt": self.attempt, "msg": self.msg,
-        }
-        if wait_reason:
-            out["reason"] = wait_reason
-        elif self.phase == "ended" and self.outcome != "success":
-            out["reason"] = self.msg
-        return out
+    def summary(self, waiting: str | None = None) -> RunSummary:
+        """The run for ListRuns/GetRun; `waiting` (the dispatcher's wait reason) only for a queued run.
+        A run that ended says why in `msg` (its terminal event's), never in `waiting`."""
+        return RunSummary(
+            run_id=self.run_id, pipeline=self.pipeline, status=self.status,  # type: ignore[arg-type]
+            trigger=self.trigger, schedule=self.schedule, slot=self.slot, params=self.params,
+            queued_at=self.queued_at, started_at=self.started_at, ended_at=self.ended_at, msg=self.msg,
+            last_seq=self.last_seq, runner=self.runner, attempt=self.attempt,
+            waiting=waiting if self.phase == "queued" else None,
+        )
 
 
 def record_from_queued(ev: Event) -> RunRecord:

@@ -29,6 +29,7 @@ from shared.config import Config, ScheduleConfig
 from shared.errors import JournalError, NotFound
 from shared.journal import journal_path
 from shared.params import resolve_params
+from shared.replies import ScheduleInfo
 
 from .clock import Clock, WallClock
 from .journaling import Journaling
@@ -207,7 +208,7 @@ class ScheduleDriver:
             raise NotFound(f"schedule {name!r} not found (configured: {known})")
         return e
 
-    async def set_paused(self, name: str, paused: bool) -> dict[str, Any]:
+    async def set_paused(self, name: str, paused: bool) -> ScheduleInfo:
         e = self._entry(name)
         if e.paused != paused:
             await self.state.set_paused(name, paused)
@@ -221,15 +222,15 @@ class ScheduleDriver:
             self._changed.set()
         return self._describe(e)
 
-    def _describe(self, e: ScheduleEntry) -> dict[str, Any]:
-        return {
-            "name": e.name, "pipeline": e.cfg.pipeline, "cron": e.cfg.cron, "every": e.cfg.every,
-            "spec": e.clock.spec, "timezone": e.clock.tz.key, "paused": e.paused, "enabled": not e.paused,
-            "next_fire": None if e.paused else e.local(e.next_fire),
-            "next_fire_utc": None if e.paused else iso_utc(e.next_fire),
-            "last_slot": iso_utc(e.last_slot), "misfire": e.cfg.misfire, "misfire_grace": e.cfg.misfire_grace,
-            "overlap": e.cfg.overlap, "fire_at_start": e.cfg.fire_at_start, "active_run": self._active_run(e.name),
-        }
+    def _describe(self, e: ScheduleEntry) -> ScheduleInfo:
+        return ScheduleInfo(
+            name=e.name, pipeline=e.cfg.pipeline, cron=e.cfg.cron, every=e.cfg.every,
+            spec=e.clock.spec, timezone=e.clock.tz.key, paused=e.paused, enabled=not e.paused,
+            next_fire=None if e.paused else e.local(e.next_fire),
+            next_fire_utc=None if e.paused else iso_utc(e.next_fire),
+            last_slot=iso_utc(e.last_slot), misfire=e.cfg.misfire, misfire_grace=e.cfg.misfire_grace,
+            overlap=e.cfg.overlap, fire_at_start=e.cfg.fire_at_start, active_run=self._active_run(e.name),
+        )
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[ScheduleInfo]:
         return [self._describe(e) for e in self.entries.values()]

@@ -1,6 +1,11 @@
 """The control protocol: requests to the scheduler (launch, cancel, runs, schedules) and to the runner
 (identity, probe), as MessagePack over ZeroMQ ROUTER (server) / DEALER (client).
 
+Each request type names its reply type (`Launch` is a `Request[LaunchResult]`; the replies are in
+`shared.replies`): a handler that returns anything else is a bug, logged and answered as an internal
+error, and the client decodes the result into that type, so a caller gets a typed value, never a map
+to guess at.
+
 Framing: a client sends one frame, the encoded request; the server's ROUTER sees [routing id, payload]
 (or [routing id, b"", payload] from a REQ socket) and answers with the same envelope and one reply frame.
 Every request carries an id (echoed in the reply) and a deadline: a server drops a request whose
@@ -17,64 +22,75 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar, get_args
 
 import anyio
 import msgspec
 import zmq
 import zmq.asyncio
 
-from .errors import ERRORS_BY_CODE, InternalError, ProtocolError, RunwireError, ServiceUnavailable
-from .values import Params
+from .errors import ERRORS_BY_CODE, BadReply, InternalError, ProtocolError, RunwireError, ServiceUnavailable
+from .replies import CancelResult, IdentityInfo, LaunchResult, ProbeResult, RunDetail, RunList, ScheduleInfo, ScheduleList
+from .values import DECODE_ERRORS, Params
 from .wire import configure_socket
-from .values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
 
-class Request(msgspec.Struct, tag_field="op", kw_only=True):
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+class Request(msgspec.Struct, Generic[R], tag_field="op", kw_only=True):
     id: int = 0
     deadline: float = 0.0  # unix time after which the server must not act on it; 0 = none
+    reply: ClassVar[type[msgspec.Struct]]  # the type its handler returns: `R` of `Request[R]`, set below
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            args = get_args(base)
+            if args and isinstance(args[0], type):
+                cls.reply = args[0]
 
 
-class Identity(Request, tag="identity"):
+class Identity(Request[IdentityInfo], tag="identity"):
     """Who are you: service, version, config file, journal directory, endpoints."""
 
 
-class Launch(Request, tag="launch"):
+class Launch(Request[LaunchResult], tag="launch"):
     pipeline: str
     params: Params = {}
     # the client's Idempotency-Key: a retry with the same key answers the first run, never a second
     idempotency_key: str | None = None
 
 
-class Cancel(Request, tag="cancel"):
+class Cancel(Request[CancelResult], tag="cancel"):
     run_id: str
     reason: str = "cancelled on request"
 
 
-class ListRuns(Request, tag="list_runs"):
+class ListRuns(Request[RunList], tag="list_runs"):
     status: str | None = None
     limit: int = 100
 
 
-class GetRun(Request, tag="get_run"):
+class GetRun(Request[RunDetail], tag="get_run"):
     run_id: str
 
 
-class ListSchedules(Request, tag="list_schedules"):
+class ListSchedules(Request[ScheduleList], tag="list_schedules"):
     pass
 
 
-class Pause(Request, tag="pause"):
+class Pause(Request[ScheduleInfo], tag="pause"):
     name: str
 
 
-class Resume(Request, tag="resume"):
+class Resume(Request[ScheduleInfo], tag="resume"):
     name: str
 
 
-class Probe(Request, tag="probe"):
+class Probe(Request[ProbeResult], tag="probe"):
     """Runner: write a probe run (queued, then success) through journal and PUB; reply its run id."""
 
     run_id: str | None = None
@@ -91,26 +107,25 @@ class ErrorBody(msgspec.Struct):
 class Reply(msgspec.Struct, omit_defaults=True):
     id: int
     ok: bool
-    result: Any = None
+    result: Any = None  # the request's reply Struct when ok
     error: ErrorBody | None = None
 
 
-class IdentityInfo(msgspec.Struct, omit_defaults=True):
-    """The answer to Identity, which doctor and /healthz compare across services."""
+class _RawReply(msgspec.Struct):
+    """A reply as the client first reads it: the result is decoded afterwards, into the request's type."""
 
-    service: str
-    version: str
-    pid: int
-    config_path: str
-    journal_dir: str
-    endpoints: dict[str, str] = {}
-    # scheduler only: the runners connected now, runner_id -> their own identity facts
-    runners: dict[str, dict[str, Any]] = {}
+    id: int
+    ok: bool
+    result: msgspec.Raw = msgspec.Raw(b"\xc0")  # MessagePack nil
+    error: ErrorBody | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(AnyRequest)
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_reply_decoder = msgspec.msgpack.Decoder(_RawReply)
+_result_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {
+    t: msgspec.msgpack.Decoder(t) for t in {r.reply for r in AnyRequest.__args__}  # type: ignore[attr-defined]
+}
 
 
 def encode(msg: msgspec.Struct) -> bytes:
@@ -172,7 +187,12 @@ async def _answer(payload: bytes, handle: Handler, where: str) -> Reply:
     except Exception as e:  # a bug in a handler must not take the socket down; it is logged in full
         log.exception("%s: %s request %d failed", where, type(req).__name__, req.id)
         return error_reply(req.id, InternalError(f"{type(e).__name__}: {e}"))
-    return Reply(id=req.id, ok=True, result=msgspec.to_builtins(result))
+    if type(result) is not req.reply:  # a handler's bug: never send a shape the client cannot read
+        log.error("%s: the handler answered %s request %d with %s, not %s", where, type(req).__name__, req.id,
+                  type(result).__name__, req.reply.__name__)
+        return error_reply(req.id, InternalError(
+            f"the {type(req).__name__.lower()} handler answered a {type(result).__name__}, not a {req.reply.__name__}"))
+    return Reply(id=req.id, ok=True, result=result)
 
 
 class ControlClient:
@@ -211,12 +231,13 @@ class ControlClient:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    async def call(self, req: Request, timeout: float | None = None) -> Any:
-        """Send a request, return its result; raise the service's error, or ServiceUnavailable."""
+    async def call(self, req: Request[R], timeout: float | None = None) -> R:
+        """Send a request, return its reply (the request's reply type); raise the service's error,
+        ServiceUnavailable, or BadReply for an answer that is not of that type."""
         async with self._lock:
             return await self._call(req, timeout)
 
-    async def _call(self, req: Request, timeout: float | None) -> Any:
+    async def _call(self, req: Request[R], timeout: float | None) -> R:
         timeout = self.timeout if timeout is None else timeout
         req.id = next(self._ids)
         end = time.monotonic() + timeout
@@ -243,9 +264,13 @@ class ControlClient:
             raise ServiceUnavailable(f"{what}: {e}") from e
         except (msgspec.DecodeError, RecursionError) as e:  # a reply's result is free-form: bound it here
             self.close()
-            raise ProtocolError(f"{what}: bad reply: {e}") from e
+            raise BadReply(f"{what}: bad reply: {e}") from e
         if reply.ok:
-            return reply.result
-        assert reply.error is not None
+            try:
+                return _result_decoders[req.reply].decode(reply.result)  # type: ignore[no-any-return]
+            except (msgspec.DecodeError, RecursionError) as e:
+                raise BadReply(f"{what}: the answer is not a {req.reply.__name__}: {e}") from e
+        if reply.error is None:
+            raise BadReply(f"{what}: a failed reply without an error")
         cls = ERRORS_BY_CODE.get(reply.error.code, RunwireError)
         raise cls(reply.error.message)

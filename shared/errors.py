@@ -71,6 +71,13 @@ class ProtocolError(RunwireError):
     code = "bad_request"
 
 
+class BadReply(ProtocolError):
+    """A service's answer that is not of the request's reply type (another version, or a bug): the
+    caller cannot know what was done."""
+
+    code = "bad_reply"
+
+
 class ServiceUnavailable(RunwireError):
     """A service did not answer on its control socket within the timeout."""
 
@@ -106,6 +113,6 @@ ERRORS_BY_CODE: dict[str, type[RunwireError]] = {
     cls.code: cls
     for cls in (
         ConfigError, InvalidRunId, UnknownPipeline, BadParams, JournalError, RunEnded,
-        ProtocolError, ServiceUnavailable, NotFound, Conflict, BadCommand, InternalError,
+        ProtocolError, BadReply, ServiceUnavailable, NotFound, Conflict, BadCommand, InternalError,
     )
 }

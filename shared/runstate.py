@@ -24,14 +24,15 @@ RUN_STATUSES: tuple[str, ...] = RunStatus.__args__  # type: ignore[attr-defined]
 _STAGE_STATUS = {"start": "running", "success": "success", "failure": "failure", "skipped": "skipped", "cancelled": "cancelled"}
 
 
-class ItemState(msgspec.Struct, omit_defaults=True):
+# no omit_defaults: every field is always there, as the HTTP API's run detail documents its stages
+class ItemState(msgspec.Struct):
     status: str = "running"
     started_at: str | None = None
     ended_at: str | None = None
     msg: str = ""
 
 
-class StageState(msgspec.Struct, omit_defaults=True):
+class StageState(msgspec.Struct):
     name: str
     status: str = "pending"
     started_at: str | None = None
@@ -41,7 +42,7 @@ class StageState(msgspec.Struct, omit_defaults=True):
     items: dict[str, ItemState] = {}
 
 
-class RunState(msgspec.Struct, omit_defaults=True):
+class RunState(msgspec.Struct):
     run_id: str
     status: RunStatus = "queued"
     pipeline: str = ""

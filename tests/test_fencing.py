@@ -53,7 +53,7 @@ def launch(ports_control: str, pipeline: str, params: dict | None = None) -> str
 
     async def go() -> str:
         async with ControlClient(ports_control) as client:
-            return (await client.call(Launch(pipeline=pipeline, params=params or {})))["run_id"]
+            return (await client.call(Launch(pipeline=pipeline, params=params or {}))).run_id
     return anyio.run(go)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import msgspec
 
 from gateway_svc.keys import HUB
 from shared.ids import new_run_id
@@ -287,6 +288,47 @@ async def test_control_routes_against_a_real_scheduler(tmp_path: Path, services:
             assert resp.status == 503
         async with http.get(gw.base + "/api/runs") as resp:  # lists come from the journals: still served
             assert resp.status == 200 and len((await _json(resp))["runs"]) == 1
+
+
+async def test_a_run_the_scheduler_has_ended_is_not_shown_waiting(tmp_path: Path, services: list[Service]) -> None:
+    """The gateway's view of a run may lag the scheduler's (a lost or slow PUB message, until a sweep or a
+    heartbeat mends it): its detail then asks the scheduler. A run the scheduler has ended waits for
+    nothing; its `waiting` stays null. (The scheduler's `reason` once carried both why a queued run
+    waits and why an ended run ended, and the gateway took either for `waiting`: a cancelled run showed
+    "waiting: cancelled via the API".) Here the lag is made to last: the gateway does not subscribe to
+    the scheduler's PUB, and a publisher's heartbeat claims the run, so no sweep reads its tail."""
+    settings, ports = make_settings(tmp_path, body=_PIPELINES)
+    gateway_cfg = msgspec.structs.replace(settings.config.gateway, subscribe=[f"tcp://127.0.0.1:{ports.publish}"])
+    settings = dataclasses.replace(settings, config=msgspec.structs.replace(settings.config, gateway=gateway_cfg))
+    services.append(Service("scheduler_svc", settings.path, tmp_path).start())
+    pub = FakePublisher(settings.journal_dir, f"tcp://127.0.0.1:{ports.publish}", runner_id="r1")
+    try:
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            with anyio.fail_after(10):
+                while True:  # the scheduler is up once it takes the launch
+                    async with http.post(gw.base + "/api/runs", json={"pipeline": "sleepy"}) as resp:
+                        if resp.status == 202:
+                            run_id = (await _json(resp))["run_id"]
+                            break
+                    await anyio.sleep(0.1)
+            hub = gw.app[HUB]
+            with anyio.fail_after(10):
+                while run_id not in hub.claimed_runs() or hub.index.get(run_id) is None:
+                    pub.heartbeat({run_id: 1})
+                    await anyio.sleep(0.1)
+            async with http.get(f"{gw.base}/api/runs/{run_id}") as resp:
+                queued = await _json(resp)
+            assert queued["status"] == "queued" and "runner" in queued["waiting"], queued  # no runner: it waits
+            async with http.post(f"{gw.base}/api/runs/{run_id}/cancel") as resp:
+                assert resp.status == 202 and (await _json(resp))["status"] == "cancelled"
+            pub.heartbeat({run_id: 1})
+            async with http.get(f"{gw.base}/api/runs/{run_id}") as resp:
+                detail = await _json(resp)
+            assert detail["status"] == "queued", detail  # the gateway's view lags, as set up
+            assert detail["scheduler"]["status"] == "cancelled", detail
+            assert detail["waiting"] is None, detail
+    finally:
+        pub.close()
 
 
 _PIPELINES = """

@@ -27,6 +27,7 @@ from shared.config import Settings, load_settings
 from shared.control import ControlClient, Launch, Reply, check_idempotency_key, deadline_margin, encode
 from shared.errors import ProtocolError, ServiceUnavailable
 from shared.journal import list_run_ids, read_events
+from shared.replies import LaunchResult
 from tests.harness import SLEEP_PIPELINE, Service, free_port, write_config
 from tests.test_gateway_helpers import running_gateway
 
@@ -99,7 +100,7 @@ async def test_the_server_may_use_its_whole_deadline_even_after_a_slow_connect(z
         tg.start_soon(late_server)
         try:
             async with ControlClient(endpoint, timeout, zctx) as client:
-                assert await client.call(Launch(pipeline="sleepy")) == {"run_id": "r", "status": "queued"}
+                assert await client.call(Launch(pipeline="sleepy")) == LaunchResult(run_id="r", status="queued")
         finally:
             answered.set()
     # fixed when the call started (not after the wait to connect), a margin before the client gives up
@@ -127,9 +128,9 @@ async def test_a_launch_whose_deadline_passes_while_it_is_queued_ends_cancelled_
         # the key was never acknowledged: a retry in time launches (once), and is answered from then on
         launches.now = time.time
         again = await launches.launch(Launch(pipeline="sleepy", idempotency_key="k-1", deadline=time.time() + 10))
-        assert again["status"] == "queued" and again["run_id"] != first[0] and again["run_id"] in sched.book.queue
+        assert again.status == "queued" and again.run_id != first[0] and again.run_id in sched.book.queue
         third = await launches.launch(Launch(pipeline="sleepy", idempotency_key="k-1", deadline=time.time() + 10))
-        assert third == {"run_id": again["run_id"], "status": "queued", "replayed": True}
+        assert third == LaunchResult(run_id=again.run_id, status="queued", replayed=True)
         assert len(runs_with_key(settings, "k-1")) == 2  # the expired one (cancelled) and the one run
         tg.cancel_scope.cancel()
 

@@ -66,5 +66,5 @@ async def test_the_scheduler_removes_old_ended_runs_at_start(tmp_path: Path, ser
     assert not (settings.reports_dir / f"{old}.json").exists()
     async with ControlClient(settings.config.scheduler.control) as client:
         with anyio.fail_after(10):
-            listed = [r["run_id"] for r in (await client.call(ListRuns(limit=100)))["runs"]]
+            listed = [r.run_id for r in (await client.call(ListRuns(limit=100))).runs]
     assert listed == [recent]

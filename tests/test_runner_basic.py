@@ -88,16 +88,16 @@ async def test_identity_probe_and_garbage(rig: RunnerRig) -> None:
     endpoint = f"tcp://127.0.0.1:{rig.ports.runner_control}"
     async with ControlClient(endpoint, timeout=10) as client:
         info = await client.call(Identity())
-        assert info["service"] == "runner"
-        assert info["journal_dir"] == str(rig.home / "events")
-        assert info["config_path"] == str(rig.config)
+        assert info.service == "runner"
+        assert info.journal_dir == str(rig.home / "events")
+        assert info.config_path == str(rig.config)
 
         result = await client.call(Probe())
-        assert result["last_seq"] == 2
-        events = read_events(rig.home / "events", result["run_id"])
+        assert result.last_seq == 2
+        events = read_events(rig.home / "events", result.run_id)
         assert [(e.stage, e.event, e.msg) for e in events][1] == ("pipeline", "success", "probe")
         assert events[0].data["trigger"] == "probe"
-        published = rig.sub.until_terminal(result["run_id"], 10)
+        published = rig.sub.until_terminal(result.run_id, 10)
         assert [e["seq"] for e in published] == [1, 2]
 
     # garbage on the control socket gets an error reply; the runner keeps serving
@@ -117,7 +117,7 @@ async def test_identity_probe_and_garbage(rig: RunnerRig) -> None:
         with pytest.raises(ProtocolError):
             from shared.control import ListRuns
             await client.call(ListRuns())
-        assert (await client.call(Identity()))["service"] == "runner"
+        assert (await client.call(Identity())).service == "runner"
 
 
 def test_start_errors_are_clear(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ async def test_restart_after_an_hour_of_downtime(tmp_path: Path, misfire: str, g
                 assert kinds(settings, r.run_id) == [("pipeline", "queued"), ("pipeline", "skipped"),
                                                      ("pipeline", "cancelled")]
         [entry] = sched.schedules.describe()
-        assert entry["last_slot"] == "2026-07-01T11:00:00Z" and entry["next_fire_utc"] == "2026-07-01T11:15:00Z"
+        assert entry.last_slot == "2026-07-01T11:00:00Z" and entry.next_fire_utc == "2026-07-01T11:15:00Z"
         clock.advance(14 * 60 + 29)  # 11:14:59: nothing due yet
         await clock.idle()
         assert len(slot_runs(sched)) == 4
@@ -175,12 +175,12 @@ async def test_pause_stops_slots_and_resume_does_not_catch_up(tmp_path: Path) ->
     clock = FakeClock(utc(2026, 7, 1, 10, 30))
     async with scheduler(settings, clock) as sched:
         paused = await sched.schedules.set_paused("hourly", True)
-        assert paused["paused"] is True and paused["next_fire"] is None
+        assert paused.paused is True and paused.next_fire is None
         clock.advance(3 * 3600)  # 13:30: 11:00, 12:00 and 13:00 pass while paused
         await anyio.sleep(0.05)
         assert slot_runs(sched) == []
         resumed = await sched.schedules.set_paused("hourly", False)
-        assert resumed["next_fire_utc"] == "2026-07-01T14:00:00Z"
+        assert resumed.next_fire_utc == "2026-07-01T14:00:00Z"
         await clock.idle()
         assert slot_runs(sched) == []  # nothing caught up
         clock.advance(1800)

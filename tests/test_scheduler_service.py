@@ -22,6 +22,7 @@ from shared.control import Cancel, ControlClient, GetRun, Identity, Launch, List
 from shared.errors import BadParams, Conflict, InvalidRunId, NotFound, ProtocolError, UnknownPipeline
 from shared.runstate import fold, open_stages
 from shared.journal import read_events
+from shared.replies import RunDetail
 from shared.wire import decode_event_payload, decode_heartbeat_payload
 from tests.harness import SLEEP_PIPELINE, Service, write_config
 
@@ -55,9 +56,9 @@ async def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0)
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def run_status(client: ControlClient, run_id: str, status: str) -> dict[str, Any] | None:
+async def run_status(client: ControlClient, run_id: str, status: str) -> RunDetail | None:
     info = await client.call(GetRun(run_id=run_id))
-    return info if info["status"] == status else None
+    return info if info.status == status else None
 
 
 def kinds(settings: Any, run_id: str) -> list[tuple[str, str]]:
@@ -93,8 +94,8 @@ async def test_launch_runs_to_success_and_publishes_queued(tmp_path: Path, servi
             assert hb.service == "scheduler" and hb.journal_dir == str(settings.journal_dir)
 
             reply = await client.call(Launch(pipeline="sleepy", params={"seconds": 0.1}))
-            assert reply["status"] == "queued"
-            run_id = reply["run_id"]
+            assert reply.status == "queued"
+            run_id = reply.run_id
             assert read_events(settings.journal_dir, run_id)[0].event == "queued"  # durable before the reply
             await wait_until("success", lambda: run_status(client, run_id, "success"))
             assert_one_life(settings, run_id, "success")
@@ -112,16 +113,16 @@ async def test_launch_runs_to_success_and_publishes_queued(tmp_path: Path, servi
             await wait_until("queued event on scheduler.publish", queued_published, 10)
 
             ident = await client.call(Identity())
-            assert ident["service"] == "scheduler" and ident["journal_dir"] == str(settings.journal_dir)
-            assert ident["runners"]["test-runner"]["journal_dir"] == str(settings.journal_dir)
-            assert ident["runners"]["test-runner"]["config_path"] == str(cfg)
+            assert ident.service == "scheduler" and ident.journal_dir == str(settings.journal_dir)
+            assert ident.runners["test-runner"].journal_dir == str(settings.journal_dir)
+            assert ident.runners["test-runner"].config_path == str(cfg)
 
             with pytest.raises(UnknownPipeline):
                 await client.call(Launch(pipeline="nope"))
             with pytest.raises(BadParams):
                 await client.call(Launch(pipeline="sleepy", params={"seconds": "x"}))
-            runs = (await client.call(ListRuns()))["runs"]
-            assert [r["run_id"] for r in runs] == [run_id]  # refused launches created nothing
+            runs = (await client.call(ListRuns())).runs
+            assert [r.run_id for r in runs] == [run_id]  # refused launches created nothing
     finally:
         sub.close(0)
         ctx.term()
@@ -131,10 +132,10 @@ async def test_no_runner_waits_with_reason_then_runs(tmp_path: Path, services: l
     cfg, settings = setup(tmp_path)
     services.append(Service("scheduler_svc", cfg, tmp_path).start())
     async with ControlClient(settings.config.scheduler.control) as client:
-        run_id = (await client.call(Launch(pipeline="sleepy", params={"seconds": 0.1})))["run_id"]
+        run_id = (await client.call(Launch(pipeline="sleepy", params={"seconds": 0.1}))).run_id
         await anyio.sleep(0.5)
         info = await client.call(GetRun(run_id=run_id))
-        assert info["status"] == "queued" and info["reason"].startswith("waiting for a runner")
+        assert info.status == "queued" and info.waiting is not None and info.waiting.startswith("waiting for a runner")
         services.append(Service("runner_svc", cfg, tmp_path).start())
         await wait_until("success", lambda: run_status(client, run_id, "success"))
         assert_one_life(settings, run_id, "success")
@@ -147,14 +148,14 @@ async def test_runner_killed_mid_stage_fails_as_lost_and_frees_the_slot(tmp_path
     services.append(runner)
     async with ControlClient(settings.config.scheduler.control) as client:
         # (the stage's own process outlives the killed runner; keep it short)
-        run_id = (await client.call(Launch(pipeline="slow", params={"seconds": 15.0})))["run_id"]
+        run_id = (await client.call(Launch(pipeline="slow", params={"seconds": 15.0}))).run_id
         await wait_until("running", lambda: run_status(client, run_id, "running"))
-        second = (await client.call(Launch(pipeline="sleepy", params={"seconds": 0.1})))["run_id"]
+        second = (await client.call(Launch(pipeline="sleepy", params={"seconds": 0.1}))).run_id
         info = await client.call(GetRun(run_id=second))
-        assert info["status"] == "queued" and "global limit" in info["reason"]
+        assert info.status == "queued" and info.waiting is not None and "global limit" in info.waiting
         runner.kill9()
         failed = await wait_until("runner-lost failure", lambda: run_status(client, run_id, "failure"))
-        assert failed["msg"].startswith("runner lost: no heartbeat from test-runner")
+        assert failed.msg.startswith("runner lost: no heartbeat from test-runner")
         assert_one_life(settings, run_id, "failure")
         assert open_stages(fold(run_id, read_events(settings.journal_dir, run_id))) == []  # no stage left running
         services.append(Service("runner_svc", cfg, tmp_path).start())
@@ -166,7 +167,7 @@ async def test_scheduler_kill9_with_runs_queued_then_restart_runs_each_once(tmp_
     cfg, settings = setup(tmp_path)
     sched = Service("scheduler_svc", cfg, tmp_path).start()
     async with ControlClient(settings.config.scheduler.control) as client:
-        ids = [(await client.call(Launch(pipeline="sleepy", params={"seconds": 0.05})))["run_id"] for _ in range(5)]
+        ids = [(await client.call(Launch(pipeline="sleepy", params={"seconds": 0.05}))).run_id for _ in range(5)]
     sched.kill9()
     services.append(Service("scheduler_svc", cfg, tmp_path).start())
     services.append(Service("runner_svc", cfg, tmp_path).start())
@@ -182,7 +183,7 @@ async def test_scheduler_kill9_while_running_readopts_the_run(tmp_path: Path, se
     sched = Service("scheduler_svc", cfg, tmp_path).start()
     services.append(Service("runner_svc", cfg, tmp_path).start())
     async with ControlClient(settings.config.scheduler.control) as client:
-        run_id = (await client.call(Launch(pipeline="slow", params={"seconds": 6.0})))["run_id"]
+        run_id = (await client.call(Launch(pipeline="slow", params={"seconds": 6.0}))).run_id
         await wait_until("running", lambda: run_status(client, run_id, "running"))
     sched.kill9()
     sched2 = Service("scheduler_svc", cfg, tmp_path).start()
@@ -197,9 +198,9 @@ async def test_cancel_queued_and_running(tmp_path: Path, services: list[Service]
     cfg, settings = setup(tmp_path)
     services.append(Service("scheduler_svc", cfg, tmp_path).start())
     async with ControlClient(settings.config.scheduler.control) as client:
-        queued = (await client.call(Launch(pipeline="slow")))["run_id"]
+        queued = (await client.call(Launch(pipeline="slow"))).run_id
         reply = await client.call(Cancel(run_id=queued, reason="not today"))
-        assert reply["status"] == "cancelled"
+        assert reply.status == "cancelled"
         assert kinds(settings, queued) == [("pipeline", "queued"), ("pipeline", "cancelled")]
         with pytest.raises(Conflict):
             await client.call(Cancel(run_id=queued))
@@ -209,9 +210,9 @@ async def test_cancel_queued_and_running(tmp_path: Path, services: list[Service]
             await client.call(Cancel(run_id="../../etc/passwd"))
 
         services.append(Service("runner_svc", cfg, tmp_path).start())
-        running = (await client.call(Launch(pipeline="slow")))["run_id"]
+        running = (await client.call(Launch(pipeline="slow"))).run_id
         await wait_until("running", lambda: run_status(client, running, "running"))
-        assert (await client.call(Cancel(run_id=running)))["status"] == "cancelling"
+        assert (await client.call(Cancel(run_id=running))).status == "cancelling"
         await wait_until("cancelled", lambda: run_status(client, running, "cancelled"))
         assert_one_life(settings, running, "cancelled")
 
@@ -227,23 +228,23 @@ async def test_pause_survives_restart(tmp_path: Path, services: list[Service]) -
     cfg, settings = setup(tmp_path, PAUSABLE)
     sched = Service("scheduler_svc", cfg, tmp_path).start()
     async with ControlClient(settings.config.scheduler.control) as client:
-        [s] = (await client.call(ListSchedules()))["schedules"]
-        assert s["name"] == "hourly" and not s["paused"] and s["next_fire"]
-        assert (await client.call(Pause(name="hourly")))["paused"] is True
+        [s] = (await client.call(ListSchedules())).schedules
+        assert s.name == "hourly" and not s.paused and s.next_fire
+        assert (await client.call(Pause(name="hourly"))).paused is True
         with pytest.raises(NotFound):
             await client.call(Pause(name="nope"))
     sched.kill9()
     sched = Service("scheduler_svc", cfg, tmp_path).start()
     async with ControlClient(settings.config.scheduler.control) as client:
-        [s] = (await client.call(ListSchedules()))["schedules"]
-        assert s["paused"] is True and s["next_fire"] is None
-        assert (await client.call(Resume(name="hourly")))["paused"] is False
+        [s] = (await client.call(ListSchedules())).schedules
+        assert s.paused is True and s.next_fire is None
+        assert (await client.call(Resume(name="hourly"))).paused is False
     sched.stop()
     sched = Service("scheduler_svc", cfg, tmp_path).start()
     services.append(sched)
     async with ControlClient(settings.config.scheduler.control) as client:
-        [s] = (await client.call(ListSchedules()))["schedules"]
-        assert s["paused"] is False
+        [s] = (await client.call(ListSchedules())).schedules
+        assert s.paused is False
 
 
 # Slots after downtime, overlap, pause and fire_at_start are decided on a fake clock, in-process, in
@@ -277,7 +278,7 @@ async def test_bad_control_input_gets_an_error_and_the_scheduler_keeps_serving(t
         with pytest.raises(ProtocolError):
             from shared.control import Probe
             await client.call(Probe())
-        assert (await client.call(Identity()))["service"] == "scheduler"
+        assert (await client.call(Identity())).service == "scheduler"
 
 
 EVERY_SECOND = SLEEP_PIPELINE + """
@@ -324,7 +325,7 @@ async def test_heartbeat_lists_a_run_the_scheduler_ended(tmp_path: Path, service
     sub.connect(settings.config.scheduler.publish)
     try:
         async with ControlClient(settings.config.scheduler.control) as client:
-            run_id = (await client.call(Launch(pipeline="slow")))["run_id"]
+            run_id = (await client.call(Launch(pipeline="slow"))).run_id
             await client.call(Cancel(run_id=run_id))
         terminal = read_events(settings.journal_dir, run_id)[-1].seq
 

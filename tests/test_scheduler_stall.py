@@ -157,7 +157,7 @@ class Relay:
 
 
 async def _status(client: ControlClient, run_id: str) -> str:
-    return str((await client.call(GetRun(run_id=run_id)))["status"])
+    return (await client.call(GetRun(run_id=run_id))).status
 
 
 async def test_a_stopped_and_resumed_scheduler_keeps_its_healthy_runner(tmp_path: Path,
@@ -174,7 +174,7 @@ async def test_a_stopped_and_resumed_scheduler_keeps_its_healthy_runner(tmp_path
         await tg.start(relay.serve)
         services.append(Service("runner_svc", runner_cfg, tmp_path).start())
         async with ControlClient(settings.config.scheduler.control) as client:
-            run_id = (await client.call(Launch(pipeline="slow", params={"seconds": 10.0})))["run_id"]
+            run_id = (await client.call(Launch(pipeline="slow", params={"seconds": 10.0}))).run_id
             with anyio.fail_after(30):
                 while await _status(client, run_id) != "running":
                     await anyio.sleep(0.1)

@@ -299,16 +299,6 @@ function schedulesCard() {
   };
 }
 
-function scheduleEnabled(s) {
-  if (typeof s.enabled === "boolean") return s.enabled;
-  if (typeof s.paused === "boolean") return !s.paused;
-  return s.state !== "paused";
-}
-
-function scheduleNext(s) {
-  return s.next_fire_at ?? s.next_fire ?? s.next_fire_time ?? s.next_run ?? s.next ?? null;
-}
-
 function scheduleItem(name) {
   const state = el("span");
   const title = el("strong", null, name);
@@ -334,7 +324,7 @@ function scheduleItem(name) {
   return {
     li,
     update(s, now) {
-      enabled = scheduleEnabled(s);
+      enabled = s.enabled;
       li.dataset.enabled = String(enabled);
       if (state.dataset.enabled !== String(enabled)) {
         // the pause icon is drawn in CSS: U+23F8 is in no font a stock Debian Chromium has (a box)
@@ -344,9 +334,8 @@ function scheduleItem(name) {
           enabled ? "active" : "paused");
       }
       setText(btn, enabled ? "pause" : "resume");
-      const rule = s.spec || (s.cron ? `cron ${s.cron}` : s.every ? `every ${s.every}` : "");
-      setText(meta, [s.pipeline, rule, s.timezone].filter(Boolean).join(" · "));
-      const nextRaw = scheduleNext(s);
+      setText(meta, [s.pipeline, s.spec, s.timezone].filter(Boolean).join(" · "));
+      const nextRaw = s.next_fire;
       const nextTs = parseTs(nextRaw);
       // as the scheduler writes it: the schedule's own zone
       setText(next, !enabled ? "paused: no runs until resumed"

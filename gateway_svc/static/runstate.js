@@ -1,6 +1,8 @@
 // A run's state folded from its events: the same rules as shared/runstate.py (one meaning of "running"
 // or "failed"), plus per-item metrics. Also turns the API's run objects into the same shape.
 
+import { ITEM_FIELDS, RUN_FIELDS } from "./shapes.js";
+
 export const TERMINAL = new Set(["success", "failure", "cancelled"]);
 const STAGE_STATUS = { start: "running", success: "success", failure: "failure", skipped: "skipped", cancelled: "cancelled" };
 
@@ -80,33 +82,21 @@ function itemOf(stage, name) {
   return it;
 }
 
-// The API's run object (RunState's JSON, stages/items as objects or lists, possibly without stages)
-// -> the dashboard's shape. Unknown fields are ignored so the page tolerates a richer API.
+// A RunView (GET /api/runs) or a RunPage (GET /api/runs/{id}, with its stages) -> the dashboard's
+// shape. The fields are those of shapes.js, checked against the Structs; a null keeps the default.
 export function runFromApi(raw) {
   const run = newRun(String(raw.run_id));
-  for (const k of ["status", "pipeline", "trigger", "schedule", "slot", "queued_at", "started_at", "ended_at", "msg", "waiting"]) {
-    if (raw[k] !== undefined && raw[k] !== null) run[k] = raw[k];
-  }
-  if (raw.params && typeof raw.params === "object") run.params = raw.params;
-  run.last_seq = Number(raw.last_seq) || 0;
-  for (const [name, s] of entries(raw.stages)) {
-    const stage = newStage(name);
-    for (const k of ["status", "started_at", "ended_at", "msg"]) if (s[k] !== undefined && s[k] !== null) stage[k] = s[k];
-    if (s.metrics && typeof s.metrics === "object") stage.metrics = { ...s.metrics };
-    for (const [iname, i] of entries(s.items)) {
+  for (const k of RUN_FIELDS) if (k !== "run_id" && raw[k] !== null) run[k] = raw[k];
+  for (const s of raw.stages || []) { // a RunView has none
+    const stage = newStage(s.name);
+    for (const k of ITEM_FIELDS) if (s[k] !== null) stage[k] = s[k]; // a stage's own status fields are an item's
+    stage.metrics = { ...s.metrics };
+    for (const [iname, i] of Object.entries(s.items)) {
       const it = newItem();
-      for (const k of ["status", "started_at", "ended_at", "msg"]) if (i[k] !== undefined && i[k] !== null) it[k] = i[k];
+      for (const k of ITEM_FIELDS) if (i[k] !== null) it[k] = i[k];
       stage.items.set(iname, it);
     }
-    run.stages.set(name, stage);
+    run.stages.set(s.name, stage);
   }
   return run;
-}
-
-// {name: obj} or [{name, ...}] -> [[name, obj], ...]
-export function entries(x) {
-  if (!x) return [];
-  if (Array.isArray(x)) return x.filter((o) => o && o.name !== undefined).map((o) => [String(o.name), o]);
-  if (typeof x === "object") return Object.entries(x).map(([k, v]) => [k, v || {}]);
-  return [];
 }

@@ -366,9 +366,7 @@ export function mountRun(root, runId) {
   stream.start();
 
   api(`/api/runs/${encodeURIComponent(runId)}`).then((raw) => {
-    model.fetched = runFromApi(raw.run || raw);
-    // a gateway that knows the journal's holes may list them with the run
-    for (const g of (raw.run || raw).gaps || []) noteJournalGap(gapRange(g), "");
+    model.fetched = runFromApi(raw);
     redraw();
   }, (e) => {
     // other failures (gateway restarting) show in the connection state; the stream brings the run

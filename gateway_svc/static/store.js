@@ -2,7 +2,7 @@
 // the all-runs stream's events in seq order (a gap or an unknown run is fetched whole instead).
 
 import { api, ApiError } from "./api.js";
-import { applyEvent, newRun, runFromApi, entries } from "./runstate.js";
+import { applyEvent, newRun, runFromApi } from "./runstate.js";
 import { frameBatcher, holeCovered, gapRange } from "./util.js";
 
 const RUN_LIST_LIMIT = 500;
@@ -41,7 +41,7 @@ async function refetchRun(runId) {
   let fetched = false;
   try {
     const raw = await api(`/api/runs/${encodeURIComponent(runId)}`);
-    const run = runFromApi(raw.run || raw);
+    const run = runFromApi(raw);
     const known = store.runs.get(runId);
     if (!known || run.last_seq >= known.last_seq) store.runs.set(runId, run);
     fetched = true;
@@ -78,8 +78,7 @@ export function foldIntoStore(events, { acrossGaps = false } = {}) {
 export async function loadRuns() {
   try {
     const data = await api(`/api/runs?limit=${RUN_LIST_LIMIT}`);
-    const list = Array.isArray(data) ? data : data.runs || [];
-    for (const raw of list) {
+    for (const raw of data.runs) {
       const run = runFromApi(raw);
       const known = store.runs.get(run.run_id);
       // keep whichever is further along: the stream may have delivered newer events already
@@ -96,13 +95,7 @@ export async function loadRuns() {
 export async function loadPipelines() {
   try {
     const data = await api("/api/pipelines");
-    const src = Array.isArray(data) ? data : data.pipelines ?? data;
-    store.pipelines = entries(src).map(([name, p]) => ({
-      name,
-      description: p.description || "",
-      params: entries(p.params).map(([pname, spec]) => ({ name: pname, ...spec })),
-      stages: (p.stages || []).map((s) => (typeof s === "string" ? s : s.name)).filter(Boolean),
-    }));
+    store.pipelines = data.pipelines; // PipelineView: name, description, stages (names), params (ParamView)
     store.pipelinesError = null;
   } catch (e) {
     store.pipelinesError = e.message;
@@ -113,8 +106,7 @@ export async function loadPipelines() {
 export async function loadSchedules() {
   try {
     const data = await api("/api/schedules");
-    const src = Array.isArray(data) ? data : data.schedules ?? data;
-    store.schedules = entries(src).map(([name, s]) => ({ ...s, name }));
+    store.schedules = data.schedules; // ScheduleInfo
     store.schedulesError = null;
   } catch (e) {
     store.schedulesError = e.message;
