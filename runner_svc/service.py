@@ -8,7 +8,6 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import msgspec
@@ -17,8 +16,7 @@ import zmq.asyncio
 from anyio.abc import TaskStatus
 
 from shared import __version__
-from shared.config import Settings, endpoints_of
-from shared.control import Identity, Probe, serve_requests
+from shared.config import Settings
 from shared.dispatch import (
     CancelRun,
     DispatchRun,
@@ -27,20 +25,20 @@ from shared.dispatch import (
     RunFinished,
     RunnerStatus,
     RunRejected,
-    encode as encode_dispatch,
     from_scheduler_decoder,
 )
-from shared.errors import BadParams, BindError, JournalError, ProtocolError, RunwireError, UnknownPipeline
+from shared.dispatch import encode as encode_dispatch
+from shared.errors import BadParams, JournalError, RunwireError, UnknownPipeline
 from shared.events import PIPELINE_STAGE, now_timestamp
-from shared.ids import check_run_id, new_run_id
-from shared.journal import JournalWriter, begin_run, remove_older_journals
+from shared.ids import check_run_id
+from shared.journal import JournalWriter
 from shared.journal import stats_fields as journal_stats_fields
 from shared.params import resolve_params
 from shared.procs import kill_run_processes
-from shared.replies import IdentityInfo, ProbeResult
 from shared.values import DECODE_ERRORS
 from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
+from .control import RunnerControl
 from .execute import RunExecution
 from .publish import Publisher, RunJournal
 from .recovery import recover_interrupted_runs
@@ -49,8 +47,6 @@ from .report import RunReport, write_report
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REASON = "runner shutting down"
-PROBE_PREFIX = "probe-"  # run ids of doctor's probe runs
-PROBES_KEPT = 5  # probe journals kept; older ones are removed after each probe
 
 
 def default_runner_id() -> str:
@@ -108,7 +104,8 @@ class RunnerService:
                 self._tg = tg
                 self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path)
                 log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
-                await tg.start(self._control_loop, ctx)
+                control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended)
+                await tg.start(control.run, ctx)
                 recovered = await recover_interrupted_runs(
                     s.journal_dir, s.home, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
                 )
@@ -392,62 +389,3 @@ class RunnerService:
             run.done.set()
 
     # -------------------------------------------------------------------------------------- control
-
-    async def _control_loop(self, ctx: zmq.asyncio.Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        endpoint = self.cfg.control
-        sock = ctx.socket(zmq.ROUTER)
-        try:
-            configure_socket(sock, sndhwm=1000, rcvhwm=1000)
-            try:
-                sock.bind(endpoint)
-            except zmq.ZMQError as e:
-                raise BindError("runner.control", endpoint, str(e), self.settings.path, "ROUTER") from e
-            log.info("bound control ROUTER %s", endpoint)
-            task_status.started()
-            await serve_requests(sock, self._handle_request, f"runner control {endpoint}")
-        finally:
-            sock.close(linger=0)
-
-    async def _handle_request(self, req: Any) -> Any:  # each request's reply type (checked by serve_requests)
-        match req:
-            case Identity():
-                return self.identity()
-            case Probe():
-                return await self._probe(req)
-            case _:
-                raise ProtocolError(f"the runner does not serve {type(req).__name__} requests (only identity and probe); "
-                                    "send it to the scheduler's control socket")
-
-    def identity(self) -> IdentityInfo:
-        s = self.settings
-        return IdentityInfo(
-            service="runner", version=__version__, pid=os.getpid(), config_path=str(s.path),
-            journal_dir=str(s.journal_dir),
-            endpoints={**endpoints_of(s), "runner.id": self.runner_id},
-        )
-
-    async def _probe(self, req: Probe) -> ProbeResult:
-        """The doctor's probe: a run written and published end to end (queued, then success)."""
-        s = self.settings
-        assert self.publisher is not None
-        run_id = check_run_id(req.run_id) if req.run_id else new_run_id(PROBE_PREFIX)
-
-        def begin() -> tuple[Any, JournalWriter]:
-            queued = begin_run(s.journal_dir, run_id, s.tz, pipeline="doctor-probe", params={}, trigger={"trigger": "probe"})
-            return queued, JournalWriter.open(s.journal_dir, run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
-
-        queued, writer = await anyio.to_thread.run_sync(begin)
-        self.publisher.publish_event(queued)
-        journal = RunJournal(writer, self.publisher)
-        try:
-            ev = await journal.emit(PIPELINE_STAGE, "success", "probe", {"runner": self.runner_id})
-        finally:
-            journal.close()
-        assert ev is not None
-        self.recently_ended.add(run_id, ev.seq)
-        log.info("probe run %s written and published (last seq %d)", run_id, ev.seq)
-        # each doctor run leaves a probe journal: keep the last few (to look at), not one per check ever run
-        removed = await anyio.to_thread.run_sync(remove_older_journals, s.journal_dir, PROBE_PREFIX, PROBES_KEPT)
-        if removed:
-            log.info("removed %d older probe journal(s) (the newest %d are kept)", len(removed), PROBES_KEPT)
-        return ProbeResult(run_id=run_id, last_seq=ev.seq)

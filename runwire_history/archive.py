@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shared.ids import PROBE_PREFIX
 from shared.journal import JournalReader, fsync_path, journal_path, list_run_ids
 
 from .ledger import LEDGER_NAME, FileEntry, Ledger, archive_lock
@@ -28,7 +29,6 @@ from .schema import SCHEMA, RunRows, day_of, run_table
 
 log = logging.getLogger(__name__)
 
-PROBE_PREFIX = "probe-"  # doctor's probe runs (runner_svc.service.PROBE_PREFIX): not history, not archived
 COMPACT_AT = 16  # files in one partition of today before they are merged
 TMP_PREFIX = ".tmp-"
 DAMAGED_DIR = "damaged"

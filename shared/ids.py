@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from .errors import InvalidRunId
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+PROBE_PREFIX = "probe-"  # run ids of the doctor's probe runs (hidden from run lists, never archived)
 _RUN_ID_RE = re.compile(RUN_ID_PATTERN)
 
 _lock = threading.Lock()

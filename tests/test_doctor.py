@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from runner_svc.service import PROBE_PREFIX, PROBES_KEPT
+from runner_svc.control import PROBES_KEPT
+from shared.ids import PROBE_PREFIX
 from shared.config import load_settings
 from shared.ids import new_run_id
 from shared.journal import JournalWriter, begin_run, journal_path, list_run_ids
