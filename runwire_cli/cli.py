@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,29 @@ def _parse_params(settings: Settings, pipeline: str, pairs: list[str]) -> dict[s
     return params
 
 
+LAUNCH_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds before each retry of a launch the gateway did not take
+
+
+async def _post_launch(client: GatewayClient, body: dict[str, Any]) -> Launched:
+    """POST /api/runs with an Idempotency-Key, retried with the same key while the gateway is away or
+    answers 503: a retry can never make a second run (503 means nothing was done; a lost answer to a
+    launch that was done is answered again from the key)."""
+    headers = {"Idempotency-Key": f"cli-{uuid.uuid4().hex}"}
+    for delay in (*LAUNCH_RETRIES, None):
+        try:
+            return await client.post("/api/runs", body, into=Launched, headers=headers)
+        except ServiceUnavailable as e:
+            if delay is None:
+                raise
+            print(f"runwire: launch not taken ({e}); retrying in {delay:g}s with the same Idempotency-Key",
+                  file=sys.stderr)
+            await anyio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 async def _launch(client: GatewayClient, settings: Settings, args: argparse.Namespace) -> int:
     params = _parse_params(settings, args.pipeline, args.param)
-    launched = await client.post("/api/runs", {"pipeline": args.pipeline, "params": params}, into=Launched)
+    launched = await _post_launch(client, {"pipeline": args.pipeline, "params": params})
     run_id = launched.run_id
     if args.json:
         print(json_line(launched))

@@ -63,10 +63,10 @@ class GatewayClient:
         return self._session
 
     async def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
-                      into: type[Any] | None = None) -> Any:
+                      into: type[Any] | None = None, headers: dict[str, str] | None = None) -> Any:
         url = self.base_url + path
         try:
-            async with self.session.request(method, url, json=json, params=params) as resp:
+            async with self.session.request(method, url, json=json, params=params, headers=headers) as resp:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientConnectionError, TimeoutError) as e:
@@ -96,11 +96,12 @@ class GatewayClient:
         return await self.request("GET", path, params={k: v for k, v in params.items() if v is not None}, into=into)
 
     @overload
-    async def post(self, path: str, json: Any = None, *, into: type[T]) -> T: ...
+    async def post(self, path: str, json: Any = None, *, into: type[T], headers: dict[str, str] | None = None) -> T: ...
     @overload
-    async def post(self, path: str, json: Any = None, *, into: None = None) -> Any: ...
-    async def post(self, path: str, json: Any = None, *, into: type[Any] | None = None) -> Any:
-        return await self.request("POST", path, json=json if json is not None else {}, into=into)
+    async def post(self, path: str, json: Any = None, *, into: None = None, headers: dict[str, str] | None = None) -> Any: ...
+    async def post(self, path: str, json: Any = None, *, into: type[Any] | None = None,
+                   headers: dict[str, str] | None = None) -> Any:
+        return await self.request("POST", path, json=json if json is not None else {}, into=into, headers=headers)
 
     def ws_url(self, path: str, **params: Any) -> str:
         base = "ws" + self.base_url[len("http"):] if self.base_url.startswith("http") else self.base_url

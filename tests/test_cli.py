@@ -159,3 +159,26 @@ def test_tail_of_an_ended_run_ends_and_permanent_refusals_do_not_retry(tmp_path:
     assert bad.returncode == 1 and "invalid run id" in bad.stderr
     # common options before the command work too
     assert run_id in rw(cfg, "--json", "runs").stdout
+
+
+def test_a_launch_while_the_gateway_is_away_is_retried_and_makes_one_run(tmp_path: Path, services: list[Service]) -> None:
+    """`runwire launch` sends an Idempotency-Key and retries with it while the gateway is not there (or
+    answers 503): started before the gateway, it launches once the gateway is up, and only one run."""
+    cfg, _ = write_config(tmp_path, PIPELINES)
+    for module in ("scheduler_svc", "runner_svc"):
+        services.append(Service(module, cfg, tmp_path).start())
+    cli = subprocess.Popen([RUNWIRE, "launch", "quick", "--json", "--config", str(cfg)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert cli.stderr is not None
+        first = cli.stderr.readline()  # the first attempt finds no gateway
+        assert "retrying in" in first and "Idempotency-Key" in first, first
+        services.append(Service("gateway_svc", cfg, tmp_path).start())
+        out, err = cli.communicate(timeout=30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, first + err
+    run_id = json.loads(out.splitlines()[0])["run_id"]
+    runs = [json.loads(line) for line in rw(cfg, "runs", "--json").stdout.splitlines()]  # one JSON line per run
+    assert [r["run_id"] for r in runs] == [run_id]
