@@ -100,10 +100,6 @@ class Archive:
             self._compact_due(ledger)
             return True
 
-    def is_archived(self, run_id: str) -> bool:
-        with archive_lock(self.dir, exclusive=False), Ledger(self.dir, create=False) as ledger:
-            return ledger.has_run(run_id)
-
     def _write_run(self, ledger: Ledger, run_id: str) -> RunRows:
         path = journal_path(self.journal_dir, run_id)
         if not path.exists():

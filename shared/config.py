@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -333,7 +333,3 @@ def endpoints_of(settings: Settings) -> dict[str, str]:
         "runner.control": c.runner.control,
         "gateway.http": f"http://{c.gateway.host}:{c.gateway.port}",
     }
-
-
-def as_dict(obj: Any) -> Any:
-    return msgspec.to_builtins(obj)
