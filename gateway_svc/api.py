@@ -7,7 +7,7 @@ GET /api/runs?status=&limit=&include_probes=1&pipeline=&before=
     newest first (by the time the run was queued); `status` one of queued, running, success, failure,
     cancelled; `limit` 1..1000 (default 100); `before` = a run id: the page after that run
     (`next_before` of the previous page); probe runs (trigger "probe") only with include_probes=1.
-    RunSummary = {"run_id": str, "pipeline": str, "status": str, "trigger": "manual"|"schedule"|"probe",
+    RunSummary = {"run_id": str, "pipeline": str, "status": str, "trigger": "manual"|"schedule"|"rerun"|"backfill"|"probe",
                   "schedule": str|null, "slot": str|null, "params": {...},
                   "queued_at": str|null, "started_at": str|null, "ended_at": str|null,
                   "msg": str (the terminal event's msg), "last_seq": int,

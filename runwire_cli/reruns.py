@@ -8,7 +8,12 @@ from typing import Any
 
 import msgspec
 
-from shared.backfill import MAX_PARALLEL_LIMIT, POLICIES, check_max_parallel, check_policy
+from shared.backfill import (
+    MAX_PARALLEL_LIMIT,
+    POLICIES,
+    check_max_parallel,
+    check_policy,
+)
 from shared.ids import check_run_id
 from shared.replies import BackfillList, BackfillResult, RerunResult
 

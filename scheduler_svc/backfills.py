@@ -20,14 +20,20 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from shared.backfill import MAX_SLOTS, check_max_parallel, check_policy, check_window, parse_moment
+from shared.backfill import (
+    MAX_SLOTS,
+    check_max_parallel,
+    check_policy,
+    check_window,
+    parse_moment,
+)
 from shared.config import Settings
 from shared.control import Backfill, ListBackfills
 from shared.errors import BadParams, JournalError, NotFound
 from shared.events import now_timestamp
 from shared.ids import new_run_id
 from shared.journal import journal_path
-from shared.replies import BackfillList, BackfillProgress, BackfillResult, BackfillSlot
+from shared.replies import BackfillList, BackfillProgress, BackfillResult
 
 from .backfill_plan import decide, slot_runs
 from .journaling import Journaling
@@ -99,7 +105,7 @@ class Backfills:
         result.progress = self._progress(bf)
         return result
 
-    def list(self, req: ListBackfills) -> BackfillList:
+    def listing(self, req: ListBackfills) -> BackfillList:
         limit = max(1, min(req.limit, 1000))
         return BackfillList(backfills=[self._progress(bf) for bf in reversed(self.all.values())][:limit])
 

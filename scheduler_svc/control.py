@@ -74,7 +74,7 @@ class ControlHandler:
             case Backfill():
                 return await self.backfills.backfill(req)
             case ListBackfills():
-                return self.backfills.list(req)
+                return self.backfills.listing(req)
             case Identity():
                 return self._identity()
         raise ProtocolError(f"{type(req).__name__} is not a scheduler operation (the runner answers it)")

@@ -3,7 +3,7 @@ terms (times, policy, max_parallel), and a real scheduler on a fake clock planni
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -21,7 +21,7 @@ from shared.journal import JournalWriter, begin_run
 from tests.fake_clock import FakeClock
 from tests.test_schedule_driver import scheduler, settings_with, utc
 
-SLOT = datetime(2026, 7, 1, 10, 15, tzinfo=timezone.utc)
+SLOT = datetime(2026, 7, 1, 10, 15, tzinfo=UTC)
 OWN = slot_run_id(SLOT, "quarter")
 
 
@@ -132,7 +132,7 @@ async def test_a_scheduler_plans_from_the_journals_and_a_dry_run_creates_nothing
             ("10:00", "skip"), ("10:15", "run"), ("10:30", "skip"), ("10:45", "run"), ("11:00", "run")]
         assert plan.slots[1].run_id == slot_run_id(utc(2026, 7, 1, 10, 15), "quarter") + ".r1"
         assert plan.progress is None and set(sched.book.runs) == before
-        assert sched.backfills.list(ListBackfills()).backfills == []
+        assert sched.backfills.listing(ListBackfills()).backfills == []
         failed = await sched.backfills.backfill(Backfill(schedule="quarter", start="2026-07-01T10:00:00Z",
                                                          end="2026-07-01T11:00:00Z", policy="failed", dry_run=True))
         assert [s.action for s in failed.slots] == ["skip", "run", "run", "run", "run"]

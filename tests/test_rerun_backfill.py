@@ -7,7 +7,6 @@ scheduler kill -9 without running a slot twice; the HTTP routes' 400s and the CL
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -73,6 +72,13 @@ def trio(tmp_path: Path, services: list[Service], runner: str = "capacity = 4") 
     for module in ("scheduler_svc", "runner_svc", "gateway_svc"):
         services.append(Service(module, cfg, tmp_path).start())
     return cfg, load_settings(cfg), f"http://127.0.0.1:{ports.http}"
+
+
+async def rw(cfg: Path, *args: str) -> tuple[int, str, str]:
+    """The `runwire` command: (exit status, stdout, stderr)."""
+    with anyio.fail_after(60):
+        done = await anyio.run_process([RUNWIRE, *args, "--config", str(cfg)], check=False)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 async def call(http: aiohttp.ClientSession, method: str, url: str, body: Any = None) -> tuple[int, Any]:
@@ -141,12 +147,11 @@ async def test_rerun_keeps_params_links_both_ways_and_from_failed_skips_done_sta
         assert status == 400 and "from_failed" in err["error"]["message"]
 
     # the CLI
-    out = subprocess.run([RUNWIRE, "rerun", orig, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and f"re-run of {orig}" in out.stdout, out
+    code, out, err = await rw(cfg, "rerun", orig)
+    assert code == 0 and f"re-run of {orig}" in out, (out, err)
     undeclared = launched["run_id"]
-    out = subprocess.run([RUNWIRE, "rerun", undeclared, "--from-failed", "--config", str(cfg)], capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 1 and "earlier stage first declares no outputs" in out.stderr, out
+    code, out, err = await rw(cfg, "rerun", undeclared, "--from-failed")
+    assert code == 1 and "earlier stage first declares no outputs" in err, (out, err)
 
 
 def _write_slot_run(settings: Settings, minute: int, ends: list[str]) -> None:
@@ -186,7 +191,9 @@ def max_at_once(runs: dict[str, list[Any]]) -> int:
 async def progress(http: aiohttp.ClientSession, base: str, backfill_id: str) -> dict[str, Any]:
     status, page = await call(http, "GET", f"{base}/api/backfills")
     assert status == 200
-    return next(b for b in page["backfills"] if b["backfill_id"] == backfill_id)
+    found = [b for b in page["backfills"] if b["backfill_id"] == backfill_id]
+    assert found, f"backfill {backfill_id} not listed: {page}"
+    return found[0]  # type: ignore[no-any-return]
 
 
 async def until_done(http: aiohttp.ClientSession, base: str, backfill_id: str, timeout: float = 90) -> dict[str, Any]:
@@ -258,16 +265,15 @@ async def test_backfill_missing_runs_exactly_the_slots_without_runs_within_max_p
         assert status == 400 and "limit" in err["error"]["message"]
 
     # the CLI: a dry run lists each slot and why; backfills lists the progress
-    out = subprocess.run([RUNWIRE, "backfill", "minutely", "--from", f"{DAY}T00:00:00Z", "--to", f"{DAY}T00:07:00Z",
-                          "--policy", "all", "--dry-run", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out
-    assert "dry run: 8 of 8 slots would run (policy all); nothing created" in out.stdout
-    assert f"{slot(1)}.r1" in out.stdout and "ended success (policy all)" in out.stdout
-    out = subprocess.run([RUNWIRE, "backfills", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and made["progress"]["backfill_id"] in out.stdout and "SUCCESS" in out.stdout, out
-    out = subprocess.run([RUNWIRE, "backfill", "minutely", "--from", "soon", "--to", f"{DAY}T00:07:00Z",
-                          "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and "from 'soon'" in out.stderr, out
+    code, out, err = await rw(cfg, "backfill", "minutely", "--from", f"{DAY}T00:00:00Z", "--to", f"{DAY}T00:07:00Z",
+                              "--policy", "all", "--dry-run")
+    assert code == 0, (out, err)
+    assert "dry run: 8 of 8 slots would run (policy all); nothing created" in out
+    assert f"{slot(1)}.r1" in out and "ended success (policy all)" in out
+    code, out, err = await rw(cfg, "backfills")
+    assert code == 0 and made["progress"]["backfill_id"] in out and "SUCCESS" in out, (out, err)
+    code, out, err = await rw(cfg, "backfill", "minutely", "--from", "soon", "--to", f"{DAY}T00:07:00Z")
+    assert code == 1 and "from 'soon'" in err, (out, err)
 
 
 async def test_a_scheduler_kill9_mid_backfill_carries_on_without_running_a_slot_twice(
