@@ -150,6 +150,11 @@ async def test_a_scheduler_plans_from_the_journals_and_a_dry_run_creates_nothing
                                                         end="2026-07-01T11:00:00Z"))
         assert again.progress is None and all(s.action == "skip" for s in again.slots)
         assert {s.reason.split(" ")[0] for s in again.slots if s.slot[11:16] in ("10:15", "10:45", "11:00")} <= {"run", "backfill"}
+        # the backfill's queued runs are not "a run of the schedule still active" for its overlap = skip
+        clock.advance(8 * 60)
+        await clock.idle()
+        live = sched.book.get(slot_run_id(utc(2026, 7, 1, 11, 15), "quarter"))
+        assert live is not None and live.status == "queued", live
         with pytest.raises(NotFound):
             await sched.backfills.backfill(Backfill(schedule="nope", start="2026-07-01", end="2026-07-02"))
         with pytest.raises(BadParams, match="before from"):
