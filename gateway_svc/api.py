@@ -7,18 +7,21 @@ GET /api/runs?status=&limit=&include_probes=1&pipeline=&before=
     newest first (by the time the run was queued); `status` one of queued, running, success, failure,
     cancelled; `limit` 1..1000 (default 100); `before` = a run id: the page after that run
     (`next_before` of the previous page); probe runs (trigger "probe") only with include_probes=1.
-    RunSummary = {"run_id": str, "pipeline": str, "status": str, "trigger": "manual"|"schedule"|"probe",
+    RunSummary = {"run_id": str, "pipeline": str, "status": str, "trigger": "manual"|"schedule"|"rerun"|"backfill"|"probe",
                   "schedule": str|null, "slot": str|null, "params": {...},
                   "queued_at": str|null, "started_at": str|null, "ended_at": str|null,
                   "msg": str (the terminal event's msg), "last_seq": int,
                   "waiting": str|null (queued runs: why, as the scheduler says, e.g. "waiting for a runner";
-                                       null for any other run)}
+                                       null for any other run),
+                  "rerun_of": str|null (the run this one repeats), "from_stage": str|null (a re-run from a
+                                       failed stage: where it started)}
 
 GET /api/runs/{run_id}
     200 {"run_id", "pipeline", "status", "trigger", "schedule", "slot", "params", "queued_at", "started_at",
          "ended_at", "msg", "last_seq", "waiting" (as above),
          "stages": [StageState, ...]   (the pipeline's stages in config order, then any others seen),
-         "scheduler": {...} | null     (the scheduler's GetRun answer for a run not ended, when it answers)}
+         "scheduler": {...} | null     (the scheduler's GetRun answer for a run not ended, when it answers),
+         "reruns": [run_id, ...]       (runs whose queued event names this one as rerun_of, oldest first)}
     StageState = {"name": str, "status": "pending"|"running"|"success"|"failure"|"skipped"|"cancelled",
                   "started_at": str|null, "ended_at": str|null, "msg": str,
                   "metrics": {...latest metric data...},
@@ -112,7 +115,7 @@ def _view(st: RunState) -> RunView:
         run_id=st.run_id, pipeline=st.pipeline, status=st.status, trigger=st.trigger,
         schedule=st.schedule, slot=st.slot, params=st.params,
         queued_at=st.queued_at, started_at=st.started_at, ended_at=st.ended_at,
-        msg=st.msg, last_seq=st.last_seq,
+        msg=st.msg, last_seq=st.last_seq, rerun_of=st.rerun_of, from_stage=st.from_stage,
     )
 
 
@@ -174,6 +177,7 @@ async def get_run(request: web.Request) -> web.Response:
             raise HttpError(404, "not_found", f"no run {run_id} in {settings.journal_dir}")
         index.remember_detail(state)
     page = _page(settings, state)
+    page.reruns = index.reruns_of(run_id)
     if not state.ended:
         page.scheduler = await _scheduler_aside(request, GetRun(run_id=run_id))
         page.waiting = page.scheduler.waiting if page.scheduler is not None else None

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from shared.config import Settings
 
-from . import api, health, history_api, streams
+from . import api, backfill_api, health, history_api, streams
 from .archiver import Archiver
 from .errors import HttpError, error_middleware, expect_handler
 from .hub import Hub
@@ -73,6 +73,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/ws/events/{run_id}", streams.ws_run_events)
     api.add_routes(app)
     history_api.add_routes(app)
+    backfill_api.add_routes(app)
     for route in app.router.routes():
         # aiohttp takes an expect handler per route only (add_get(..., expect_handler=)): set it on all
         route._expect_handler = expect_handler  # type: ignore[attr-defined]

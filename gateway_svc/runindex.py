@@ -1,6 +1,7 @@
 """The gateway's in-memory index of runs, built from the journal directory at start (first lines and
 last line of each journal; a full fold for runs not ended) and kept current from the events the hub
-delivers. Each entry also holds the hub's `frontier`: the last seq fanned out to clients.
+delivers. Each entry also holds the hub's `frontier`: the last seq fanned out to clients. The index also
+links each run to its re-runs, from the re-runs' `queued` events (`rerun_of`), so a run's detail lists them.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class RunIndex:
         self._discoveries = 0
         self._details: OrderedDict[str, RunState] = OrderedDict()
         self.discovered_order: list[str] = []  # run ids by discovery number (index = number - 1)
+        self.reruns: dict[str, list[str]] = {}  # run id -> the runs whose queued event names it as rerun_of
 
     # -- building
 
@@ -139,6 +141,17 @@ class RunIndex:
             self.active[entry.run_id] = entry
         if entry.created_us is not None:
             bisect.insort(self._order, (entry.created_us, entry.run_id))
+        self._link(entry)
+
+    def _link(self, entry: RunEntry) -> None:
+        original = entry.state.rerun_of
+        if original is not None:
+            later = self.reruns.setdefault(original, [])
+            if entry.run_id not in later:
+                bisect.insort(later, entry.run_id)
+
+    def reruns_of(self, run_id: str) -> list[str]:
+        return list(self.reruns.get(run_id, ()))
 
     def new_entry(self, run_id: str) -> RunEntry:
         """A run learnt of after start: frontier 0, so the hub delivers it from its first event."""
@@ -159,6 +172,8 @@ class RunIndex:
         entry.apply(ev)
         if not had_created and entry.created_us is not None:
             bisect.insort(self._order, (entry.created_us, entry.run_id))
+        if ev.event == "queued":
+            self._link(entry)
         if ev.is_terminal:
             self.active.pop(entry.run_id, None)
             if entry.full:

@@ -4,7 +4,6 @@ stage ends with an event (success, failure, skipped or cancelled), so no stage i
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ import anyio
 from shared.config import PipelineConfig, StageConfig
 from shared.errors import BadCommand
 from shared.events import Event
+from shared.outputs import first_match, missing_outputs
 from shared.stage import STAGE_INFO_ENV, CountersMessage, LogMessage, MetricMessage, StageInfo, StageMessage, info_to_env
 
 from .argv import fill_argv
@@ -46,13 +46,6 @@ def _ts(ev: Event | None) -> str | None:
     return ev.timestamp if ev is not None else None
 
 
-def first_match(home: Path, pattern: str) -> str | None:
-    """The first path under home matching the glob (`**` spans directories), or None."""
-    for hit in glob.iglob(os.path.join(glob.escape(str(home)), pattern), recursive=True):
-        return hit
-    return None
-
-
 class RunExecution:
     """Runs the stages of one run, writing their events through the run's journal."""
 
@@ -69,6 +62,8 @@ class RunExecution:
         report: RunReport,
         kill_grace: float,
         cancel_reason: Callable[[], str],
+        from_stage: str | None = None,
+        rerun_of: str | None = None,
     ) -> None:
         self.home = home
         self.runner_id = runner_id
@@ -80,6 +75,10 @@ class RunExecution:
         self.report = report
         self.kill_grace = kill_grace
         self.cancel_reason = cancel_reason
+        # a re-run from a failed stage (the queued event's data says so): the stages before it are
+        # skipped while their declared outputs are present
+        self.from_stage = from_stage if any(s.name == from_stage for s in pipeline.stages) else None
+        self.rerun_of = rerun_of
         self._ended_stages: set[str] = set()
         for stage in pipeline.stages:
             report.stage(stage.name)
@@ -98,10 +97,14 @@ class RunExecution:
         propagates after every stage has its event (the caller writes the terminal `cancelled`)."""
         failed: list[tuple[str, str]] = []
         stop_reason: str | None = None
+        resuming = self.from_stage is not None
         try:
             for stage in self.pipeline.stages:
                 if stop_reason is not None:
                     await self._skip(stage, stop_reason)
+                    continue
+                resuming = resuming and stage.name != self.from_stage
+                if resuming and await self._skip_done(stage):
                     continue
                 outcome = await self.run_stage(stage)
                 if outcome.status == "failure":
@@ -123,6 +126,18 @@ class RunExecution:
             name, why = failed[0]
             return "failure", f"stage {name} failed: {why}"
         return "failure", f"{len(failed)} stages failed: " + "; ".join(f"{name}: {why}" for name, why in failed)
+
+    async def _skip_done(self, stage: StageConfig) -> bool:
+        """A stage before the re-run's starting stage: skipped when its outputs are there (checked again
+        here: the scheduler checked them when the re-run was asked for), else run."""
+        missing = missing_outputs(self.home, stage.outputs) if stage.outputs else ["(no outputs declared)"]
+        if missing:
+            await self.emit(stage.name, "log", f"{stage.name}: run again: outputs of run {self.rerun_of} missing "
+                            f"now ({', '.join(missing)})", {"source": "runner", "missing": missing})
+            return False
+        await self._skip(stage, f"outputs present from run {self.rerun_of}",
+                         {"rerun_of": self.rerun_of, "outputs": stage.outputs})
+        return True
 
     async def _skip(self, stage: StageConfig, reason: str, data: dict[str, Any] | None = None) -> StageOutcome:
         ev = await self.emit(stage.name, "skipped", reason, data)
@@ -165,7 +180,7 @@ class RunExecution:
                 tg.cancel_scope.cancel()
             await cap.report(final=True)
             if ok and stage.outputs:
-                missing = [p for p in stage.outputs if first_match(self.home, p) is None]
+                missing = missing_outputs(self.home, stage.outputs)
                 if missing:
                     ok = False
                     msg = f"declared outputs match nothing under {self.home}: {', '.join(missing)} ({msg})"

@@ -298,6 +298,7 @@ class RunnerService:
             home=s.home, runner_id=self.runner_id, run_id=msg.run_id, attempt=msg.attempt, pipeline=pipeline,
             params=params, journal=journal, report=report, kill_grace=self.cfg.kill_grace,
             cancel_reason=lambda: run.cancel_reason or SHUTDOWN_REASON,
+            from_stage=msg.from_stage, rerun_of=msg.rerun_of,
         )
         self._tg.start_soon(self._run, run, execution, name=f"run {msg.run_id}")
 

@@ -25,6 +25,7 @@ from shared.ids import check_run_id
 from shared.params import parse_param_text
 from shared.replies import CancelResult, ScheduleInfo
 
+from . import reruns
 from .client import GatewayClient, gateway_url
 from .render import event_line, json_line, print_table, use_colour
 
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--days", type=int, default=None, help="trading days of minute bars (default: a small demo span)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--if-absent", action="store_true", help="do nothing when raw or processed data is present")
+
+    reruns.add_parsers(sub, common)
 
     sub.add_parser("doctor", parents=[common], help="check that config, journal, services and the event path agree")
 
@@ -145,6 +148,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
             case "pause" | "resume":
                 schedule = await client.post(f"/api/schedules/{args.name}/{args.command}", into=ScheduleInfo)
                 _print_result(schedule, f"schedule {args.name}: {args.command}d", args.json)
+            case "rerun" | "backfill" | "backfills":
+                return await reruns.run(client, args)
             case "cancel":
                 check_run_id(args.run_id)
                 cancelled = await client.post(f"/api/runs/{args.run_id}/cancel", into=CancelResult)

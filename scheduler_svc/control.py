@@ -1,5 +1,5 @@
 """Requests on the scheduler's control socket (gateway, CLI, doctor): launch (`launches.py`), cancel, list
-and get runs, schedules and pause/resume, identity. (The request types and their serving loop are in
+and get runs, schedules and pause/resume, re-runs (`reruns.py`) and backfills (`backfills.py`), identity. (The request types and their serving loop are in
 `shared.control`.)
 """
 
@@ -15,7 +15,9 @@ import msgspec
 
 import shared
 from shared.config import Settings, endpoints_of
-from shared.control import Cancel, GetRun, Identity, Launch, ListRuns, ListSchedules, Pause, Resume
+from shared.control import (
+    Backfill, Cancel, GetRun, Identity, Launch, ListBackfills, ListRuns, ListSchedules, Pause, Rerun, Resume,
+)
 from shared.dispatch import CancelRun
 from shared.errors import BadParams, Conflict, NotFound, ProtocolError
 from shared.ids import check_run_id
@@ -23,9 +25,11 @@ from shared.journal import read_events
 from shared.replies import CancelResult, IdentityInfo, RunDetail, RunList, RunnerFacts, ScheduleList
 from shared.runstate import RUN_STATUSES, fold
 
+from .backfills import Backfills
 from .dispatcher import Send
 from .journaling import Journaling
 from .launches import Launches
+from .reruns import Reruns
 from .runbook import RunBook
 from .runs import RunRecord, read_record
 from .schedules import ScheduleDriver
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 class ControlHandler:
     def __init__(self, book: RunBook, settings: Settings, launches: Launches, schedules: ScheduleDriver,
                  journaling: Journaling, send: Send, wait_reason: Callable[[RunRecord], str | None],
-                 judge_now: Callable[[], float]) -> None:
+                 judge_now: Callable[[], float], reruns: Reruns, backfills: Backfills) -> None:
         self.book = book
         self.settings = settings
         self.journal_dir = settings.journal_dir
@@ -46,6 +50,8 @@ class ControlHandler:
         self.send = send
         self.wait_reason = wait_reason
         self.judge_now = judge_now  # the runner monitor's clock: what a runner's last_seen is on
+        self.reruns = reruns
+        self.backfills = backfills
 
     async def handle(self, req: Any) -> Any:  # each request's reply type (checked by serve_requests)
         match req:
@@ -63,6 +69,12 @@ class ControlHandler:
                 return await self.schedules.set_paused(req.name, True)
             case Resume():
                 return await self.schedules.set_paused(req.name, False)
+            case Rerun():
+                return await self.reruns.rerun(req)
+            case Backfill():
+                return await self.backfills.backfill(req)
+            case ListBackfills():
+                return self.backfills.listing(req)
             case Identity():
                 return self._identity()
         raise ProtocolError(f"{type(req).__name__} is not a scheduler operation (the runner answers it)")

@@ -40,8 +40,8 @@ class Dispatcher:
         schedules: set[str] = set()
         for r in self.book.active.values():
             per_pipeline[r.pipeline] = per_pipeline.get(r.pipeline, 0) + 1
-            if r.schedule:
-                schedules.add(r.schedule)
+            if r.on_schedule:
+                schedules.add(r.schedule)  # type: ignore[arg-type]
         return len(self.book.active), per_pipeline, schedules
 
     def _pick_runner(self) -> RunnerInfo | None:
@@ -65,7 +65,7 @@ class Dispatcher:
         plimit = self._pipeline_limit(rec.pipeline)
         if per_pipeline.get(rec.pipeline, 0) >= plimit:
             return f"waiting: pipeline {rec.pipeline} at its limit ({plimit} at once)"
-        if rec.schedule and rec.schedule in schedules and self.overlap_of(rec.schedule) == "queue":
+        if rec.on_schedule and rec.schedule in schedules and self.overlap_of(rec.schedule) == "queue":  # type: ignore[arg-type]
             return f"waiting: the previous run of schedule {rec.schedule} is still active (overlap = queue)"
         if self._pick_runner() is None:
             return "waiting: every runner is at capacity"
@@ -88,7 +88,7 @@ class Dispatcher:
                 continue
             if per_pipeline.get(rec.pipeline, 0) >= self._pipeline_limit(rec.pipeline):
                 continue
-            if rec.schedule and rec.schedule in schedules and self.overlap_of(rec.schedule) == "queue":
+            if rec.on_schedule and rec.schedule in schedules and self.overlap_of(rec.schedule) == "queue":  # type: ignore[arg-type]
                 continue
             runner = self._pick_runner()
             if runner is None:
@@ -96,15 +96,16 @@ class Dispatcher:
             book.dispatch(rec, runner)
             total += 1
             per_pipeline[rec.pipeline] = per_pipeline.get(rec.pipeline, 0) + 1
-            if rec.schedule:
-                schedules.add(rec.schedule)
+            if rec.on_schedule:
+                schedules.add(rec.schedule)  # type: ignore[arg-type]
             # durable before it is sent, so attempt numbers never repeat across a scheduler restart
             await self.assign(rec.run_id, runner.runner_id, rec.attempt)
             if rec.phase != "dispatching":  # the runner was declared lost, or the run cancelled, meanwhile
                 log.info("run %s: %s while its dispatch to runner %s was being recorded; not sent",
                          rec.run_id, rec.phase, runner.runner_id)
                 continue
-            msg = DispatchRun(run_id=rec.run_id, attempt=rec.attempt, pipeline=rec.pipeline, params=rec.params)
+            msg = DispatchRun(run_id=rec.run_id, attempt=rec.attempt, pipeline=rec.pipeline, params=rec.params,
+                              from_stage=rec.from_stage, rerun_of=rec.rerun_of)
             if not await self.send(runner, msg):
                 if rec.phase == "dispatching":
                     book.requeue(rec, "the dispatch could not be sent", delay=0.5)

@@ -34,6 +34,9 @@ class RunRecord:
     trigger: str = "manual"
     schedule: str | None = None
     slot: str | None = None
+    rerun_of: str | None = None  # the run this one repeats (queued data)
+    from_stage: str | None = None  # a re-run from a failed stage: where it starts (queued data)
+    backfill: str | None = None  # the backfill that queued it (queued data)
     queued_at: str | None = None
     phase: Phase = "queued"
     outcome: str | None = None  # success | failure | cancelled once ended
@@ -50,6 +53,12 @@ class RunRecord:
     unreported_since: float | None = None  # monotonic: its runner's status stopped listing it
     recovered: bool = False  # found active in the journals at start: awaiting its runner's word
     phase_since: float = field(default_factory=time.monotonic)
+
+    @property
+    def on_schedule(self) -> bool:
+        """Fired by its schedule's clock: what the overlap policies look at (a backfill's runs are metered
+        by the backfill instead)."""
+        return self.schedule is not None and self.trigger == "schedule"
 
     @property
     def ended(self) -> bool:
@@ -87,6 +96,10 @@ class RunRecord:
         )
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def record_from_queued(ev: Event) -> RunRecord:
     data = ev.data or {}
     params = data.get("params")
@@ -97,6 +110,9 @@ def record_from_queued(ev: Event) -> RunRecord:
         trigger=str(data.get("trigger", "manual")),
         schedule=data.get("schedule"),
         slot=data.get("slot"),
+        rerun_of=_text(data.get("rerun_of")),
+        from_stage=_text(data.get("from_stage")),
+        backfill=_text(data.get("backfill")),
         queued_at=ev.timestamp,
         last_seq=ev.seq,
     )

@@ -137,7 +137,7 @@ class ScheduleDriver:
 
     def _active_run(self, name: str) -> str | None:
         for rec in self.book.runs.values():
-            if rec.schedule == name and not rec.ended and rec.phase != "ending":
+            if rec.schedule == name and rec.on_schedule and not rec.ended and rec.phase != "ending":
                 return rec.run_id
         return None
 

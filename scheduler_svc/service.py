@@ -2,7 +2,8 @@
 start. It builds its parts and hands each only what it uses: the run book (`runbook`: runs, queue,
 active runs, runners, and their transitions), `journaling` (its own journal writes, publishing, and
 the one task that writes the ends other parts send it), `dispatcher` (queue -> runners), `runners`
-(runner messages, runner lost), `control` + `launches` (control requests), `retention` (old ended
+(runner messages, runner lost), `control` + `launches` + `reruns` + `backfills` (control requests; the
+backfills' meter is a task of its own), `retention` (old ended
 runs) and `schedules.ScheduleDriver` (schedules, on a clock it is given).
 
 Ownership of a run's journal: the scheduler writes `queued` (begin_run), hands the journal over with
@@ -28,11 +29,13 @@ from shared.errors import BindError
 from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
 
+from .backfills import Backfills
 from .clock import Clock
 from .control import ControlHandler
 from .dispatcher import Dispatcher
 from .journaling import EndRequest, EndSender, Journaling
 from .launches import Launches
+from .reruns import Reruns
 from .retention import Retention
 from .runbook import RunBook
 from .runners import RunnerTracker
@@ -60,8 +63,10 @@ class Scheduler:
         self.schedules = ScheduleDriver(cfg, state, book, self.journaling, journal_dir, clock)
         self.dispatcher = Dispatcher(book, cfg, self.tracker.send, state.assign, self.schedules.overlap_of)
         self.launches = Launches(book, settings, state, self.journaling)
+        self.backfills = Backfills(book, settings, state, self.journaling, self.schedules)
         self.control = ControlHandler(book, settings, self.launches, self.schedules, self.journaling,
-                                      self.tracker.send, self.dispatcher.wait_reason, self.tracker.clock.now)
+                                      self.tracker.send, self.dispatcher.wait_reason, self.tracker.clock.now,
+                                      Reruns(book, settings, self.journaling), self.backfills)
         self.retention = Retention(book, journal_dir, settings.reports_dir, cfg.scheduler.keep_days,
                                    archive_dir_of(settings.home))
 
@@ -88,6 +93,7 @@ class Scheduler:
                 tg.start_soon(self.journaling.heartbeats, self.cfg.runner.heartbeat_interval, self.settings.path)
                 tg.start_soon(self.retention.run)
                 await tg.start(self.schedules.run)
+                await tg.start(self.backfills.run)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):

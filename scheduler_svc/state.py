@@ -1,6 +1,8 @@
 """The scheduler's small durable state in `<home>/state/scheduler.sqlite3`: pause flags, the last slot
-evaluated per schedule, the fire-at-start marker, run -> (runner, attempt) assignments, and launch
-idempotency keys -> run id for a day (each key is also in its run's `queued` event, which stays the truth).
+evaluated per schedule, the fire-at-start marker, run -> (runner, attempt) assignments, launch
+idempotency keys -> run id for a day (each key is also in its run's `queued` event, which stays the truth),
+and backfills: each one's window and plan (slot -> run id, fixed when it is made) and which of its runs
+are queued, so a restarted scheduler carries on with the rest and never makes a slot's run twice.
 
 Journals remain the truth for whether a run exists and how it ended; this holds only what journals do
 not say. stdlib sqlite3 in WAL mode with synchronous=FULL: every commit is durable when it returns,
@@ -41,7 +43,49 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     fingerprint TEXT NOT NULL, -- pipeline and parameters of that launch: a reuse with others is refused
     created_at REAL NOT NULL   -- unix time; keys are kept for a day
 );
+CREATE TABLE IF NOT EXISTS backfills (
+    id TEXT PRIMARY KEY,
+    schedule TEXT NOT NULL,
+    start TEXT NOT NULL,       -- ISO UTC, the window's ends (inclusive)
+    end_ TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    max_parallel INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS backfill_runs (
+    backfill_id TEXT NOT NULL,
+    pos INTEGER NOT NULL,      -- slot order
+    slot TEXT NOT NULL,
+    run_id TEXT NOT NULL,      -- fixed by the plan: its journal is created exclusively, so it runs once
+    rerun_of TEXT,
+    reason TEXT NOT NULL,
+    queued INTEGER NOT NULL DEFAULT 0,  -- 1 once its journal exists (the journal is the truth; this saves a look)
+    PRIMARY KEY (backfill_id, pos)
+);
 """
+
+
+@dataclass
+class BackfillRow:
+    id: str
+    schedule: str
+    start: str
+    end: str
+    policy: str
+    max_parallel: int
+    created_at: str
+    done: bool
+
+
+@dataclass
+class BackfillRunRow:
+    pos: int
+    slot: str
+    run_id: str
+    rerun_of: str | None
+    reason: str
+    queued: bool
 
 
 class StateError(RunwireError):
@@ -126,6 +170,46 @@ class StateStore:
 
     async def forget_keys(self, before: float) -> None:
         await self._write("DELETE FROM idempotency_keys WHERE created_at < ?", before)
+
+    # -- backfills
+
+    def backfills(self) -> list[tuple[BackfillRow, list[BackfillRunRow]]]:
+        """Every backfill with its runs, oldest first (at start: they are few)."""
+        with self._lock:
+            heads = self._db.execute("SELECT id, schedule, start, end_, policy, max_parallel, created_at, done "
+                                     "FROM backfills ORDER BY created_at, id").fetchall()
+            out = []
+            for row in heads:
+                runs = self._db.execute("SELECT pos, slot, run_id, rerun_of, reason, queued FROM backfill_runs "
+                                        "WHERE backfill_id = ? ORDER BY pos", (row[0],)).fetchall()
+                out.append((BackfillRow(*row[:7], done=bool(row[7])),
+                            [BackfillRunRow(*r[:5], queued=bool(r[5])) for r in runs]))
+            return out
+
+    def _add_backfill_sync(self, head: BackfillRow, runs: list[BackfillRunRow]) -> None:
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.execute("INSERT INTO backfills(id, schedule, start, end_, policy, max_parallel, created_at, "
+                                     "done) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                                     (head.id, head.schedule, head.start, head.end, head.policy, head.max_parallel,
+                                      head.created_at))
+                    self._db.executemany("INSERT INTO backfill_runs(backfill_id, pos, slot, run_id, rerun_of, reason) "
+                                         "VALUES (?, ?, ?, ?, ?, ?)",
+                                         [(head.id, r.pos, r.slot, r.run_id, r.rerun_of, r.reason) for r in runs])
+            except sqlite3.Error as e:
+                raise StateError(f"scheduler state {self.path}: cannot record backfill {head.id}: {e}") from e
+
+    async def add_backfill(self, head: BackfillRow, runs: list[BackfillRunRow]) -> None:
+        """The backfill and its whole plan, in one transaction: after a crash it is there entirely or not at all."""
+        await anyio.to_thread.run_sync(self._add_backfill_sync, head, runs, limiter=self._limiter)
+
+    async def backfill_run_queued(self, backfill_id: str, pos: int) -> None:
+        await self._write("UPDATE backfill_runs SET queued = 1 WHERE backfill_id = ? AND pos = ?", backfill_id, pos)
+
+    async def backfill_done(self, backfill_id: str) -> None:
+        await self._write("UPDATE backfills SET done = 1 WHERE id = ?", backfill_id)
 
     def forget_sync(self, run_ids: list[str]) -> None:
         """Drop assignments of ended runs (at start, in one transaction)."""

@@ -30,7 +30,10 @@ import zmq
 import zmq.asyncio
 
 from .errors import ERRORS_BY_CODE, BadReply, InternalError, ProtocolError, RunwireError, ServiceUnavailable
-from .replies import CancelResult, IdentityInfo, LaunchResult, ProbeResult, RunDetail, RunList, ScheduleInfo, ScheduleList
+from .replies import (
+    BackfillList, BackfillResult, CancelResult, IdentityInfo, LaunchResult, ProbeResult, RerunResult, RunDetail, RunList,
+    ScheduleInfo, ScheduleList,
+)
 from .values import DECODE_ERRORS, Params
 from .wire import configure_socket
 
@@ -90,13 +93,38 @@ class Resume(Request[ScheduleInfo], tag="resume"):
     name: str
 
 
+class Rerun(Request[RerunResult], tag="rerun"):
+    """A new run of an ended run's pipeline and parameters; `from_failed`: from its first failed stage,
+    when every earlier stage declares outputs and they are present (else Conflict naming the stage)."""
+
+    run_id: str
+    from_failed: bool = False
+
+
+class Backfill(Request[BackfillResult], tag="backfill"):
+    """Runs for a schedule's slots in [start, end] (ISO 8601; without an offset: the schedule's zone); the
+    terms are checked by `shared.backfill`."""
+
+    schedule: str
+    start: str
+    end: str
+    policy: str = "missing"
+    max_parallel: int = 1
+    dry_run: bool = False
+
+
+class ListBackfills(Request[BackfillList], tag="list_backfills"):
+    limit: int = 50
+
+
 class Probe(Request[ProbeResult], tag="probe"):
     """Runner: write a probe run (queued, then success) through journal and PUB; reply its run id."""
 
     run_id: str | None = None
 
 
-AnyRequest = Identity | Launch | Cancel | ListRuns | GetRun | ListSchedules | Pause | Resume | Probe
+AnyRequest = (Identity | Launch | Cancel | ListRuns | GetRun | ListSchedules | Pause | Resume | Rerun | Backfill
+              | ListBackfills | Probe)
 
 
 class ErrorBody(msgspec.Struct):

@@ -61,6 +61,10 @@ class SchedulerMessage(msgspec.Struct, tag_field="type", kw_only=True):
 class DispatchRun(SchedulerMessage, tag="dispatch"):
     pipeline: str
     params: Params = {}
+    # a re-run from a failed stage: the stages before `from_stage` are skipped while their declared
+    # outputs are present; both come from the run's `queued` event (the journal stays the truth)
+    from_stage: str | None = None
+    rerun_of: str | None = None
 
 
 class CancelRun(SchedulerMessage, tag="cancel"):

@@ -32,6 +32,8 @@ class RunView(msgspec.Struct, kw_only=True):
     msg: str  # the terminal event's msg
     last_seq: int
     waiting: str | None = None  # queued runs: why, as the scheduler says (RunSummary.waiting)
+    rerun_of: str | None = None  # the run this one repeats (a re-run, or a backfill of a slot that ran)
+    from_stage: str | None = None  # a re-run from a failed stage: the stage it started from
 
 
 class RunsPage(msgspec.Struct, kw_only=True):
@@ -44,6 +46,7 @@ class RunPage(RunView, kw_only=True):
 
     stages: list[StageState]
     scheduler: RunDetail | None = None  # the scheduler's GetRun answer, for a run not ended
+    reruns: list[str] = []  # the runs that repeat this one (their queued event names it as rerun_of)
 
 
 class EventsPage(msgspec.Struct, kw_only=True):

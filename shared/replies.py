@@ -32,6 +32,16 @@ class LaunchResult(_Reply):
     replayed: bool = False  # True: the key's first run answered, no new run
 
 
+class RerunResult(_Reply):
+    """Rerun: the new run, queued; it names the run it repeats and, from a failed stage, where it starts."""
+
+    run_id: str
+    status: RunStatus
+    rerun_of: str
+    from_stage: str | None  # None: every stage runs
+    skipped_stages: list[str]  # the stages before from_stage, whose outputs are present
+
+
 class CancelResult(_Reply):
     """Cancel: `cancelled` when the run was still queued (ended at once), else `cancelling` (the
     runner was asked to stop it)."""
@@ -96,6 +106,55 @@ class ScheduleInfo(_Reply):
 
 class ScheduleList(_Reply):
     schedules: list[ScheduleInfo]
+
+
+# ---------------------------------------------------------------------------------------- backfills
+
+
+class BackfillSlot(_Reply):
+    """One slot of a backfill's window: what runs (or ran) for it, or why nothing does."""
+
+    slot: str  # ISO UTC
+    action: Literal["run", "skip"]
+    run_id: str | None  # the run it gets: the slot's own id, or `<slot id>.rN` for a slot that ran
+    rerun_of: str | None  # the slot's latest run, when the new run repeats it
+    reason: str
+
+
+class BackfillProgress(_Reply):
+    """A backfill and how far it is: its runs by status (pending: not queued yet)."""
+
+    backfill_id: str
+    schedule: str
+    start: str  # ISO UTC of the window's ends, as given (inclusive)
+    end: str
+    policy: Literal["missing", "failed", "all"]
+    max_parallel: int
+    created_at: str
+    done: bool  # every run queued and ended
+    total: int  # slots that get a run
+    pending: int
+    queued: int
+    running: int
+    success: int
+    failure: int
+    cancelled: int
+
+
+class BackfillResult(_Reply):
+    """Backfill: the plan, slot by slot, and (unless a dry run) the backfill that carries it out."""
+
+    dry_run: bool
+    schedule: str
+    policy: Literal["missing", "failed", "all"]
+    slots: list[BackfillSlot]
+    progress: BackfillProgress | None  # None for a dry run, or when no slot needs a run
+
+
+class BackfillList(_Reply):
+    """ListBackfills: newest first."""
+
+    backfills: list[BackfillProgress]
 
 
 # ---------------------------------------------------------------------------------------- services

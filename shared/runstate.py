@@ -3,7 +3,8 @@ fan-out items and latest metrics. The gateway, the scheduler's recovery and the 
 through `RunState.apply`, so there is one meaning of "running" or "failed".
 
 Conventions the runner follows (and this module reads):
-- pipeline `queued` carries data {pipeline, params, trigger, schedule?, slot?};
+- pipeline `queued` carries data {pipeline, params, trigger, schedule?, slot?, rerun_of?, from_stage?,
+  backfill?} (a re-run names the run it repeats, and the stage it starts from);
 - pipeline `start` marks the run running; the terminal pipeline event ends it;
 - a stage's `start`/`success`/`failure`/`skipped`/`cancelled` without `data.item` is the stage's own;
   with `data.item` it is one fan-out item's (e.g. {"item": "ES"});
@@ -50,6 +51,8 @@ class RunState(msgspec.Struct):
     trigger: str = "manual"
     schedule: str | None = None
     slot: str | None = None
+    rerun_of: str | None = None  # the run this one repeats (a re-run, or a backfill of a slot that ran)
+    from_stage: str | None = None  # a re-run from a failed stage: the stage it starts from
     queued_at: str | None = None
     started_at: str | None = None
     ended_at: str | None = None
@@ -75,6 +78,9 @@ class RunState(msgspec.Struct):
                 self.trigger = str(data.get("trigger", self.trigger))
                 self.schedule = data.get("schedule") or self.schedule
                 self.slot = data.get("slot") or self.slot
+                rerun_of, from_stage = data.get("rerun_of"), data.get("from_stage")
+                self.rerun_of = rerun_of if isinstance(rerun_of, str) else None
+                self.from_stage = from_stage if isinstance(from_stage, str) else None
             elif ev.event == "start":
                 self.status = "running"
                 self.started_at = ev.timestamp

@@ -18,8 +18,8 @@ import zmq.asyncio
 from scheduler_svc.runs import RunRecord
 from shared import replies
 from shared.control import (
-    AnyRequest, Cancel, ControlClient, GetRun, Identity, Launch, ListRuns, ListSchedules, Pause, Probe, Reply, Request,
-    Resume, encode, serve_requests,
+    AnyRequest, Backfill, Cancel, ControlClient, GetRun, Identity, Launch, ListBackfills, ListRuns, ListSchedules, Pause,
+    Probe, Reply, Request, Rerun, Resume, encode, serve_requests,
 )
 from shared.errors import BadReply, InternalError
 
@@ -31,6 +31,7 @@ def test_every_request_names_a_reply_struct_of_shared_replies() -> None:
         Identity: replies.IdentityInfo, Launch: replies.LaunchResult, Cancel: replies.CancelResult,
         ListRuns: replies.RunList, GetRun: replies.RunDetail, ListSchedules: replies.ScheduleList,
         Pause: replies.ScheduleInfo, Resume: replies.ScheduleInfo, Probe: replies.ProbeResult,
+        Rerun: replies.RerunResult, Backfill: replies.BackfillResult, ListBackfills: replies.BackfillList,
     }
     assert set(REQUESTS) == set(expected)
     for req in REQUESTS:

@@ -4,6 +4,7 @@
 import { api } from "./api.js";
 import { store, changed, loadSchedules } from "./store.js";
 import { isEnded } from "./runstate.js";
+import { mountBackfills } from "./reruns.js";
 import { el, setText, badge, parseTs, fmtTsWhen, tsTitle, zoneLabel, fmtDuration, fmtRelative, toast, STATUS } from "./util.js";
 
 const MAX_ROWS = 300;
@@ -45,7 +46,9 @@ export function mountHome(root) {
 
   const launch = launchCard();
   const schedules = schedulesCard();
-  root.replaceChildren(el("div", { class: "home" }, runsCard, el("aside", null, launch.node, schedules.node)));
+  const aside = el("aside", null, launch.node, schedules.node);
+  root.replaceChildren(el("div", { class: "home" }, runsCard, aside));
+  const backfills = mountBackfills(aside);
 
   const rows = new Map(); // run_id -> {tr, cells}
 
@@ -90,7 +93,7 @@ export function mountHome(root) {
   render();
   // durations of running runs and "next fire in" tick without events
   const ticker = setInterval(render, 1000);
-  return { unmount() { store.listeners.delete(render); clearInterval(ticker); } };
+  return { unmount() { store.listeners.delete(render); clearInterval(ticker); backfills.unmount(); } };
 }
 
 function newestFirst(a, b) {

@@ -12,6 +12,7 @@ import { newRun, applyEvent, runFromApi, isEnded } from "./runstate.js";
 import { renderTimeline } from "./timeline.js";
 import { VirtualList } from "./loglist.js";
 import { cancelButton } from "./home.js";
+import { mountRerunPanel } from "./reruns.js";
 import { el, setText, badge, parseTs, fmtTsWhen, fmtTsClock, tsTitle, zoneLabel, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, holeCovered, gapRange, KIND_ICON } from "./util.js";
 
 const ROW_HEIGHT = 24;
@@ -90,6 +91,7 @@ export function mountRun(root, runId) {
       el("section", { class: "card" }, el("h2", null, "Timeline"), timelineBox),
       el("section", { class: "card" }, el("h2", null, "Latest metrics"), metricsBox)),
     logCard));
+  const reruns = mountRerunPanel(header, runId);
 
   followBox.addEventListener("change", () => log.setFollow(followBox.checked));
   stageSel.addEventListener("change", () => { filters.stage = stageSel.value; refilter(); });
@@ -380,6 +382,7 @@ export function mountRun(root, runId) {
 
   return {
     unmount() {
+      reruns.unmount();
       stream.stop();
       clearInterval(ticker);
       dropStream("run");

@@ -12,3 +12,7 @@ export const PIPELINE_FIELDS = ["name", "description", "stages", "params"]; // P
 export const PARAM_FIELDS = ["name", "type", "default", "choices", "description"]; // ParamView
 export const SCHEDULES_PAGE_FIELDS = ["schedules"]; // SchedulesPage
 export const SCHEDULE_FIELDS = ["name", "pipeline", "spec", "timezone", "enabled", "next_fire"]; // ScheduleInfo
+export const RERUN_LINK_FIELDS = ["status", "rerun_of", "from_stage", "reruns"]; // RunPage (reruns.js: the links between a run and its re-runs)
+export const RERUN_RESULT_FIELDS = ["run_id", "from_stage", "skipped_stages"]; // RerunResult
+export const BACKFILL_LIST_FIELDS = ["backfills"]; // BackfillList
+export const BACKFILL_FIELDS = ["backfill_id", "schedule", "start", "end", "policy", "max_parallel", "done", "total", "pending", "queued", "running", "success", "failure", "cancelled"]; // BackfillProgress
