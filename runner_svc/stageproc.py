@@ -72,6 +72,17 @@ class ProcessResult:
         return why
 
 
+def _refuse_nul(argv: list[str], env: dict[str, str]) -> None:
+    """A NUL cannot be passed to a process: asyncio's loop refuses it (ValueError), uvloop's cuts the
+    string there without a word. Refused here, the same on either loop."""
+    for arg in argv:
+        if "\x00" in arg:
+            raise ValueError(f"embedded null byte in the stage's command argument {arg!r}")
+    for key, value in env.items():
+        if "\x00" in key or "\x00" in value:
+            raise ValueError(f"embedded null byte in the stage's environment variable {key!r}")
+
+
 async def run_process(
     argv: list[str],
     *,
@@ -89,6 +100,7 @@ async def run_process(
 ) -> ProcessResult:
     """Run argv in a new session; feed output lines and stage messages to the handlers, in batches
     (what one read brought); return how it ended. Cancellation ends the process group (shielded) and propagates."""
+    _refuse_nul(argv, env)
     parent_sock, child_sock = socket.socketpair()
     parent_sock.setblocking(False)
     env = {**env, STAGE_FD_ENV: str(child_sock.fileno())}
