@@ -12,6 +12,7 @@ object (`run_service`, or `tg.start(service.run)` in-process).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import logging
 import os
@@ -89,7 +90,6 @@ def service_main(
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     setup_logging(settings.config.log_level, name)
-    log.info("%s: event loop %s", name, "uvloop" if uvloop else f"asyncio's own ({UVLOOP_ENV}=0 or uvloop not installed)")
     try:
         anyio.run(_build_and_run, name, make, settings, backend_options={"use_uvloop": uvloop})
     except KeyboardInterrupt:
@@ -105,6 +105,8 @@ def service_main(
 
 
 async def _build_and_run(name: str, make: Callable[[Settings], Service], settings: Settings) -> None:
+    loop = type(asyncio.get_running_loop())
+    log.info("%s: event loop %s.%s", name, loop.__module__, loop.__qualname__)  # uvloop.Loop, or asyncio's
     await run_service(name, make(settings))  # built inside the event loop: it may use anyio at once
 
 
