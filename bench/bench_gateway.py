@@ -10,8 +10,9 @@ queueing to the latency it reports). Those workers run on uvloop: the clients st
 browsers on other machines, yet here they share the gateway's two cores, and on asyncio's own loop
 they took ~120% CPU (more than the gateway) and their own queueing showed as gateway latency
 (interleaved runs, same gateway: p99 44-54 ms on asyncio's loop, 32-34 ms on uvloop, clients' CPU 75%).
-The gateway runs on asyncio's loop, as it does in production (uvloop there changed nothing measurable:
-its cost is the send syscalls); the single client of the other parts stays on asyncio's loop too (on
+The gateway runs as in production: on uvloop where installed since the services took it on
+(RUNWIRE_UVLOOP=0 for asyncio's loop, on which the figures quoted here were taken; uvloop changed nothing
+measurable in this bench then: its cost is the send syscalls); the single client of the other parts stays on asyncio's loop too (on
 uvloop its latency tail was worse). The latency part also measures the building blocks alone
 (bench/reference_forwarder.py: zmq.asyncio SUB -> aiohttp WebSocket, nothing else), interleaved with the
 gateway, so its figures can be read against what the host gives a bare pipeline at the same moment

@@ -17,7 +17,7 @@ import anyio
 
 from shared.config import PipelineConfig, StageConfig
 from shared.errors import BadCommand
-from shared.events import Event
+from shared.events import Event, EventDraft
 from shared.outputs import first_match, missing_outputs
 from shared.stage import STAGE_INFO_ENV, CountersMessage, LogMessage, MetricMessage, StageInfo, StageMessage, info_to_env
 
@@ -306,19 +306,30 @@ class RunExecution:
         counters: dict[str, float] = {}
         t0 = time.monotonic()
 
-        async def on_line(stream: str, line: str) -> None:
-            if cap.admit():
-                await self.emit(stage.name, "log", line, {"stream": stream, **item_data})
+        name = stage.name
 
-        async def on_message(message: StageMessage) -> None:
-            if isinstance(message, CountersMessage):
-                # counters travel as floats; a whole number is shown as one (3, not 3.0)
-                counters.update({k: int(v) if float(v).is_integer() else v for k, v in message.values.items()})
-            elif isinstance(message, LogMessage):
-                if cap.admit():
-                    await self.emit(stage.name, "log", message.msg, {**(message.data or {}), "source": "stage", **item_data})
-            elif isinstance(message, MetricMessage):
-                await self.emit(stage.name, "metric", message.msg, {**(message.data or {}), **item_data})
+        async def on_lines(stream: str, lines: list[str]) -> None:
+            admitted = cap.admit_many(len(lines))
+            if admitted:
+                data = {"stream": stream, **item_data}  # one dict for the batch: events are never changed
+                await self.journal.emit_many([(name, "log", line, data) for line in lines[:admitted]])
+
+        async def on_messages(messages: list[StageMessage]) -> None:
+            drafts: list[EventDraft] = []
+            for message in messages:
+                if isinstance(message, MetricMessage):
+                    data = message.data if message.data is not None else {}  # decoded for us: ours to keep
+                    if item_data:
+                        data = {**data, **item_data}
+                    drafts.append((name, "metric", message.msg, data))
+                elif isinstance(message, LogMessage):
+                    if cap.admit():
+                        drafts.append((name, "log", message.msg, {**(message.data or {}), "source": "stage", **item_data}))
+                elif isinstance(message, CountersMessage):
+                    # counters travel as floats; a whole number is shown as one (3, not 3.0)
+                    counters.update({k: int(v) if float(v).is_integer() else v for k, v in message.values.items()})
+            if drafts:
+                await self.journal.emit_many(drafts)
 
         async def on_note(text: str) -> None:
             await self.emit(stage.name, "log", f"{label}: {text}", {"source": "runner", **item_data})
@@ -337,7 +348,7 @@ class RunExecution:
                 result = await run_process(
                     argv, cwd=self.home, env=env, timeout=stage.timeout, kill_grace=self.kill_grace,
                     success_marker=stage.success_marker, marker_grace=stage.marker_grace,
-                    on_line=on_line, on_message=on_message, on_note=on_note,
+                    on_lines=on_lines, on_messages=on_messages, on_note=on_note,
                     what=f"run {self.run_id} stage {label}",
                 )
             except OSError as e:  # the interpreter itself could not be started: say so, do not crash the run

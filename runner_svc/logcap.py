@@ -23,17 +23,21 @@ class LogCap:
 
     def admit(self) -> bool:
         """True if this line may become a log event now; otherwise it is counted as held back."""
+        return self.admit_many(1) == 1
+
+    def admit_many(self, n: int) -> int:
+        """How many of n lines (the first ones) may become log events now; the rest are held back."""
         now = time.monotonic()
         if now - self._window_start >= 1.0:
             self._window_start = now
             self._in_window = 0
-        if self._in_window < self.rate:
-            self._in_window += 1
-            self.admitted_total += 1
-            return True
-        self.held += 1
-        self.held_total += 1
-        return False
+        admitted = max(0, min(n, self.rate - self._in_window))
+        self._in_window += admitted
+        self.admitted_total += admitted
+        held = n - admitted
+        self.held += held
+        self.held_total += held
+        return admitted
 
     async def report(self, final: bool = False) -> None:
         """Say how many lines were held back since the last report (nothing if none)."""

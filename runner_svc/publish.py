@@ -6,21 +6,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import zmq
 
 from shared.errors import BindError, JournalFenced
-from shared.events import PIPELINE_STAGE, Event
+from shared.events import PIPELINE_STAGE, Event, EventDraft, msgpack_encoder
 from shared.journal import JournalWriter
-from shared.wire import Heartbeat, configure_socket, encode_event_frames, encode_heartbeat_frames
+from shared.wire import Heartbeat, configure_socket, encode_heartbeat_frames, event_topic_of
 
 log = logging.getLogger(__name__)
 
 _DROP_WARN_EVERY = 5.0  # seconds between warnings about dropped messages
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_TOPICS_KEPT = 4096
 _STAGE_ENDS = frozenset({"success", "failure", "skipped", "cancelled"})
 
 
@@ -39,6 +40,7 @@ class Publisher:
         self.dropped = 0
         self._last_warn = 0.0
         self._dropped_at_warn = 0
+        self._topics: dict[tuple[str, str, str], bytes] = {}  # (run_id, stage, event) -> topic frame
 
     @classmethod
     def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int, config: object = None) -> Publisher:
@@ -64,30 +66,61 @@ class Publisher:
             self.sock.send(topic, _NOBLOCK_MORE)
             self.sock.send(payload, _NOBLOCK)
         except zmq.Again:
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._last_warn >= _DROP_WARN_EVERY:
-                log.warning(
-                    "PUB %s: send queue full (SNDHWM): %d messages dropped so far (%d since last warning); "
-                    "subscribers recover them from the journal",
-                    self.endpoint, self.dropped, self.dropped - self._dropped_at_warn,
-                )
-                self._last_warn = now
-                self._dropped_at_warn = self.dropped
+            self._count_drop()
             return False
         self.sent += 1
         return True
 
     def publish_event(self, ev: Event) -> bool:
-        return self.send(encode_event_frames(ev))
+        return self.publish_events((ev,)) == 1
+
+    def publish_events(self, events: Iterable[Event]) -> int:
+        """Send each event (topic and payload frames), in order, in one tight loop: no await in between,
+        so libzmq's I/O thread takes the batch in one wake-up instead of one per event. Returns how many
+        were queued (the rest were counted as dropped)."""
+        send = self.sock.send
+        topic_of = self._topics.get
+        encode = msgpack_encoder.encode
+        sent = 0
+        for ev in events:
+            key = (ev.run_id, ev.stage, ev.event)
+            topic = topic_of(key) or self._topic(key)
+            try:
+                send(topic, _NOBLOCK_MORE)
+                send(encode(ev), _NOBLOCK)
+            except zmq.Again:
+                self._count_drop()
+                continue
+            sent += 1
+        self.sent += sent
+        return sent
+
+    def _topic(self, key: tuple[str, str, str]) -> bytes:
+        if len(self._topics) >= _TOPICS_KEPT:
+            self._topics.clear()  # a run has a few stages and kinds; this bounds a long-lived runner
+        topic = self._topics[key] = event_topic_of(*key)
+        return topic
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_warn >= _DROP_WARN_EVERY:
+            log.warning(
+                "PUB %s: send queue full (SNDHWM): %d messages dropped so far (%d since last warning); "
+                "subscribers recover them from the journal",
+                self.endpoint, self.dropped, self.dropped - self._dropped_at_warn,
+            )
+            self._last_warn = now
+            self._dropped_at_warn = self.dropped
 
     def publish_heartbeat(self, hb: Heartbeat) -> bool:
         return self.send(encode_heartbeat_frames(hb))
 
 
 class RunJournal:
-    """A run's journal writer plus publication: `emit` appends, waits until the event is as durable as
-    configured, then publishes every event up to it in seq order. After `release()` nothing more is
+    """A run's journal writer plus publication: `emit` (one event) or `emit_many` (a batch, one write)
+    appends, waits until the events are as durable as configured, then publishes every event up to them
+    in seq order. After `release()` nothing more is
     written (the scheduler has ended the run and owns its journal's last word). A write that finds the
     journal fenced (the scheduler ended the run in this runner's place, see shared/fence.py) is not
     published, releases the journal and calls `on_fenced`, which stops the run.
@@ -116,35 +149,48 @@ class RunJournal:
 
     async def emit(self, stage: str, event: str, msg: str = "", data: dict[str, Any] | None = None) -> Event | None:
         """Journal one event, then publish it. Returns None (writes nothing) once released."""
-        if self.released:
-            return None
+        events = await self.emit_many(((stage, event, msg, data),))
+        return events[0] if events else None
+
+    async def emit_many(self, drafts: Sequence[EventDraft]) -> list[Event]:
+        """Journal a batch of events in one write, then publish them together, in seq order. Returns
+        them; [] (nothing written, nothing published) once released or when the write found the journal
+        fenced. A batch is all or nothing in both: in the journal whole, then published whole."""
+        if self.released or not drafts:
+            return []
         try:
-            ev = self.writer.append(stage, event, msg, data)
+            events = self.writer.append_many(drafts)
         except JournalFenced as e:
             self._on_fence(e)
-            return None
-        if stage != PIPELINE_STAGE and (event == "start" or event in _STAGE_ENDS):
-            item = data.get("item") if data else None
-            key = (stage, None if item is None else str(item))
-            if event == "start":
+            return []
+        for ev in events:
+            kind = ev.event
+            if (kind != "start" and kind not in _STAGE_ENDS) or ev.stage == PIPELINE_STAGE:
+                continue
+            item = ev.data.get("item") if ev.data else None
+            key = (ev.stage, None if item is None else str(item))
+            if kind == "start":
                 self._open[key] = None
             else:
                 self._open.pop(key, None)
+        last = events[-1].seq
         if self._flush_only and not self._pending:
-            # flush mode: the line is in the OS once append returns; nothing to wait for, nothing queued
-            self.publisher.publish_event(ev)
-            self.published_seq = ev.seq
-            return ev
-        self._pending.append(ev)
-        await self.writer.wait_durable(ev.seq)
+            # flush mode: the lines are in the OS once append returns; nothing to wait for, nothing queued
+            self.publisher.publish_events(events)
+            self.published_seq = last
+            return events
+        self._pending.extend(events)
+        await self.writer.wait_durable(last)
         # Events reach here in append order only when nothing awaits in between (flush mode); in fsync
         # mode several emitters wait for one group commit, so publish strictly in seq order from the queue.
         pending = self._pending
-        while pending and pending[0].seq <= ev.seq:
-            out = pending.popleft()
-            self.publisher.publish_event(out)
-            self.published_seq = out.seq
-        return ev
+        ready: list[Event] = []
+        while pending and pending[0].seq <= last:
+            ready.append(pending.popleft())
+        if ready:
+            self.publisher.publish_events(ready)
+            self.published_seq = ready[-1].seq
+        return events
 
     def _on_fence(self, e: JournalFenced) -> None:
         log.error("%s; publishing and writing nothing more for run %s, stopping its stages", e, self.run_id)

@@ -1,5 +1,5 @@
 """One stage process from spawn to end: its own process group, output read line by line, stage
-messages read from a socket pair, timeout and success-marker handling, and a group that is always
+messages read from a socket pair (both handed on in batches: all that one wake-up found), timeout and success-marker handling, and a group that is always
 ended (TERM, grace, KILL) before this returns, whether the stage exited, timed out or was cancelled."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import msgspec
 from anyio.abc import ByteReceiveStream
 
 from shared.stage import STAGE_FD_ENV, StageMessage, stage_message_decoder
@@ -27,8 +26,11 @@ MAX_LINE_BYTES = 64 * 1024  # a longer "line" is cut into pieces of this size
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a longer ctx message (no newline in sight) is skipped with a note
 DRAIN_TIMEOUT = 5.0  # seconds to read what is left in the pipes after the process group ended
 
-LineHandler = Callable[[str, str], Awaitable[None]]  # (stream, line)
-MessageHandler = Callable[[StageMessage], Awaitable[None]]
+RECV_BYTES = 64 * 1024
+MAX_BATCH_BYTES = 1024 * 1024  # read per wake-up at most, so one batch never holds up the loop for long
+
+LinesHandler = Callable[[str, list[str]], Awaitable[None]]  # (stream, the lines of one read)
+MessagesHandler = Callable[[list[StageMessage]], Awaitable[None]]  # the messages of one wake-up, in order
 NoteHandler = Callable[[str], Awaitable[None]]
 
 
@@ -70,6 +72,17 @@ class ProcessResult:
         return why
 
 
+def _refuse_nul(argv: list[str], env: dict[str, str]) -> None:
+    """A NUL cannot be passed to a process: asyncio's loop refuses it (ValueError), uvloop's cuts the
+    string there without a word. Refused here, the same on either loop."""
+    for arg in argv:
+        if "\x00" in arg:
+            raise ValueError(f"embedded null byte in the stage's command argument {arg!r}")
+    for key, value in env.items():
+        if "\x00" in key or "\x00" in value:
+            raise ValueError(f"embedded null byte in the stage's environment variable {key!r}")
+
+
 async def run_process(
     argv: list[str],
     *,
@@ -79,14 +92,15 @@ async def run_process(
     kill_grace: float,
     success_marker: str | None,
     marker_grace: float,
-    on_line: LineHandler,
-    on_message: MessageHandler,
+    on_lines: LinesHandler,
+    on_messages: MessagesHandler,
     on_note: NoteHandler,
     what: str,
     on_spawn: Callable[[int], None] = lambda pid: None,
 ) -> ProcessResult:
-    """Run argv in a new session; feed output lines and stage messages to the handlers; return how it
-    ended. Cancellation ends the process group (shielded) and propagates."""
+    """Run argv in a new session; feed output lines and stage messages to the handlers, in batches
+    (what one read brought); return how it ended. Cancellation ends the process group (shielded) and propagates."""
+    _refuse_nul(argv, env)
     parent_sock, child_sock = socket.socketpair()
     parent_sock.setblocking(False)
     env = {**env, STAGE_FD_ENV: str(child_sock.fileno())}
@@ -119,35 +133,52 @@ async def run_process(
             buf += chunk
             if b"\n" not in chunk and len(buf) < MAX_LINE_BYTES:
                 continue
-            *lines, buf = buf.split(b"\n")
+            *raws, buf = buf.split(b"\n")
             while len(buf) >= MAX_LINE_BYTES:
-                lines.append(buf[:MAX_LINE_BYTES])
+                raws.append(buf[:MAX_LINE_BYTES])
                 buf = buf[MAX_LINE_BYTES:]
-            for raw in lines:
-                await handle_line(name, raw)
+            await handle_lines(name, raws)  # the lines of one read: one batch
         if buf:
-            await handle_line(name, buf)
+            await handle_lines(name, [buf])
 
-    async def handle_line(name: str, raw: bytes) -> None:
-        line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
-        if name == "stderr" and line.strip():
-            result.last_stderr = line.strip()
-        if success_marker and not result.marker_seen and success_marker in line:
+    async def handle_lines(name: str, raws: list[bytes]) -> None:
+        lines = [raw.rstrip(b"\r").decode("utf-8", errors="replace") for raw in raws]
+        if name == "stderr":
+            for line in reversed(lines):
+                if line.strip():
+                    result.last_stderr = line.strip()
+                    break
+        if success_marker and not result.marker_seen and any(success_marker in line for line in lines):
             result.marker_seen = True
             marker_seen.set()
-        await on_line(name, line)
+        await on_lines(name, lines)
+
+    def receive_waiting() -> tuple[bytes, bool]:
+        """Everything waiting on the socket (up to MAX_BATCH_BYTES), and whether the stage closed it."""
+        chunks: list[bytes] = []
+        size = 0
+        while size < MAX_BATCH_BYTES:
+            try:
+                chunk = parent_sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                break
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+            size += len(chunk)
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), False
 
     async def read_messages() -> None:
         buf = b""
         dropping = 0  # bytes of an over-long message being skipped up to its newline
-        while True:
+        eof = False
+        while not eof:
             await anyio.wait_readable(parent_sock)
-            try:
-                chunk = parent_sock.recv(65536)
-            except BlockingIOError:
-                continue
+            # all that is waiting, not one recv's worth: a burst becomes one batch, so one journal
+            # write and one round of sends instead of one each per message
+            chunk, eof = receive_waiting()
             if not chunk:
-                break
+                continue
             if dropping:
                 nl = chunk.find(b"\n")
                 if nl < 0:
@@ -155,28 +186,49 @@ async def run_process(
                     continue
                 await on_note(f"stage message of over {MAX_MESSAGE_BYTES} bytes ignored ({dropping + nl} bytes)")
                 dropping, chunk = 0, chunk[nl + 1:]
-            buf += chunk
-            if b"\n" not in chunk:
+            nl = chunk.rfind(b"\n")  # in the new bytes only: a long message is not scanned again and again
+            if nl < 0:
+                buf += chunk
                 if len(buf) > MAX_MESSAGE_BYTES:  # a message without end in sight: never buffer it whole
                     dropping, buf = len(buf), b""
                 continue
-            *lines, buf = buf.split(b"\n")
+            complete, buf = buf + chunk[: nl + 1], chunk[nl + 1:]
             if len(buf) > MAX_MESSAGE_BYTES:
                 dropping, buf = len(buf), b""
-            for raw in lines:
-                if not raw.strip():
-                    continue
-                if len(raw) > MAX_MESSAGE_BYTES:
-                    await on_note(f"stage message of over {MAX_MESSAGE_BYTES} bytes ignored ({len(raw)} bytes)")
-                    continue
-                try:
-                    message = stage_message_decoder.decode(raw)
-                except DECODE_ERRORS as e:
-                    await on_note(f"bad stage message ({len(raw)} bytes) ignored: {e}")
-                    continue
-                await on_message(message)
+            await handle_messages(complete)
         if dropping or buf.strip():
             await on_note(f"stage message cut off by the stage's exit ignored ({dropping + len(buf)} bytes)")
+
+    async def handle_messages(complete: bytes) -> None:
+        """The messages of `complete` (whole lines) as batches; a bad or over-long line becomes a note
+        in its place, so the run's events keep the stage's order."""
+        if len(complete) <= MAX_MESSAGE_BYTES:
+            try:
+                batch = stage_message_decoder.decode_lines(complete)  # the common case: all good, one call
+            except DECODE_ERRORS:
+                pass  # some line is bad: find it, line by line
+            else:
+                if batch:
+                    await on_messages(batch)
+                return
+        batch = []
+        for raw in complete.split(b"\n"):
+            if not raw or raw.isspace():
+                continue
+            if len(raw) > MAX_MESSAGE_BYTES:
+                note = f"stage message of over {MAX_MESSAGE_BYTES} bytes ignored ({len(raw)} bytes)"
+            else:
+                try:
+                    batch.append(stage_message_decoder.decode(raw))
+                    continue
+                except DECODE_ERRORS as e:
+                    note = f"bad stage message ({len(raw)} bytes) ignored: {e}"
+            if batch:
+                await on_messages(batch)
+                batch = []
+            await on_note(note)
+        if batch:
+            await on_messages(batch)
 
     async def wait_exit() -> None:
         async with anyio.create_task_group() as watchers:

@@ -48,6 +48,10 @@ class Event(msgspec.Struct, omit_defaults=True, gc=False):
         return self.stage == PIPELINE_STAGE and self.event in TERMINAL_KINDS
 
 
+# what a writer is asked to journal: (stage, event, msg, data); the journal adds run_id, seq and timestamp
+EventDraft = tuple[str, str, str, dict[str, Any] | None]
+
+
 def is_terminal(stage: str, event: str) -> bool:
     return stage == PIPELINE_STAGE and event in TERMINAL_KINDS
 

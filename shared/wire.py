@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def event_topic(ev: Event) -> bytes:
-    return f"ev/{ev.run_id}/{ev.stage}/{ev.event}".encode()
+    return event_topic_of(ev.run_id, ev.stage, ev.event)
+
+
+def event_topic_of(run_id: str, stage: str, event: str) -> bytes:
+    return f"ev/{run_id}/{stage}/{event}".encode()
 
 
 def run_topic_prefix(run_id: str) -> bytes:

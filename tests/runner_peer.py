@@ -111,10 +111,12 @@ class EventSub:
 
     def until_terminal(self, run_id: str, timeout: float = 60.0) -> list[dict[str, Any]]:
         end = time.monotonic() + timeout
+        checked = 0  # events already looked at (a burst of thousands must not be rescanned per message)
         while time.monotonic() < end:
-            mine = [e for e in self.events if e["run_id"] == run_id]
-            if any(e["stage"] == "pipeline" and e["event"] in ("success", "failure", "cancelled") for e in mine):
-                return mine
+            new, checked = self.events[checked:], len(self.events)
+            if any(e["run_id"] == run_id and e["stage"] == "pipeline" and e["event"] in ("success", "failure", "cancelled")
+                   for e in new):
+                return [e for e in self.events if e["run_id"] == run_id]
             if self.sock.poll(100):
                 topic, payload = self.sock.recv_multipart()
                 self._keep(topic, payload)

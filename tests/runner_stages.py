@@ -98,6 +98,22 @@ def flooding(ctx) -> None:  # type: ignore[no-untyped-def]
     ctx.metric("still heard", ok=1)
 
 
+def bursting(ctx) -> None:  # type: ignore[no-untyped-def]
+    """Bursts, as fast as the stage can: `count` metrics, one write each (what `ctx.metric` does); then
+    one write holding 1,000 messages with a bad line after the first 500 (the runner must put its note
+    between them); then `lines` stdout lines in one write."""
+    count, lines = int(ctx.params["count"]), int(ctx.params["lines"])
+    for i in range(count):
+        ctx.metric("tick", i=i)
+    fd = int(os.environ["RUNWIRE_STAGE_FD"])
+    raw = [b'{"kind":"metric","msg":"tick","data":{"i":%d}}\n' % (count + i) for i in range(1000)]
+    data = memoryview(b"".join(raw[:500]) + b"{not json\n" + b"".join(raw[500:]))
+    while data:
+        data = data[os.write(fd, data):]
+    sys.stdout.write("".join(f"line {i}\n" for i in range(lines)))
+    sys.stdout.flush()
+
+
 def hang_callable(ctx) -> None:  # type: ignore[no-untyped-def]
     hang()
 

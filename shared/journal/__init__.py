@@ -1,7 +1,8 @@
 """The run journal: `<home>/events/pipeline_<run_id>.jsonl`, one event per line, one writer at a time.
 
-The writer assigns gapless seqs, writes each line with one `os.write` (flush per event: the line is in
-the OS before anyone publishes it) or, in `fsync` mode, group-commits an fsync every few milliseconds.
+The writer assigns gapless seqs, writes each event, or each batch of events, with one `os.write` (the
+lines are in the OS before anyone publishes them) or, in `fsync` mode, group-commits an fsync every few
+milliseconds.
 On open it takes an exclusive `flock`, so two writers on one journal fail loudly instead of interleaving,
 and it repairs a torn last line left by a crash. Readers use complete lines only, skip and count corrupt
 lines, and find any seq by bisecting the file (seqs grow with the offset), so resuming a long run does

@@ -1,4 +1,4 @@
-"""Writing a journal: the single writer of a run (exclusive flock), gapless seqs, one write per line,
+"""Writing a journal: the single writer of a run (exclusive flock), gapless seqs, one write per batch of lines,
 group-commit fsync when asked; a torn last line left by a crash is repaired on open; `begin_run` is
 the one way a run comes to exist."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,7 +16,7 @@ import anyio
 import msgspec
 
 from ..errors import JournalBusy, JournalError, JournalFenced, RunEnded
-from ..events import PIPELINE_STAGE, Event, event_to_json_line, is_terminal, is_valid_stage_name, now_timestamp
+from ..events import PIPELINE_STAGE, TERMINAL_KINDS, Event, EventDraft, json_encoder, is_valid_stage_name, now_timestamp
 from .files import BISECT_WINDOW, Durability, fsync_path, journal_path, log, stats
 from .reader import JournalReader
 
@@ -128,44 +129,74 @@ class JournalWriter:
 
     def append(self, stage: str, event: str, msg: str = "", data: dict[str, Any] | None = None) -> Event:
         """Write the next event (seq = last + 1) in one write; return it. Raises RunEnded after a terminal."""
+        return self.append_many(((stage, event, msg, data),))[0]
+
+    def append_many(self, drafts: Sequence[EventDraft]) -> list[Event]:
+        """Write the next events, (stage, event, msg, data) each, with gapless seqs in ONE write; return them.
+
+        They share one timestamp (they reach the journal at one instant; formatting it once is part of
+        what makes a batch cheap). All or nothing: a draft that is refused (a bad stage name, an event
+        after the run's terminal one, data that cannot be encoded) writes none of the batch, and a batch
+        that fails the fence check after its write is not part of the journal: none of it may be
+        published. A reader sees the batch's lines appear together (one write), never a torn line."""
         if self._fd is None:
             raise JournalError(f"journal {self.path} is closed")
-        if stage not in self._valid_stages:
-            if not is_valid_stage_name(stage):
-                raise JournalError(f"invalid stage name {stage!r} for run {self.run_id}: no '/', 1-128 chars")
-            if len(self._valid_stages) < 1024:
-                self._valid_stages.add(stage)
+        if not drafts:
+            return []
         if self.ended:
+            stage, event = drafts[0][0], drafts[0][1]
             raise RunEnded(f"run {self.run_id} has ended; {stage}/{event} not appended to {self.path}")
         if self.fenced:
+            stage, event = drafts[0][0], drafts[0][1]
             raise JournalFenced(f"run {self.run_id}: {stage}/{event} not written: this writer was fenced off {self.path}")
-        ev = Event(
-            run_id=self.run_id,
-            seq=self.last_seq + 1,
-            timestamp=now_timestamp(self.tz),
-            stage=stage,
-            event=event,  # type: ignore[arg-type]
-            msg=msg,
-            data=data,
-        )
+        run_id = self.run_id
+        timestamp = now_timestamp(self.tz)
+        valid = self._valid_stages
+        seq = self.last_seq
+        ended = False
+        events: list[Event] = []
+        for stage, event, msg, data in drafts:
+            if stage not in valid:
+                self._check_stage(stage)
+            if ended:
+                raise RunEnded(
+                    f"run {run_id}: {stage}/{event} follows the terminal event in one batch; "
+                    f"none of the batch appended to {self.path}"
+                )
+            seq += 1
+            events.append(Event(run_id, seq, timestamp, stage, event, msg, data))  # type: ignore[arg-type]
+            if stage == PIPELINE_STAGE and event in TERMINAL_KINDS:
+                ended = True
         try:
-            line = event_to_json_line(ev)
+            lines = _encode_lines(events)
         except (TypeError, msgspec.EncodeError) as e:
-            raise JournalError(f"event {stage}/{event} of run {self.run_id} cannot be encoded: {e}") from e
-        self._write_line(line)
-        # Checked after the write and before anyone publishes the event: a fence renames the path to
-        # a new file first and copies this one after, so an event that passes here is in that copy,
-        # and one written after the fence is refused here and never published.
+            bad = _first_unencodable(events)
+            raise JournalError(
+                f"event {bad.stage}/{bad.event} of run {run_id} cannot be encoded: {e}"
+                + (f"; none of its batch of {len(events)} appended" if len(events) > 1 else "")
+            ) from e
+        self._write(lines)
+        # Checked after the write and before anyone publishes the events: a fence renames the path to
+        # a new file first and copies this one after, so a batch that passes here is in that copy,
+        # and one written after the fence is refused here and never published. Once per batch: the
+        # batch is one write, so it is in the copy whole or not at all.
         if not self.owns_path():
             self.fenced = True
+            first, last = events[0], events[-1]
+            what = f"{first.stage}/{first.event} seq {first.seq}" + (f"..{last.seq}" if len(events) > 1 else "")
             raise JournalFenced(
-                f"run {self.run_id}: {self.path} no longer names the file this writer holds: the run was "
-                f"ended in its place (fenced); {stage}/{event} seq {ev.seq} is not part of the journal"
+                f"run {run_id}: {self.path} no longer names the file this writer holds: the run was "
+                f"ended in its place (fenced); {what} is not part of the journal"
             )
-        self.last_seq = ev.seq
-        if is_terminal(stage, event):
-            self.ended = True
-        return ev
+        self.last_seq = seq
+        self.ended = ended
+        return events
+
+    def _check_stage(self, stage: str) -> None:
+        if not is_valid_stage_name(stage):
+            raise JournalError(f"invalid stage name {stage!r} for run {self.run_id}: no '/', 1-128 chars")
+        if len(self._valid_stages) < 1024:
+            self._valid_stages.add(stage)
 
     def owns_path(self) -> bool:
         """Does the journal's path still name the file this writer holds? (One stat, ~1 us.)"""
@@ -175,11 +206,11 @@ class JournalWriter:
             return False
         return (st.st_ino, st.st_dev) == self._ident
 
-    def _write_line(self, line: bytes) -> None:
+    def _write(self, line: bytes) -> None:
         assert self._fd is not None
         written = 0
         try:
-            written = os.write(self._fd, line)  # the whole line, nearly always: no loop, no view
+            written = os.write(self._fd, line)  # the whole batch, nearly always: no loop, no view
             if written == len(line):
                 return
             view = memoryview(line)
@@ -187,7 +218,7 @@ class JournalWriter:
                 written += os.write(self._fd, view[written:])
         except OSError as e:
             if written:
-                # never leave half a line behind: cut it off again
+                # never leave part of a batch behind: cut it off again
                 size = os.fstat(self._fd).st_size
                 os.ftruncate(self._fd, size - written)
             raise JournalError(f"cannot append to journal {self.path}: {e.strerror}") from e
@@ -219,6 +250,18 @@ class JournalWriter:
                     done.set()
             else:
                 await self._sync_done.wait()
+
+
+_encode_lines = json_encoder.encode_lines  # newline-delimited JSON: the journal's lines, each ending in \n
+
+
+def _first_unencodable(events: list[Event]) -> Event:
+    for ev in events:
+        try:
+            json_encoder.encode(ev)
+        except (TypeError, msgspec.EncodeError):
+            return ev
+    return events[0]
 
 
 def _repair_torn_tail(fd: int, path: Path) -> None:
