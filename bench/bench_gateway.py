@@ -422,7 +422,7 @@ async def idle(b: Bench, n: int) -> dict[str, float]:
         await anyio.sleep(0.5)
         before = b.rss_kb()
         sockets = []
-        for i in range(n):
+        for _ in range(n):
             ws = await http.ws_connect(f"{b.ws}/ws/events", compress=0)
             await ws.receive()  # hello
             sockets.append(ws)

@@ -39,7 +39,7 @@ def bench_append(tmp: Path, n: int) -> tuple[int, float]:
     w = JournalWriter.create(tmp, new_run_id("b"), TZ)
     try:
         t0 = time.perf_counter()
-        for i in range(n):
+        for _ in range(n):
             w.append("translator", "log", "a line of output from the stage", DATA)
         return n, time.perf_counter() - t0
     finally:

@@ -112,7 +112,7 @@ class Tally:
             first, last = f.events[0], f.events[-1]
             if len(f.events) > 1:  # each event's seq in a frame follows the last one's
                 seqs = [e.seq for e in f.events]
-                if any(b != a + 1 for a, b in zip(seqs, seqs[1:])):
+                if any(b != a + 1 for a, b in zip(seqs, seqs[1:], strict=False)):
                     self.gaps += 1
         else:
             r = _raw_frame.decode(data)
@@ -230,7 +230,7 @@ async def _worker(kind: str, url: str, clients: int, timed: int, timeout: float,
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         async with anyio.create_task_group() as tg:
             tg.start_soon(announce)
-            for tally, ev in zip(tallies, events):
+            for tally, ev in zip(tallies, events, strict=True):
                 if kind == "ws":
                     tg.start_soon(lambda t=tally, e=ev: ws_client(http, url, t, e, runwire=not plain, timeout=timeout))
                 elif kind == "sse":

@@ -58,7 +58,7 @@ class _Workers:
                 [sys.executable, "-m", "bench.e2e_clients", spec.kind, spec.url, "--clients", str(n), "--timed", str(t),
                  "--timeout", str(timeout), "--first-seq", str(spec.first_seq), *(["--plain"] if spec.plain else []), *(["--uvloop"] if spec.uvloop else [])],
                 stdout=subprocess.PIPE, env=ENV, cwd=str(REPO), text=True)
-            for n, t in zip(shares, timed) if n
+            for n, t in zip(shares, timed, strict=True) if n
         ]
 
     async def connected(self) -> None:
@@ -126,7 +126,7 @@ async def one_run(system: System, rate: float, count: int, specs: list[Clients],
     out: dict[str, Any] = {"rate": rate, "count": count, "wall_s": wall, "cpu_s": cpu,
                            "cpu_us_per_event": {k: v / count * 1e6 for k, v in cpu.items()},
                            "peak_rss_mb": {name: peak_rss_kb(pid) / 1024 for name, pid in pids.items()}}
-    for spec, r in zip(specs, results):
+    for spec, r in zip(specs, results, strict=True):
         out[spec.kind] = _client_figures(r)
     return out
 

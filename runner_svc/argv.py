@@ -23,7 +23,7 @@ def _text(value: Any) -> str:
 def fill_argv(argv: list[str], values: dict[str, Any]) -> list[str]:
     out = []
     for i, arg in enumerate(argv):
-        def sub(m: re.Match[str]) -> str:
+        def sub(m: re.Match[str], i: int = i, arg: str = arg) -> str:  # called at once, in this iteration
             if m.group(1) is not None:
                 return "{" + m.group(1) + "}"
             name = m.group(2)

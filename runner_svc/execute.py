@@ -21,8 +21,8 @@ from shared.events import Event, EventDraft
 from shared.outputs import first_match, missing_outputs
 from shared.stage import STAGE_INFO_ENV, CountersMessage, LogMessage, MetricMessage, StageInfo, StageMessage, info_to_env
 
-from .argv import fill_argv
 from . import child
+from .argv import fill_argv
 from .child import RUNNER_PID_ENV
 from .logcap import LogCap
 from .procs import RUN_ID_ENV

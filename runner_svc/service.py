@@ -25,14 +25,13 @@ from shared.dispatch import (
     RunFinished,
     RunnerStatus,
     RunRejected,
+    encode as encode_dispatch,
     from_scheduler_decoder,
 )
-from shared.dispatch import encode as encode_dispatch
 from shared.errors import BadParams, JournalError, RunwireError, UnknownPipeline
 from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id
-from shared.journal import JournalWriter
-from shared.journal import stats_fields as journal_stats_fields
+from shared.journal import JournalWriter, stats_fields as journal_stats_fields
 from shared.params import resolve_params
 from shared.procs import kill_run_processes
 from shared.values import DECODE_ERRORS

@@ -1,6 +1,7 @@
 """One stage process from spawn to end: its own process group, output read line by line, stage
-messages read from a socket pair (both handed on in batches: all that one wake-up found), timeout and success-marker handling, and a group that is always
-ended (TERM, grace, KILL) before this returns, whether the stage exited, timed out or was cancelled."""
+messages read from a socket pair (both handed on in batches: all that one wake-up found), timeout and
+success-marker handling, and a group that is always ended (TERM, grace, KILL) before this returns,
+whether the stage exited, timed out or was cancelled."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import anyio
 from anyio.abc import ByteReceiveStream
 
 from shared.stage import STAGE_FD_ENV, StageMessage, stage_message_decoder
+from shared.values import DECODE_ERRORS
 
 from .procs import end_group
-from shared.values import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,8 @@ async def run_process(
             # the readers end at EOF; a process outside the group holding a pipe must not hang the stage
             readers.cancel_scope.deadline = anyio.current_time() + DRAIN_TIMEOUT
         if readers.cancel_scope.cancelled_caught:
-            await on_note(f"output still open {DRAIN_TIMEOUT:g}s after the stage ended (held by a process outside its group): stopped reading")
+            await on_note(f"output still open {DRAIN_TIMEOUT:g}s after the stage ended "
+                          "(held by a process outside its group): stopped reading")
     finally:
         with anyio.CancelScope(shield=True):
             if proc.returncode is None or result.returncode is None:

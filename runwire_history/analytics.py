@@ -176,7 +176,8 @@ def history(archive_dir: Path, q: Query) -> dict[str, Any]:
         "previous_window": {"from": _iso(prev_us), "to": _iso(start_us)},
         "summary": summary, "stages": stage_rows, "items": item_list,
         "slowest_items": slowest, "failing_items": failing,
-        "skipped_slots": {"count": len(reasons), "by_reason": [{"reason": k, "count": n} for k, n in sorted(by_kind.items(), key=lambda kv: -kv[1])],
+        "skipped_slots": {"count": len(reasons),
+                          "by_reason": [{"reason": k, "count": n} for k, n in sorted(by_kind.items(), key=lambda kv: -kv[1])],
                           "recent": recent_slots},
         "recent_runs": recent_list,
     }

@@ -255,7 +255,7 @@ class Archive:
         us = table["run_ts"].cast(pa.int64()).to_pylist()
         stages, kinds = table["stage"].to_pylist(), table["event"].to_pylist()
         runs: dict[str, list] = {}
-        for rid, u, stage, kind in zip(ids, us, stages, kinds):
+        for rid, u, stage, kind in zip(ids, us, stages, kinds, strict=True):
             entry = runs.setdefault(rid, [u, ""])
             if stage == "pipeline" and kind in ("success", "failure", "cancelled"):
                 entry[1] = kind

@@ -236,11 +236,10 @@ class Trio:
         self.faults[f"{name} SIGSTOP"] += 1
         try:
             await anyio.sleep(rng.uniform(1.0, 8.0))
-        finally:
-            with anyio.CancelScope(shield=True):
-                os.kill(svc.pid, signal.SIGCONT)
-                self.stopped.discard(name)
-                self.down.append(Interval(name, "stop", t, time.time()))
+        finally:  # no await here: a cancel cannot skip the SIGCONT
+            os.kill(svc.pid, signal.SIGCONT)
+            self.stopped.discard(name)
+            self.down.append(Interval(name, "stop", t, time.time()))
 
     def end_all(self) -> list[str]:
         """Every process this run started: services (woken first), then stage leftovers of this home."""

@@ -18,8 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 import zmq
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 
 from shared.journal import JournalReader, journal_path
 from tests.harness import SLEEP_PIPELINE, Ports, Service, write_config

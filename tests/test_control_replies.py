@@ -18,8 +18,24 @@ import zmq.asyncio
 from scheduler_svc.runs import RunRecord
 from shared import replies
 from shared.control import (
-    AnyRequest, Backfill, Cancel, ControlClient, GetRun, Identity, Launch, ListBackfills, ListRuns, ListSchedules, Pause,
-    Probe, Reply, Request, Rerun, Resume, encode, serve_requests,
+    AnyRequest,
+    Backfill,
+    Cancel,
+    ControlClient,
+    GetRun,
+    Identity,
+    Launch,
+    ListBackfills,
+    ListRuns,
+    ListSchedules,
+    Pause,
+    Probe,
+    Reply,
+    Request,
+    Rerun,
+    Resume,
+    encode,
+    serve_requests,
 )
 from shared.errors import BadReply, InternalError
 

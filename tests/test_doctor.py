@@ -11,9 +11,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from runner_svc.control import PROBES_KEPT
-from shared.ids import PROBE_PREFIX
 from shared.config import load_settings
-from shared.ids import new_run_id
+from shared.ids import PROBE_PREFIX, new_run_id
 from shared.journal import JournalWriter, begin_run, journal_path, list_run_ids
 from tests.harness import Service, write_config
 

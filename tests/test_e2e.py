@@ -87,7 +87,7 @@ async def _run_demo(cfg: Path, ports: Ports, settings: Settings, log: Path, log_
             proc.wait(30)  # honcho's own status after a Ctrl-C is not 0; each service's is checked below
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"honcho did not stop on Ctrl-C:\n{log.read_text(errors='replace')[-3000:]}")
+            raise AssertionError(f"honcho did not stop on Ctrl-C:\n{log.read_text(errors='replace')[-3000:]}") from None
     output = log.read_text(errors="replace")
     for name in ("scheduler", "runner", "gateway"):
         assert f"{name}.1 stopped (rc=0)" in output, output[-3000:]  # a clean exit on Ctrl-C, not a kill

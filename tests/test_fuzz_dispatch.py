@@ -13,8 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 import zmq
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 
 from shared.dispatch import RunAccepted, RunFinished, RunnerStatus, RunRejected, encode
 from tests.fuzzing import (

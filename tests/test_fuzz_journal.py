@@ -14,8 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from shared import journal
 from shared.events import Event, event_to_json_line

@@ -54,7 +54,7 @@ def archived_rows(archive_dir: Path) -> list[tuple[str, int]]:
     rows: list[tuple[str, int]] = []
     for name in names:
         t = pq.read_table(archive_dir / name, columns=["run_id", "seq"])
-        rows += list(zip(t["run_id"].to_pylist(), t["seq"].to_pylist()))
+        rows += list(zip(t["run_id"].to_pylist(), t["seq"].to_pylist(), strict=True))
     return rows
 
 

@@ -14,12 +14,12 @@ import msgspec
 import pytest
 import zmq
 
+from runner_svc.publish import Publisher, RunJournal
 from shared.errors import JournalError, JournalFenced, RunEnded
 from shared.events import json_decoder, msgpack_decoder
 from shared.fence import fenced_writer
 from shared.journal import JournalWriter, journal_path, read_events
 from shared.wire import Heartbeat
-from runner_svc.publish import Publisher, RunJournal
 
 UTC = ZoneInfo("UTC")
 RUN = "batch-run"

@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from shared.runstate import fold, open_stages
 from shared.dispatch import RunAccepted, RunFinished, RunnerStatus, RunRejected
 from shared.events import Event
 from shared.journal import JournalWriter, journal_path
+from shared.runstate import fold, open_stages
 from tests.runner_peer import RunnerRig, journal, queue_run, wait_gone, wait_journal_terminal
 from tests.test_runner_stages import pids_from_logs
 
@@ -172,8 +172,8 @@ def test_capacity_rejects_the_run_beyond_it(rig: RunnerRig) -> None:
 
 
 def test_heartbeat_carries_each_active_runs_last_seq(rig: RunnerRig) -> None:
-    from tests.runner_peer import EventSub
     from shared.wire import decode_heartbeat_payload
+    from tests.runner_peer import EventSub
 
     run_id, _ = start_hanging(rig)
     hb_sub = EventSub(rig.ports.publish, topic=b"hb/")
@@ -199,8 +199,8 @@ def test_heartbeat_carries_each_active_runs_last_seq(rig: RunnerRig) -> None:
 def test_heartbeats_list_an_ended_run_and_say_when_the_runner_stops(rig: RunnerRig) -> None:
     """A subscriber that lost a run's last events, terminal included, learns of them from the next
     heartbeats (ended runs stay listed for a while); a clean stop ends with a `stopping` heartbeat."""
-    from tests.runner_peer import EventSub
     from shared.wire import decode_heartbeat_payload
+    from tests.runner_peer import EventSub
 
     run_id, _ = start_hanging(rig)
     rig.sched.cancel(run_id)

@@ -20,9 +20,9 @@ import zmq.asyncio
 from shared.config import load_settings
 from shared.control import Cancel, ControlClient, GetRun, Identity, Launch, ListRuns, ListSchedules, Pause, Resume
 from shared.errors import BadParams, Conflict, InvalidRunId, NotFound, ProtocolError, UnknownPipeline
-from shared.runstate import fold, open_stages
 from shared.journal import read_events
 from shared.replies import RunDetail
+from shared.runstate import fold, open_stages
 from shared.wire import decode_event_payload, decode_heartbeat_payload
 from tests.harness import SLEEP_PIPELINE, Service, write_config
 

@@ -28,7 +28,13 @@ from scheduler_svc.runs import RunRecord
 from scheduler_svc.silence import JudgeClock
 from shared.config import load_settings
 from shared.dispatch import (
-    DispatchRun, FromScheduler, ReleaseRun, RunAccepted, RunFinished, RunnerStatus, RunRejected,
+    DispatchRun,
+    FromScheduler,
+    ReleaseRun,
+    RunAccepted,
+    RunFinished,
+    RunnerStatus,
+    RunRejected,
 )
 from shared.events import Event
 from shared.journal import JournalWriter, begin_run

@@ -16,7 +16,7 @@ import anyio
 import msgspec
 
 from ..errors import JournalBusy, JournalError, JournalFenced, RunEnded
-from ..events import PIPELINE_STAGE, TERMINAL_KINDS, Event, EventDraft, json_encoder, is_valid_stage_name, now_timestamp
+from ..events import PIPELINE_STAGE, TERMINAL_KINDS, Event, EventDraft, is_valid_stage_name, json_encoder, now_timestamp
 from .files import BISECT_WINDOW, Durability, fsync_path, journal_path, log, stats
 from .reader import JournalReader
 
