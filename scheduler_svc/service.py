@@ -3,7 +3,8 @@ start. It builds its parts and hands each only what it uses: the run book (`runb
 active runs, runners, and their transitions), `journaling` (its own journal writes, publishing, and
 the one task that writes the ends other parts send it), `dispatcher` (queue -> runners), `runners`
 (runner messages, runner lost), `control` + `launches` (control requests), `retention` (old ended
-runs) and `schedules.ScheduleDriver` (schedules, on a clock it is given).
+runs), `schedules.ScheduleDriver` (schedules, on a clock it is given) and `alerts` (webhooks on ends
+and long runs: the book tells it of each end).
 
 Ownership of a run's journal: the scheduler writes `queued` (begin_run), hands the journal over with
 `DispatchRun`, and takes it back only to write an end the runner cannot write (runner lost, cancel while
@@ -28,6 +29,8 @@ from shared.errors import BindError
 from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
 
+from .alert_rules import rules_of, run_link_base
+from .alerts import Alerts
 from .clock import Clock
 from .control import ControlHandler
 from .dispatcher import Dispatcher
@@ -38,7 +41,7 @@ from .runbook import RunBook
 from .runners import RunnerTracker
 from .runs import RunRecord, scan_journals
 from .schedules import ScheduleDriver
-from .state import StateStore
+from .state import AlertStore, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,9 @@ class Scheduler:
         self.launches = Launches(book, settings, state, self.journaling)
         self.control = ControlHandler(book, settings, self.launches, self.schedules, self.journaling,
                                       self.tracker.send, self.dispatcher.wait_reason, self.tracker.clock.now)
+        self.alerts = Alerts(rules_of(cfg.alerts), AlertStore(state), book, journal_dir, settings.home,
+                             run_link_base(cfg.gateway))
+        book.on_end = self.alerts.notice
         self.retention = Retention(book, journal_dir, settings.reports_dir, cfg.scheduler.keep_days,
                                    archive_dir_of(settings.home))
 
@@ -81,6 +87,7 @@ class Scheduler:
             await self._recover()
             async with anyio.create_task_group() as tg:
                 await tg.start(self.journaling.write_ends, self._ends_in)
+                await tg.start(self.alerts.run)
                 tg.start_soon(serve_requests, control, self.control.handle, f"scheduler.control {c.control}")
                 tg.start_soon(self.tracker.receive)
                 tg.start_soon(self.dispatcher.run)
@@ -125,13 +132,13 @@ class Scheduler:
         records = await anyio.to_thread.run_sync(self._read_journals)
         book = self.book
         now = time.monotonic()
-        ended: list[str] = []
+        ended: list[RunRecord] = []
         requeued = adopted = 0
         for rec in records:
             if rec.ended:
                 book.record(rec)
                 if rec.run_id in assignments:
-                    ended.append(rec.run_id)
+                    ended.append(rec)  # dispatched by an earlier start (and ended meanwhile, maybe while down)
                 continue
             assigned = assignments.get(rec.run_id)
             if rec.phase == "queued" and assigned is None:
@@ -145,7 +152,8 @@ class Scheduler:
                 rec.attempt = max(rec.attempt, assigned[1])
             book.restore_active(rec, book.runner(rec.runner or "(unknown runner)", last_seen=now), now)
             adopted += 1
-        self.state.forget_sync(ended)
+        self.state.forget_sync([rec.run_id for rec in ended])
+        self.alerts.catch_up(ended, time.time())
         log.info("recovered %d runs from %s: %d queued, %d dispatched or running (awaiting their runners: %s)",
                  len(records), self.journal_dir, requeued, adopted, ", ".join(sorted(book.runners)) or "none")
 
