@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from .alertlog import AlertView
 from .events import Event
 from .replies import RunDetail, ScheduleInfo
 from .runstate import RunStatus, StageState
@@ -44,6 +45,7 @@ class RunPage(RunView, kw_only=True):
 
     stages: list[StageState]
     scheduler: RunDetail | None = None  # the scheduler's GetRun answer, for a run not ended
+    alerts: list[AlertView] = []  # its alert deliveries (<home>/alerts/<run_id>.jsonl), each by its latest attempt
 
 
 class EventsPage(msgspec.Struct, kw_only=True):
