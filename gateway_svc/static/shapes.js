@@ -12,3 +12,5 @@ export const PIPELINE_FIELDS = ["name", "description", "stages", "params"]; // P
 export const PARAM_FIELDS = ["name", "type", "default", "choices", "description"]; // ParamView
 export const SCHEDULES_PAGE_FIELDS = ["schedules"]; // SchedulesPage
 export const SCHEDULE_FIELDS = ["name", "pipeline", "spec", "timezone", "enabled", "next_fire"]; // ScheduleInfo
+export const RUN_ALERTS_FIELDS = ["alerts"]; // RunPage (its alert deliveries: gateway_svc/static/runalerts.js)
+export const ALERT_FIELDS = ["alert", "kind", "outcome", "attempts", "status", "error", "time"]; // AlertView
