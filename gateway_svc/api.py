@@ -21,7 +21,10 @@ GET /api/runs/{run_id}
          "ended_at", "msg", "last_seq", "waiting" (as above),
          "stages": [StageState, ...]   (the pipeline's stages in config order, then any others seen),
          "scheduler": {...} | null     (the scheduler's GetRun answer for a run not ended, when it answers),
-         "reruns": [run_id, ...]       (runs whose queued event names this one as rerun_of, oldest first)}
+         "reruns": [run_id, ...]       (runs whose queued event names this one as rerun_of, oldest first),
+         "alerts": [AlertView, ...]    (its alert webhooks, from <home>/alerts/<run_id>.jsonl)}
+    AlertView = {"id": str, "alert": str, "kind": str, "outcome": "sent"|"retrying"|"failed",
+                 "attempts": int, "status": int|null (HTTP), "error": str|null, "time": str}  (latest attempt)
     StageState = {"name": str, "status": "pending"|"running"|"success"|"failure"|"skipped"|"cancelled",
                   "started_at": str|null, "ended_at": str|null, "msg": str,
                   "metrics": {...latest metric data...},
@@ -59,6 +62,7 @@ import anyio
 import msgspec
 from aiohttp import web
 
+from shared.alertlog import read_attempts, summarize
 from shared.config import Settings
 from shared.control import (
     Cancel, ControlClient, GetRun, Launch, ListRuns, ListSchedules, Pause, Request, Resume, check_idempotency_key,
@@ -178,6 +182,7 @@ async def get_run(request: web.Request) -> web.Response:
         index.remember_detail(state)
     page = _page(settings, state)
     page.reruns = index.reruns_of(run_id)
+    page.alerts = summarize(await anyio.to_thread.run_sync(read_attempts, settings.home, run_id))
     if not state.ended:
         page.scheduler = await _scheduler_aside(request, GetRun(run_id=run_id))
         page.waiting = page.scheduler.waiting if page.scheduler is not None else None

@@ -120,7 +120,7 @@ class Journaling:
         events = await anyio.to_thread.run_sync(self._skipped_sync, pipeline, params, trigger, run_id, reason)
         rec = record_from_queued(events[0])
         rec.end(events[-1])
-        self.book.record(rec)
+        self.book.record(rec, just_ended=True)
         for ev in events:
             await self.publish(ev)
         self.recently_ended.add(rec.run_id, events[-1].seq)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -65,6 +65,9 @@ class RunBook:
         self.runners: dict[str, RunnerInfo] = {}
         self._dirty = False  # changed since the dispatcher last looked
         self._woken: anyio.Event | None = None  # made when awaited: the book is built outside the event loop too
+        # told of each run that ends from here on (finish, end, a skipped slot; not runs read at start):
+        # the alerts' channel (it only queues, never blocks a transition)
+        self.on_end: Callable[[RunRecord], None] | None = None
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -123,13 +126,20 @@ class RunBook:
         if rec.runner and rec.runner in self.runners:
             self.runners[rec.runner].runs.discard(rec.run_id)
 
-    def record(self, rec: RunRecord) -> None:
-        """A new run: queued (not yet dispatchable: see `enqueue`) or already ended (a skipped slot)."""
+    def _ended(self, rec: RunRecord) -> None:
+        if self.on_end is not None:
+            self.on_end(rec)
+
+    def record(self, rec: RunRecord, *, just_ended: bool = False) -> None:
+        """A new run: queued (not yet dispatchable: see `enqueue`) or already ended (a skipped slot, which
+        `just_ended` announces; a run read from its journal at start is not)."""
         if rec.phase not in ("queued", "ended"):
             raise TransitionError(f"run {rec.run_id}: recorded in phase {rec.phase!r} (a new run is queued or ended)")
         if rec.run_id in self.runs:
             raise TransitionError(f"run {rec.run_id}: recorded twice")
         self.runs[rec.run_id] = rec
+        if just_ended and rec.phase == "ended":
+            self._ended(rec)
 
     def enqueue(self, rec: RunRecord) -> None:
         """A recorded queued run may be dispatched from now on."""
@@ -210,6 +220,7 @@ class RunBook:
         """ending -> ended: the end the scheduler wrote (or found) is in the journal."""
         self._check(rec, "end", ("ending",))
         rec.end(terminal)
+        self._ended(rec)
 
     def finish(self, rec: RunRecord, terminal: Event | None, outcome: str) -> None:
         """active -> ended by its runner: `terminal` from the journal (None: the journal has none,
@@ -222,6 +233,7 @@ class RunBook:
             rec.set_phase("ended")
             rec.outcome = outcome
         self.changed()
+        self._ended(rec)
 
     def forget(self, rec: RunRecord) -> None:
         """An ended run whose journal was removed (retention), or one being ended whose journal vanished."""

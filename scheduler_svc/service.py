@@ -3,8 +3,9 @@ start. It builds its parts and hands each only what it uses: the run book (`runb
 active runs, runners, and their transitions), `journaling` (its own journal writes, publishing, and
 the one task that writes the ends other parts send it), `dispatcher` (queue -> runners), `runners`
 (runner messages, runner lost), `control` + `launches` + `reruns` + `backfills` (control requests; the
-backfills' meter is a task of its own), `retention` (old ended
-runs) and `schedules.ScheduleDriver` (schedules, on a clock it is given).
+backfills' meter is a task of its own), `retention` (old ended runs), `schedules.ScheduleDriver`
+(schedules, on a clock it is given) and `alerts` (webhooks on ends and long runs: the book tells it of
+each end).
 
 Ownership of a run's journal: the scheduler writes `queued` (begin_run), hands the journal over with
 `DispatchRun`, and takes it back only to write an end the runner cannot write (runner lost, cancel while
@@ -29,6 +30,8 @@ from shared.errors import BindError
 from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
 
+from .alert_rules import rules_of, run_link_base
+from .alerts import Alerts
 from .backfills import Backfills
 from .clock import Clock
 from .control import ControlHandler
@@ -41,7 +44,7 @@ from .runbook import RunBook
 from .runners import RunnerTracker
 from .runs import RunRecord, scan_journals
 from .schedules import ScheduleDriver
-from .state import StateStore
+from .state import AlertStore, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,9 @@ class Scheduler:
         self.control = ControlHandler(book, settings, self.launches, self.schedules, self.journaling,
                                       self.tracker.send, self.dispatcher.wait_reason, self.tracker.clock.now,
                                       Reruns(book, settings, self.journaling), self.backfills)
+        self.alerts = Alerts(rules_of(cfg.alerts), AlertStore(state), book, journal_dir, settings.home,
+                             run_link_base(cfg.gateway))
+        book.on_end = self.alerts.notice
         self.retention = Retention(book, journal_dir, settings.reports_dir, cfg.scheduler.keep_days,
                                    archive_dir_of(settings.home))
 
@@ -86,6 +92,7 @@ class Scheduler:
             await self._recover()
             async with anyio.create_task_group() as tg:
                 await tg.start(self.journaling.write_ends, self._ends_in)
+                await tg.start(self.alerts.run)
                 tg.start_soon(serve_requests, control, self.control.handle, f"scheduler.control {c.control}")
                 tg.start_soon(self.tracker.receive)
                 tg.start_soon(self.dispatcher.run)
@@ -131,13 +138,13 @@ class Scheduler:
         records = await anyio.to_thread.run_sync(self._read_journals)
         book = self.book
         now = time.monotonic()
-        ended: list[str] = []
+        ended: list[RunRecord] = []
         requeued = adopted = 0
         for rec in records:
             if rec.ended:
                 book.record(rec)
                 if rec.run_id in assignments:
-                    ended.append(rec.run_id)
+                    ended.append(rec)  # dispatched by an earlier start (and ended meanwhile, maybe while down)
                 continue
             assigned = assignments.get(rec.run_id)
             if rec.phase == "queued" and assigned is None:
@@ -151,7 +158,8 @@ class Scheduler:
                 rec.attempt = max(rec.attempt, assigned[1])
             book.restore_active(rec, book.runner(rec.runner or "(unknown runner)", last_seen=now), now)
             adopted += 1
-        self.state.forget_sync(ended)
+        self.state.forget_sync([rec.run_id for rec in ended])
+        self.alerts.catch_up(ended, time.time())
         log.info("recovered %d runs from %s: %d queued, %d dispatched or running (awaiting their runners: %s)",
                  len(records), self.journal_dir, requeued, adopted, ", ".join(sorted(book.runners)) or "none")
 

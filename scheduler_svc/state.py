@@ -1,8 +1,9 @@
 """The scheduler's small durable state in `<home>/state/scheduler.sqlite3`: pause flags, the last slot
 evaluated per schedule, the fire-at-start marker, run -> (runner, attempt) assignments, launch
 idempotency keys -> run id for a day (each key is also in its run's `queued` event, which stays the truth),
-and backfills: each one's window and plan (slot -> run id, fixed when it is made) and which of its runs
-are queued, so a restarted scheduler carries on with the rest and never makes a slot's run twice.
+backfills: each one's window and plan (slot -> run id, fixed when it is made) and which of its runs
+are queued, so a restarted scheduler carries on with the rest and never makes a slot's run twice; and
+alert deliveries (pending ones, and for a week those done: scheduler_svc/alerts.py).
 
 Journals remain the truth for whether a run exists and how it ended; this holds only what journals do
 not say. stdlib sqlite3 in WAL mode with synchronous=FULL: every commit is durable when it returns,
@@ -62,6 +63,16 @@ CREATE TABLE IF NOT EXISTS backfill_runs (
     reason TEXT NOT NULL,
     queued INTEGER NOT NULL DEFAULT 0,  -- 1 once its journal exists (the journal is the truth; this saves a look)
     PRIMARY KEY (backfill_id, pos)
+);
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    id TEXT PRIMARY KEY,       -- <run_id>.<alert>.<kind>: one delivery per run, alert and kind, ever
+    run_id TEXT NOT NULL,
+    alert TEXT NOT NULL,
+    payload TEXT NOT NULL,     -- the JSON body, as POSTed on every attempt
+    attempts INTEGER NOT NULL, -- attempts begun (counted before each POST)
+    next_at REAL NOT NULL,     -- unix time of the next attempt
+    state TEXT NOT NULL,       -- pending | sent | failed (kept a week: a delivery is never made twice)
+    updated_at REAL NOT NULL
 );
 """
 
@@ -219,3 +230,43 @@ class StateStore:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.executemany("DELETE FROM assignments WHERE run_id = ?", [(r,) for r in run_ids])
+
+
+@dataclass
+class AlertDelivery:
+    id: str
+    run_id: str
+    alert: str
+    payload: str
+    attempts: int
+    next_at: float  # unix time
+    state: str = "pending"
+
+
+class AlertStore:
+    """The alert deliveries' rows, on the state's connection and its one writer thread."""
+
+    def __init__(self, state: StateStore) -> None:
+        self._state = state
+
+    def load(self, done_since: float) -> tuple[list[AlertDelivery], set[str]]:
+        """(pending deliveries, ids of every delivery known); rows done before `done_since` are dropped."""
+        st = self._state
+        with st._lock:
+            try:
+                st._db.execute("DELETE FROM alert_deliveries WHERE state != 'pending' AND updated_at < ?", (done_since,))
+                rows = st._db.execute("SELECT id, run_id, alert, payload, attempts, next_at, state "
+                                      "FROM alert_deliveries").fetchall()
+            except sqlite3.Error as e:
+                raise StateError(f"scheduler state {st.path}: alert deliveries: {e}") from e
+        pending = [AlertDelivery(*row) for row in rows if row[6] == "pending"]
+        return pending, {row[0] for row in rows}
+
+    async def add(self, d: AlertDelivery, now: float) -> None:
+        await self._state._write("INSERT OR IGNORE INTO alert_deliveries(id, run_id, alert, payload, attempts, next_at, "
+                                 "state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 d.id, d.run_id, d.alert, d.payload, d.attempts, d.next_at, d.state, now)
+
+    async def update(self, d: AlertDelivery, now: float) -> None:
+        await self._state._write("UPDATE alert_deliveries SET attempts = ?, next_at = ?, state = ?, updated_at = ? "
+                                 "WHERE id = ?", d.attempts, d.next_at, d.state, now, d.id)

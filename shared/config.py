@@ -111,6 +111,24 @@ class ScheduleConfig(_Strict):
     overlap: Literal["skip", "queue", "allow"] = "skip"
 
 
+AlertKind = Literal["failure", "cancelled", "long_run", "skipped", "runner_lost"]
+ALERT_KINDS: tuple[str, ...] = AlertKind.__args__  # type: ignore[attr-defined]
+
+
+class AlertConfig(_Strict):
+    """`[alerts.<name>]`: a webhook POSTed on the run outcomes in `on` (scheduler_svc/alerts.py)."""
+
+    url: str  # http:// or https://
+    on: list[AlertKind]
+    pipelines: list[str] = []  # empty: every pipeline
+    long_run_after: str | None = None  # "30m": required with `long_run` in `on`
+    retries: int = 5  # attempts after the first
+    backoff: float = 2.0  # seconds before the first retry, doubled each time
+    backoff_max: float = 300.0
+    timeout: float = 10.0  # seconds per attempt
+    headers: dict[str, str] = {}
+
+
 class Config(_Strict):
     home: str = ".runwire"
     timezone: str = "UTC"
@@ -120,6 +138,12 @@ class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     pipelines: dict[str, PipelineConfig] = {}
     schedules: dict[str, ScheduleConfig] = {}
+    alerts: dict[str, AlertConfig] = {}
+
+
+# tables of named entries (section -> entry type): an error inside one is reported with the entry's name
+_NAMED_TABLES: dict[str, type[msgspec.Struct]] = {
+    "pipelines": PipelineConfig, "schedules": ScheduleConfig, "alerts": AlertConfig}
 
 
 @dataclass(frozen=True)
@@ -192,7 +216,7 @@ def settings_from_toml(data: bytes | str, path: Path) -> Settings:
         config = msgspec.toml.decode(data, type=Config)
     except msgspec.ValidationError as e:
         # msgspec says e.g. "Object contains unknown field `prot` - at `$.gateway`"
-        raise ConfigError(f"{path}: {_humanize(str(e))}") from e
+        raise ConfigError(f"{path}: {_humanize(_name_the_entry(data, str(e)))}") from e
     except msgspec.DecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     except RecursionError as e:  # tomllib parses nested arrays and inline tables recursively
@@ -206,6 +230,26 @@ def settings_from_toml(data: bytes | str, path: Path) -> Settings:
         raise ConfigError(f"{path}: {where}: not a usable directory path ({e})") from None
     token = os.environ.get(TOKEN_ENV) or None
     return Settings(config=config, path=path, home=home, token=token)
+
+
+def _name_the_entry(data: bytes | str, msg: str) -> str:
+    """msgspec says `$.alerts[...].on[0]` for a value in a table of named entries: find the entry's name."""
+    import tomllib
+
+    section = msg.rpartition("`$.")[2].partition("[...]")[0]
+    if "[...]" not in msg or section not in _NAMED_TABLES:
+        return msg
+    try:
+        entries = tomllib.loads(data if isinstance(data, str) else data.decode()).get(section, {})
+        for name, value in entries.items():
+            msgspec.convert(value, type=_NAMED_TABLES[section])
+    except msgspec.ValidationError as e:
+        found = str(e)
+        where = f"`$.{section}.{name}"
+        return found.replace("`$", where, 1) if "`$" in found else f"{found} - at {where}`"
+    except (ValueError, RecursionError, AttributeError):  # not decodable this way: keep msgspec's words
+        return msg
+    return msg
 
 
 def _humanize(msg: str) -> str:
@@ -246,6 +290,11 @@ def _validate(config: Config, path: Path) -> None:
         if not _NAME_RE.match(name):
             raise _fail(path, key, "expected a schedule name of letters, digits, '_', '.', '-'")
         _validate_schedule(path, key, schedule, config)
+    for name, alert in config.alerts.items():
+        key = f"alerts.{name}"
+        if not _NAME_RE.match(name):
+            raise _fail(path, key, "expected an alert name of letters, digits, '_', '.', '-'")
+        _validate_alert(path, key, alert, config)
 
 
 def _validate_pipeline(path: Path, key: str, pipeline: PipelineConfig) -> None:
@@ -320,6 +369,46 @@ def _validate_schedule(path: Path, key: str, schedule: ScheduleConfig, config: C
         resolve_params(config.pipelines[schedule.pipeline], schedule.params)
     except BadParams as e:
         raise _fail(path, f"{key}.params", str(e)) from None
+
+
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _validate_alert(path: Path, key: str, alert: AlertConfig, config: Config) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(alert.url)
+        url.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        raise _fail(path, f"{key}.url", f"expected an http:// or https:// URL, got {alert.url!r}: {e}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise _fail(path, f"{key}.url", f"expected an http:// or https:// URL with a host, got {alert.url!r}")
+    if not alert.on:
+        raise _fail(path, f"{key}.on", f"expected at least one of {', '.join(ALERT_KINDS)}")
+    for pipeline in alert.pipelines:
+        if pipeline not in config.pipelines:
+            known = ", ".join(sorted(config.pipelines)) or "none"
+            raise _fail(path, f"{key}.pipelines", f"expected configured pipelines ({known}), got {pipeline!r}")
+    if "long_run" in alert.on and alert.long_run_after is None:
+        raise _fail(path, f"{key}.long_run_after", "expected a duration like '30m' (required with `long_run` in `on`)")
+    if alert.long_run_after is not None:
+        if "long_run" not in alert.on:
+            raise _fail(path, f"{key}.long_run_after", "only with `long_run` in `on`")
+        try:
+            parse_duration(alert.long_run_after)
+        except ValueError as e:
+            raise _fail(path, f"{key}.long_run_after", str(e)) from None
+    if alert.retries < 0:
+        raise _fail(path, f"{key}.retries", "expected an integer >= 0")
+    for fname in ("backoff", "backoff_max", "timeout"):
+        if not getattr(alert, fname) > 0:
+            raise _fail(path, f"{key}.{fname}", "expected a number of seconds > 0")
+    if alert.backoff_max < alert.backoff:
+        raise _fail(path, f"{key}.backoff_max", "expected at least `backoff`")
+    for hname, value in alert.headers.items():
+        if not _HEADER_NAME_RE.match(hname) or any(c in value for c in "\r\n\0"):
+            raise _fail(path, f"{key}.headers", f"expected HTTP header names and single-line values (got {hname!r})")
 
 
 def endpoints_of(settings: Settings) -> dict[str, str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from .alertlog import AlertView
 from .events import Event
 from .replies import RunDetail, ScheduleInfo
 from .runstate import RunStatus, StageState
@@ -47,6 +48,7 @@ class RunPage(RunView, kw_only=True):
     stages: list[StageState]
     scheduler: RunDetail | None = None  # the scheduler's GetRun answer, for a run not ended
     reruns: list[str] = []  # the runs that repeat this one (their queued event names it as rerun_of)
+    alerts: list[AlertView] = []  # its alert deliveries (<home>/alerts/<run_id>.jsonl), each by its latest attempt
 
 
 class EventsPage(msgspec.Struct, kw_only=True):

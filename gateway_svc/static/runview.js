@@ -13,6 +13,7 @@ import { renderTimeline } from "./timeline.js";
 import { VirtualList } from "./loglist.js";
 import { cancelButton } from "./home.js";
 import { mountRerunPanel } from "./reruns.js";
+import { mountRunAlerts } from "./runalerts.js";
 import { el, setText, badge, parseTs, fmtTsWhen, fmtTsClock, tsTitle, zoneLabel, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, holeCovered, gapRange, KIND_ICON } from "./util.js";
 
 const ROW_HEIGHT = 24;
@@ -50,9 +51,10 @@ export function mountRun(root, runId) {
   const facts = el("dl", { class: "facts" });
   const runMsg = el("p", { class: "run-msg" });
   const gapBanner = el("div", { class: "run-banner", id: "journal-gap", role: "alert", hidden: true });
+  const alertsBox = el("ul", { id: "run-alerts" }); mountRunAlerts(alertsBox, runId); // its own module and element
   const header = el("section", { class: "card run-head" },
     el("div", { class: "run-title" }, el("a", { href: "#/", class: "back" }, "← runs"), title, statusBox, actions),
-    facts, runMsg, gapBanner);
+    facts, runMsg, gapBanner, alertsBox);
 
   const timelineBox = el("div", { class: "timeline", id: "timeline" });
   const metricsBox = el("div", { class: "metrics", id: "metrics" });

@@ -16,3 +16,5 @@ export const RERUN_LINK_FIELDS = ["status", "rerun_of", "from_stage", "reruns"];
 export const RERUN_RESULT_FIELDS = ["run_id", "from_stage", "skipped_stages"]; // RerunResult
 export const BACKFILL_LIST_FIELDS = ["backfills"]; // BackfillList
 export const BACKFILL_FIELDS = ["backfill_id", "schedule", "start", "end", "policy", "max_parallel", "done", "total", "pending", "queued", "running", "success", "failure", "cancelled"]; // BackfillProgress
+export const RUN_ALERTS_FIELDS = ["alerts"]; // RunPage (its alert deliveries: gateway_svc/static/runalerts.js)
+export const ALERT_FIELDS = ["alert", "kind", "outcome", "attempts", "status", "error", "time"]; // AlertView
