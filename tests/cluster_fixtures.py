@@ -118,9 +118,10 @@ class NatsCluster:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until a stream with 3 replicas can be made: routes up, a meta leader, every peer current."""
-        asyncio.run(self._wait_ready(timeout))
+        asyncio.run(self.ready(timeout))
 
-    async def _wait_ready(self, timeout: float) -> None:
+    async def ready(self, timeout: float = 60.0) -> None:
+        """wait_ready, from a test's event loop."""
         import nats
         from nats.js.api import StreamConfig
         from nats.js.errors import Error as JsError
