@@ -132,14 +132,21 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
+def refuse_unsecured(endpoint: str, key: str, keys: CurveKeys | None, config: object = None,
+                     what: str = "socket") -> None:
+    """The contract's rule: no ZeroMQ socket binds beyond loopback without CURVE (BindError naming
+    the config key, the endpoint and the way out)."""
+    if keys is None and not is_loopback_endpoint(endpoint):
+        raise BindError(key, endpoint, "not a loopback address, and no CURVE keys are in use: ZeroMQ beyond "
+                        "this host must be encrypted (a pair from `runwire keys`, named in [cluster.curve]), "
+                        "or bind 127.0.0.1", config, what)
+
+
 def bind_secured(sock: zmq.Socket[Any], endpoint: str, key: str, keys: CurveKeys | None,
                  config: object = None, what: str = "socket") -> None:
     """Bind `sock` as the config key `key` says: refused beyond loopback without CURVE keys; with
     keys, a CURVE server (set before the bind: options apply to the connections made after)."""
-    if keys is None and not is_loopback_endpoint(endpoint):
-        raise BindError(key, endpoint, "not a loopback address, and no CURVE keys are configured (ZeroMQ "
-                        "across hosts must be encrypted: write a pair with `runwire keys`, name it in "
-                        "[cluster.curve], or bind 127.0.0.1", config, what)
+    refuse_unsecured(endpoint, key, keys, config, what)
     if keys is not None:
         sock.curve_server = True
         sock.curve_secretkey = keys.secret

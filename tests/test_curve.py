@@ -96,7 +96,7 @@ def test_a_bind_beyond_loopback_without_keys_is_refused(ctx: zmq.Context, tmp_pa
         with pytest.raises(BindError) as e:
             bind_secured(sock, "tcp://0.0.0.0:5556", "runner.publish", None, tmp_path / "runwire.toml", "PUB socket")
         msg = str(e.value)
-        assert "runner.publish" in msg and "tcp://0.0.0.0:5556" in msg and "no CURVE keys" in msg, msg
+        assert "runner.publish" in msg and "tcp://0.0.0.0:5556" in msg and "no CURVE keys are in use" in msg, msg
         assert "runwire keys" in msg and str(tmp_path / "runwire.toml") in msg
         assert sock.get(zmq.LAST_ENDPOINT) == b""  # nothing was bound
         bind_secured(sock, "tcp://127.0.0.1:0", "runner.publish", None)  # loopback without keys: as today
@@ -160,3 +160,24 @@ def test_curve_pub_sub_reaches_only_holders_of_the_cluster_pair(ctx: zmq.Context
             for s in subs.values():
                 s.close(linger=0)
             pub.close(linger=0)
+
+
+@pytest.mark.parametrize(("service", "key", "what"), [
+    ("scheduler_svc", "scheduler.publish", "socket"),
+    ("runner_svc", "runner.publish", "PUB socket"),
+    ("runner_svc", "runner.control", "ROUTER"),
+])
+def test_services_refuse_to_bind_beyond_loopback_without_curve(tmp_path: Path, service: str, key: str, what: str) -> None:
+    from tests.harness import REPO, write_config
+
+    config, ports = write_config(tmp_path)
+    port = {"scheduler.publish": ports.scheduler_publish, "runner.publish": ports.publish,
+            "runner.control": ports.runner_control}[key]
+    text = config.read_text()
+    assert f"tcp://127.0.0.1:{port}" in text
+    config.write_text(text.replace(f"tcp://127.0.0.1:{port}", f"tcp://0.0.0.0:{port}"))
+    proc = subprocess.run([sys.executable, "-m", service, "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{key}: cannot bind {what} on tcp://0.0.0.0:{port}: not a loopback address" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
