@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import msgspec
@@ -67,7 +67,7 @@ def chunk_range(msg_id: str | None) -> tuple[int, int] | None:
 
 def decode_chunk(run_id: str, data: bytes, where: str = "") -> list[Event]:
     """A chunk's journal lines as events, checked: this run's, seqs consecutive."""
-    events = []
+    events: list[Event] = []
     for n, line in enumerate(data.splitlines(), 1):
         try:
             ev = json_decoder.decode(line)
@@ -118,7 +118,7 @@ class EventStream:
         return cls(nc, servers, name=name, replicas=cluster.stream_replicas,
                    max_age_s=float(parse_duration(cluster.stream_max_age)), request_timeout=request_timeout)
 
-    async def __aenter__(self) -> EventStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -182,7 +182,7 @@ class EventStream:
         fence, last_seq = (0, 0) if new else await self.last_chunk(run_id)
         return RunWriter(self, run_id, fence, last_seq, retry_for=retry_for)
 
-    async def replay(self, run_id: str, after_seq: int = 0, *, timeout: float = 10.0) -> AsyncIterator[list[Event]]:
+    async def replay(self, run_id: str, after_seq: int = 0, *, timeout: float = 10.0) -> AsyncGenerator[list[Event], None]:
         """The run's events after `after_seq`, chunk by chunk, up to the last chunk there was when the
         replay began (an ordered consumer: in order, gap-free, re-created by the client if it stalls).
         Use with `contextlib.aclosing` when the loop may stop early."""

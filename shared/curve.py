@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import zmq
 import zmq.auth
@@ -184,7 +184,7 @@ class CurveAuthenticator:
             log.warning("CURVE: refused a client presenting key %s (not the cluster's)", client_key[:8].decode() + "...")
         return ok
 
-    def __enter__(self) -> CurveAuthenticator:
+    def __enter__(self) -> Self:
         self._auth.start()
         # pyzmq looks the provider up by the exact domain the server socket names (no wildcard)
         self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self)

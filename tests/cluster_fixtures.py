@@ -143,7 +143,7 @@ class NatsCluster:
                 await js.publish("readiness.probe", b"x", timeout=5)
                 await js.delete_stream(probe)
                 return
-            except (JsError, nats.errors.Error, asyncio.TimeoutError) as e:
+            except (JsError, nats.errors.Error, TimeoutError) as e:
                 last = e
                 await asyncio.sleep(0.3)
             finally:

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import asyncpg
@@ -21,7 +21,7 @@ from shared.errors import LeaseLost, ServiceUnavailable
 from tests.cluster_fixtures import Postgres, postgres  # noqa: F401  (the fixture)
 
 _dbs = itertools.count(1)
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture

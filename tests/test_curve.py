@@ -30,7 +30,7 @@ from shared.errors import BindError, ConfigError
 CLUSTER = '[cluster]\nnats = ["nats://127.0.0.1:4222"]\nstate = "postgresql://runwire@127.0.0.1/runwire"\n'
 
 
-def _settings(tmp_path: Path, keys_dir: Path | None):  # noqa: ANN202
+def _settings(tmp_path: Path, keys_dir: Path | None):
     text = CLUSTER
     if keys_dir is not None:
         text += f'[cluster.curve]\npublic_file = "{keys_dir.name}/runwire.key"\nsecret_file = "{keys_dir.name}/runwire.key_secret"\n'
