@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -35,6 +35,7 @@ from shared.events import Event, event_to_json_line, json_decoder
 from shared.ids import check_run_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STREAM_NAME = "RUNWIRE_EVENTS"
 SUBJECT_PREFIX = "runwire.ev."
@@ -84,7 +85,7 @@ class EventStream:
     """A connection to the cluster's event stream (an async context manager; closes the connection)."""
 
     def __init__(self, nc: Nats, servers: Sequence[str], *, name: str = STREAM_NAME, replicas: int = 3,
-                 max_age_s: float = 7 * 86400.0, request_timeout: float = 5.0) -> None:
+                 max_age_s: float = 7 * 86400.0, request_timeout: float = 5.0, retry_for: float = 30.0) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=request_timeout)
         self.servers = list(servers)
@@ -92,6 +93,7 @@ class EventStream:
         self.replicas = replicas
         self.max_age_s = max_age_s
         self.request_timeout = request_timeout
+        self.retry_for = retry_for  # how long a request is tried again while JetStream has no leader
 
     @classmethod
     async def connect(cls, cluster: ClusterConfig, *, name: str = STREAM_NAME, request_timeout: float = 5.0) -> EventStream:
@@ -135,35 +137,54 @@ class EventStream:
             duplicate_window=min(DUPLICATE_WINDOW_S, self.max_age_s),
         )
 
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, tried again on transient errors (no leader yet, a node down, a slow meta leader)
+        for up to retry_for seconds; then ServiceUnavailable."""
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except _TRANSIENT as e:
+                if time.monotonic() + delay > deadline:
+                    raise ServiceUnavailable(f"event stream {self.name}: {what}: JetStream does not answer "
+                                             f"(tried for {self.retry_for:g}s; last: {type(e).__name__} {e})") from e
+                log.info("event stream %s: %s: %s; trying again", self.name, what, type(e).__name__)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def ensure(self) -> None:
         """Create the stream, or bring its retention and replicas to the config's (idempotent)."""
-        wanted = self._config()
         try:
-            try:
-                info = await self.js.stream_info(self.name)
-            except nats.js.errors.NotFoundError:
-                await self.js.add_stream(wanted)
-                log.info("event stream %s created (%d replicas, events kept %ss)", self.name, self.replicas, self.max_age_s)
-                return
-            have = info.config
-            if have.num_replicas != wanted.num_replicas or have.max_age != wanted.max_age:
-                await self.js.update_stream(wanted)
-                log.info("event stream %s updated: %d replicas, events kept %ss", self.name, self.replicas, self.max_age_s)
-        except _TRANSIENT as e:
-            raise ServiceUnavailable(f"event stream {self.name}: JetStream does not answer: {type(e).__name__} {e}") from e
+            await self._retrying("create or update the stream", self._ensure)
         except nats.js.errors.APIError as e:
             raise JournalError(f"event stream {self.name}: cannot create or update it: {e.description} "
                                f"(check `cluster.stream_replicas` against the servers in `cluster.nats`)") from e
 
+    async def _ensure(self) -> None:
+        wanted = self._config()
+        try:
+            info = await self.js.stream_info(self.name)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(wanted)
+            log.info("event stream %s created (%d replicas, events kept %ss)", self.name, self.replicas, self.max_age_s)
+            return
+        have = info.config
+        if have.num_replicas != wanted.num_replicas or have.max_age != wanted.max_age:
+            await self.js.update_stream(wanted)
+            log.info("event stream %s updated: %d replicas, events kept %ss", self.name, self.replicas, self.max_age_s)
+
     async def _last_msg(self, run_id: str) -> Any:
         """The run's last chunk as the stream's leader has it (not a direct get: a replica may lag)."""
-        try:
-            return await self.js.get_last_msg(self.name, run_subject(run_id))
-        except nats.js.errors.NotFoundError:
-            return None
-        except _TRANSIENT as e:
-            raise ServiceUnavailable(f"event stream {self.name}: run {run_id}: JetStream does not answer: "
-                                     f"{type(e).__name__} {e}") from e
+        subject = run_subject(run_id)
+
+        async def get() -> Any:
+            try:
+                return await self.js.get_last_msg(self.name, subject)
+            except nats.js.errors.NotFoundError:
+                return None
+
+        return await self._retrying(f"run {run_id}: its last chunk", get)
 
     async def last_chunk(self, run_id: str) -> tuple[int, int]:
         """(stream sequence, last event seq) of the run's last chunk; (0, 0) when it has none."""
@@ -190,11 +211,9 @@ class EventStream:
         if end == 0 or last_seq <= after_seq:
             return
         subject = run_subject(run_id)
-        try:
-            sub = await self.js.subscribe(subject, stream=self.name, ordered_consumer=True,
-                                          deliver_policy=DeliverPolicy.ALL, inactive_threshold=60.0)
-        except _TRANSIENT as e:
-            raise ServiceUnavailable(f"event stream {self.name}: run {run_id}: cannot start a replay: {e!r}") from e
+        # an ephemeral consumer: one left by a retry whose first try did land goes after 60 s idle
+        sub = await self._retrying(f"run {run_id}: start a replay", lambda: self.js.subscribe(
+            subject, stream=self.name, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, inactive_threshold=60.0))
         try:
             while True:
                 try:
