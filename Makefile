@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test install browser postgres bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,12 +25,19 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium fontconfig fonts-dejavu-core >/dev/null; }
 
+# PostgreSQL from the OS packages for cluster mode's state tests (tests/cluster_fixtures.py starts a
+# throwaway server with initdb/pg_ctl, found under /usr/lib/postgresql/<version>/bin or on PATH)
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
 demo: install
 	$(BIN)/runwire demo-data --if-absent
 	@# Ctrl-C stops everything cleanly and honcho exits 130: that is the normal end of a demo, not an error
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start || [ $$? -eq 130 ]
 
-test: install browser
+test: install browser postgres
 	$(BIN)/python -m pytest
 
 bench: install

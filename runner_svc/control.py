@@ -15,6 +15,7 @@ from anyio.abc import TaskStatus
 from shared import __version__
 from shared.config import Settings, endpoints_of
 from shared.control import Identity, Probe, serve_requests
+from shared.curve import refuse_unsecured
 from shared.errors import BindError, ProtocolError
 from shared.events import PIPELINE_STAGE
 from shared.ids import PROBE_PREFIX, check_run_id, new_run_id
@@ -41,6 +42,7 @@ class RunnerControl:
         sock = ctx.socket(zmq.ROUTER)
         try:
             configure_socket(sock, sndhwm=1000, rcvhwm=1000)
+            refuse_unsecured(endpoint, "runner.control", None, self.settings.path, "ROUTER")  # no CURVE here yet
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as e:

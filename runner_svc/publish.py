@@ -11,6 +11,7 @@ from typing import Any
 
 import zmq
 
+from shared.curve import refuse_unsecured
 from shared.errors import BindError, JournalFenced
 from shared.events import PIPELINE_STAGE, Event, EventDraft, msgpack_encoder
 from shared.journal import JournalWriter
@@ -46,6 +47,7 @@ class Publisher:
     def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int, config: object = None) -> Publisher:
         # A plain (not asyncio) socket: a PUB send with NOBLOCK never waits, so nothing is gained by
         # awaiting it, and the hot path stays a direct call.
+        refuse_unsecured(endpoint, "runner.publish", None, config, "PUB socket")  # no CURVE in the services yet
         sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.PUB)
         configure_socket(sock, sndhwm=send_hwm)
         try:

@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
     reruns.add_parsers(sub, common)
 
+    # cluster mode: the CURVE key pair for ZeroMQ across hosts (shared.curve)
+    keys = sub.add_parser("keys", parents=[common], help="write the cluster's CURVE key pair (ZeroMQ across hosts)")
+    keys.add_argument("--out", default=".", metavar="DIR", help="folder for runwire.key and runwire.key_secret (default: .)")
+
     sub.add_parser("doctor", parents=[common], help="check that config, journal, services and the event path agree")
 
     # history and the archive: the commands live in the `history` package, imported when one runs
@@ -104,6 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def _write_keys(out: Path, *, as_json: bool) -> int:
+    from shared.curve import write_keypair
+
+    public, secret = write_keypair(out)
+    if as_json:
+        print(json_line({"public_file": str(public.resolve()), "secret_file": str(secret.resolve())}))
+        return EXIT_OK
+    print(f"wrote {public} and {secret} (mode 0600). Copy both to every host of the cluster, and name them in")
+    print(f'its config:\n\n[cluster.curve]\npublic_file = "{public.resolve()}"\nsecret_file = "{secret.resolve()}"')
+    return EXIT_OK
+
+
 def _settings(args: argparse.Namespace, required: bool = True) -> Settings | None:
     try:
         return load_settings(args.config)
@@ -120,6 +136,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await run_doctor(load_settings(args.config), args.gateway, as_json=args.json)
     if args.command == "demo-data":
         return _demo_data(args)
+    if args.command == "keys":
+        return _write_keys(Path(args.out), as_json=args.json)
     if args.command in ("history", "archive"):
         from . import history as history_cli  # polars and pyarrow load only for these
 

@@ -26,6 +26,7 @@ import zmq.asyncio
 from runwire_history.archive import archive_dir_of
 from shared.config import Settings
 from shared.control import serve_requests
+from shared.curve import refuse_unsecured
 from shared.errors import BindError
 from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
@@ -123,6 +124,7 @@ class Scheduler:
             # a runner restarted after kill -9 reconnects with the same routing id while the dead
             # connection may still be held: without handover its messages would be silently ignored
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        refuse_unsecured(endpoint, what, None, self.settings.path)  # no CURVE in the services yet
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:

@@ -3,6 +3,9 @@
 Unknown keys and wrong types fail at load with the file, the key path and what was expected. Paths are
 made absolute once, here: the state directory is `home` (relative to the config file's folder) or
 `RUNWIRE_HOME` (relative to the working directory), and journals live in `<home>/events/`.
+
+(Over 400 lines on purpose: each section's struct and its validation sit side by side, in the order the
+file reads; parameters, their own concept, are in shared/params.py.)
 """
 
 from __future__ import annotations
@@ -129,6 +132,25 @@ class AlertConfig(_Strict):
     headers: dict[str, str] = {}
 
 
+# ---- [cluster]: several hosts on NATS JetStream and PostgreSQL (absent: one host, as by default) ----
+
+class CurveConfig(_Strict):
+    """The cluster's CURVE key pair (`runwire keys` writes it), a copy on every host: servers bind with
+    the secret, clients verify servers by the public key and present the pair, and servers accept only
+    clients presenting it. Paths are relative to the config file's folder."""
+
+    public_file: str
+    secret_file: str
+
+
+class ClusterConfig(_Strict):
+    nats: list[str]  # JetStream servers, e.g. ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+    state: str  # PostgreSQL URL, e.g. "postgresql://runwire@10.0.0.1:5432/runwire"
+    stream_max_age: str = "7d"  # the event stream keeps a run's events this long
+    stream_replicas: int = 3  # JetStream replicas of the event stream (1 for a one-server trial)
+    curve: CurveConfig | None = None  # needed to bind any ZeroMQ socket beyond loopback
+
+
 class Config(_Strict):
     home: str = ".runwire"
     timezone: str = "UTC"
@@ -139,6 +161,7 @@ class Config(_Strict):
     pipelines: dict[str, PipelineConfig] = {}
     schedules: dict[str, ScheduleConfig] = {}
     alerts: dict[str, AlertConfig] = {}
+    cluster: ClusterConfig | None = None
 
 
 # tables of named entries (section -> entry type): an error inside one is reported with the entry's name
@@ -295,6 +318,8 @@ def _validate(config: Config, path: Path) -> None:
         if not _NAME_RE.match(name):
             raise _fail(path, key, "expected an alert name of letters, digits, '_', '.', '-'")
         _validate_alert(path, key, alert, config)
+    if config.cluster is not None:
+        _validate_cluster(path, config.cluster)
 
 
 def _validate_pipeline(path: Path, key: str, pipeline: PipelineConfig) -> None:
@@ -409,6 +434,35 @@ def _validate_alert(path: Path, key: str, alert: AlertConfig, config: Config) ->
     for hname, value in alert.headers.items():
         if not _HEADER_NAME_RE.match(hname) or any(c in value for c in "\r\n\0"):
             raise _fail(path, f"{key}.headers", f"expected HTTP header names and single-line values (got {hname!r})")
+
+
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_PG_SCHEMES = ("postgresql", "postgres")
+
+
+def _validate_cluster(path: Path, cluster: ClusterConfig) -> None:
+    from urllib.parse import urlsplit
+
+    if not cluster.nats:
+        raise _fail(path, "cluster.nats", "expected at least one NATS server URL like 'nats://10.0.0.1:4222'")
+    for i, url in enumerate(cluster.nats):
+        parts = urlsplit(url)
+        if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
+            raise _fail(path, f"cluster.nats[{i}]", f"expected a URL like 'nats://host:4222' (got {url!r})")
+    parts = urlsplit(cluster.state)
+    if parts.scheme not in _PG_SCHEMES or not (parts.hostname or "host=" in parts.query):
+        raise _fail(path, "cluster.state", "expected a PostgreSQL URL like 'postgresql://user@host:5432/db' "
+                    f"(got scheme {parts.scheme!r})")  # the URL itself may hold a password: not echoed
+    try:
+        parse_duration(cluster.stream_max_age)
+    except ValueError as e:
+        raise _fail(path, "cluster.stream_max_age", str(e)) from None
+    if not 1 <= cluster.stream_replicas <= 5:  # JetStream's own bounds
+        raise _fail(path, "cluster.stream_replicas", "expected an integer from 1 to 5")
+    if cluster.curve is not None:
+        for fname in ("public_file", "secret_file"):
+            if not getattr(cluster.curve, fname).strip():
+                raise _fail(path, f"cluster.curve.{fname}", "expected a file path (written by `runwire keys`)")
 
 
 def endpoints_of(settings: Settings) -> dict[str, str]:

@@ -96,6 +96,11 @@ class Conflict(RunwireError):
     code = "conflict"
 
 
+class LeaseLost(Conflict):
+    """A lease (cluster mode) whose fencing token, its attempt, is no longer the current one: another
+    holder took it over after it expired, and the old holder must stop acting for it."""
+
+
 class BadCommand(RunwireError):
     """A command stage's argv names a placeholder that has no value (runner)."""
 
