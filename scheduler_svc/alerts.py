@@ -31,7 +31,13 @@ from shared.journal import read_events
 from shared.runstate import fold
 
 from .alert_rules import (
-    Rule, RunFacts, choose, delivery_id, end_kinds, needs_journal, payload_of,
+    Rule,
+    RunFacts,
+    choose,
+    delivery_id,
+    end_kinds,
+    needs_journal,
+    payload_of,
 )
 from .runbook import RunBook
 from .runs import RunRecord

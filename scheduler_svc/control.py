@@ -1,6 +1,6 @@
 """Requests on the scheduler's control socket (gateway, CLI, doctor): launch (`launches.py`), cancel, list
-and get runs, schedules and pause/resume, re-runs (`reruns.py`) and backfills (`backfills.py`), identity. (The request types and their serving loop are in
-`shared.control`.)
+and get runs, schedules and pause/resume, re-runs (`reruns.py`) and backfills (`backfills.py`),
+identity. (The request types and their serving loop are in `shared.control`.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ import msgspec
 import shared
 from shared.config import Settings, endpoints_of
 from shared.control import (
-    Backfill, Cancel, GetRun, Identity, Launch, ListBackfills, ListRuns, ListSchedules, Pause, Rerun, Resume,
+    Backfill,
+    Cancel,
+    GetRun,
+    Identity,
+    Launch,
+    ListBackfills,
+    ListRuns,
+    ListSchedules,
+    Pause,
+    Rerun,
+    Resume,
 )
 from shared.dispatch import CancelRun
 from shared.errors import BadParams, Conflict, NotFound, ProtocolError

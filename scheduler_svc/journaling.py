@@ -26,10 +26,9 @@ import zmq.asyncio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from shared.errors import JournalBusy, JournalError
-from shared.fence import fenced_writer
 from shared.events import PIPELINE_STAGE, Event, now_timestamp
-from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events
-from shared.journal import stats_fields as journal_stats_fields
+from shared.fence import fenced_writer
+from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, read_events, stats_fields as journal_stats_fields
 from shared.procs import kill_run_processes
 from shared.runstate import fold, open_stages
 from shared.wire import Heartbeat, RecentlyEnded, encode_event_frames, encode_heartbeat_frames

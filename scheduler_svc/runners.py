@@ -20,9 +20,15 @@ import zmq
 import zmq.asyncio
 
 from shared.dispatch import (
-    FromRunner, ReleaseRun, RunAccepted, RunFinished, RunnerStatus, RunRejected, from_runner_decoder,
+    FromRunner,
+    ReleaseRun,
+    RunAccepted,
+    RunFinished,
+    RunnerStatus,
+    RunRejected,
+    encode as encode_dispatch,
+    from_runner_decoder,
 )
-from shared.dispatch import encode as encode_dispatch
 from shared.events import Event, now_timestamp
 from shared.journal import JournalReader, journal_path
 from shared.values import DECODE_ERRORS

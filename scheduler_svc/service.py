@@ -103,16 +103,15 @@ class Scheduler:
                 await tg.start(self.schedules.run)
                 await tg.start(self.backfills.run)
                 task_status.started()
-        finally:
-            with anyio.CancelScope(shield=True):
-                self._ends_out.close()
-                for s in socks:
-                    s.close(linger=0)
-                ctx.term()
-                self.state.close()
-                if self.journaling.pub_dropped or self.tracker.dispatch_dropped:
-                    log.warning("dropped at shutdown count: %d published events, %d runner messages",
-                                self.journaling.pub_dropped, self.tracker.dispatch_dropped)
+        finally:  # no await here: nothing in it can be cancelled
+            self._ends_out.close()
+            for s in socks:
+                s.close(linger=0)
+            ctx.term()
+            self.state.close()
+            if self.journaling.pub_dropped or self.tracker.dispatch_dropped:
+                log.warning("dropped at shutdown count: %d published events, %d runner messages",
+                            self.journaling.pub_dropped, self.tracker.dispatch_dropped)
 
     def _bind(self, ctx: zmq.asyncio.Context, socks: list[zmq.asyncio.Socket], kind: int, endpoint: str,
               what: str, mandatory: bool = False) -> zmq.asyncio.Socket:

@@ -265,11 +265,12 @@ def _name_the_entry(data: bytes | str, msg: str) -> str:
     try:
         entries = tomllib.loads(data if isinstance(data, str) else data.decode()).get(section, {})
         for name, value in entries.items():
-            msgspec.convert(value, type=_NAMED_TABLES[section])
-    except msgspec.ValidationError as e:
-        found = str(e)
-        where = f"`$.{section}.{name}"
-        return found.replace("`$", where, 1) if "`$" in found else f"{found} - at {where}`"
+            try:
+                msgspec.convert(value, type=_NAMED_TABLES[section])
+            except msgspec.ValidationError as e:
+                found = str(e)
+                where = f"`$.{section}.{name}"
+                return found.replace("`$", where, 1) if "`$" in found else f"{found} - at {where}`"
     except (ValueError, RecursionError, AttributeError):  # not decodable this way: keep msgspec's words
         return msg
     return msg

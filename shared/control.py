@@ -31,8 +31,17 @@ import zmq.asyncio
 
 from .errors import ERRORS_BY_CODE, BadReply, InternalError, ProtocolError, RunwireError, ServiceUnavailable
 from .replies import (
-    BackfillList, BackfillResult, CancelResult, IdentityInfo, LaunchResult, ProbeResult, RerunResult, RunDetail, RunList,
-    ScheduleInfo, ScheduleList,
+    BackfillList,
+    BackfillResult,
+    CancelResult,
+    IdentityInfo,
+    LaunchResult,
+    ProbeResult,
+    RerunResult,
+    RunDetail,
+    RunList,
+    ScheduleInfo,
+    ScheduleList,
 )
 from .values import DECODE_ERRORS, Params
 from .wire import configure_socket

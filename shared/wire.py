@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from .events import Event, msgpack_decoder, msgpack_encoder
 from .errors import ProtocolError
+from .events import Event, msgpack_decoder, msgpack_encoder
 from .values import DECODE_ERRORS
 
 EVENT_TOPIC_PREFIX = b"ev/"

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from scheduler_svc.alert_rules import (
-    RUNNER_LOST, RunFacts, choose, end_kinds, payload_of, rules_of, run_link_base,
+    RUNNER_LOST,
+    RunFacts,
+    choose,
+    end_kinds,
+    payload_of,
+    rules_of,
+    run_link_base,
 )
 from scheduler_svc.launches import EXPIRED
 from scheduler_svc.runs import RunRecord
