@@ -4,6 +4,7 @@
 import { api } from "./api.js";
 import { store, changed, loadSchedules } from "./store.js";
 import { isEnded } from "./runstate.js";
+import { everyWhileVisible } from "./visible.js";
 import { el, setText, badge, parseTs, fmtTsWhen, tsTitle, zoneLabel, fmtDuration, fmtRelative, toast, STATUS } from "./util.js";
 
 const MAX_ROWS = 300;
@@ -89,8 +90,8 @@ export function mountHome(root) {
   store.listeners.add(render);
   render();
   // durations of running runs and "next fire in" tick without events
-  const ticker = setInterval(render, 1000);
-  return { unmount() { store.listeners.delete(render); clearInterval(ticker); } };
+  const stopTicker = everyWhileVisible(render, 1000);
+  return { unmount() { store.listeners.delete(render); stopTicker(); } };
 }
 
 function newestFirst(a, b) {
