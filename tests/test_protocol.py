@@ -40,7 +40,7 @@ cursors = st.one_of(st.from_regex(r"^[A-Za-z0-9_-]{0,60}$", fullmatch=True), st.
 def js_table() -> dict[str, object]:
     text = PROTOCOL_JS.read_text(encoding="utf-8")
     m = re.search(r"protocol-table-begin.*?\n\s*export const PROTOCOL = Object\.freeze\((.*?)\);\s*\n// protocol-table-end",
-                  text, re.S)
+                  text, re.DOTALL)
     assert m, f"{PROTOCOL_JS}: no `export const PROTOCOL = Object.freeze({{...}});` between the table markers"
     return json.loads(m.group(1))
 
