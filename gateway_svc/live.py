@@ -70,6 +70,11 @@ class Transport(Protocol):
 
 
 class StreamClient:
+    # one per connection, thousands of them idle: no per-instance dict
+    __slots__ = ("_pump_scope", "close_request", "hub", "keepalive_due", "last_send", "max_bytes", "max_events",
+                 "mode", "only_run", "parked", "pos", "q_bytes", "q_events", "queue", "replay", "send_started",
+                 "send_timeout", "stats", "transport", "wake")
+
     def __init__(self, hub: HubView, cfg: GatewayConfig, stats: GatewayStats, transport: Transport,
                  only_run: str | None = None) -> None:
         self.hub = hub
@@ -81,7 +86,7 @@ class StreamClient:
         self.send_timeout = cfg.send_timeout
         self.mode = REPLAY
         self.pos = Position(only_run)
-        self.replay = Replay(hub, self.pos, stats, self.max_events, self.max_bytes)
+        self.replay: Replay | None = None  # made for a resume (a fresh all-runs client never replays)
         self.queue: deque[Batch | Piece | Notice] = deque()  # live mode: waiting to be sent
         self.q_events = 0
         self.q_bytes = 0
@@ -114,7 +119,7 @@ class StreamClient:
             self.q_events += n
             self.q_bytes += nbytes
             self._wake()
-        elif self.mode is REPLAY:
+        elif self.mode is REPLAY and self.replay is not None:
             self.replay.hold(batch, n, nbytes)
 
     def _wake(self) -> None:
@@ -153,7 +158,8 @@ class StreamClient:
             self.close_request = reason
         self.mode = CLOSING
         self.queue.clear()
-        self.replay.clear()
+        if self.replay is not None:
+            self.replay.clear()
         self._wake()
 
     def check(self, now: float) -> None:
@@ -190,19 +196,25 @@ class StreamClient:
         sent = hub.positions()
         sent.update(positions)
         self.pos.start(hub, sent, set(done))
+        self._replaying()
         hub.register(self)
         return dict(positions)
 
     def register_run(self, run_id: str, after_seq: int) -> None:
         self.pos.start(self.hub, {run_id: after_seq}, set())
+        self._replaying()
         self.hub.register(self)
+
+    def _replaying(self) -> None:
+        self.replay = Replay(self.hub, self.pos, self.stats, self.max_events, self.max_bytes)
 
     def cursor(self) -> str:
         """This client's position now (during replay; live clients carry the hub's cursors)."""
-        return self.replay.cursor()
+        return self.pos.cursor(self.hub.tag, self.hub.created_us)
 
     async def catch_up(self, plan: dict[str, int]) -> None:
         """Replay `plan` ({run_id: after seq}) from the journal, then go live where the hub stands."""
+        assert self.replay is not None, "catch_up after register_resume or register_run"
         pending = await self.replay.run(plan, self)
         if self.mode is not REPLAY:
             return  # closing

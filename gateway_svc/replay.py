@@ -157,6 +157,9 @@ class Sender(Protocol):
 class Replay:
     """One client's catch-up: the live batches that arrive meanwhile, and the replay loop."""
 
+    # one per connection, idle ones included: no per-instance dict
+    __slots__ = ("buffer", "hub", "max_bytes", "max_events", "n", "nbytes", "overflow", "pos", "stats")
+
     def __init__(self, hub: HubView, pos: Position, stats: GatewayStats, max_events: int, max_bytes: int) -> None:
         self.hub = hub
         self.pos = pos
