@@ -15,7 +15,7 @@ from .runindex import RunIndex
 
 if TYPE_CHECKING:
     from .archiver import Archiver
-    from .clients import StreamClient
+    from .live import StreamClient
     from .hub import Hub
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -28,12 +28,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import struct
-import termios
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 import msgspec
@@ -41,13 +37,15 @@ from aiohttp import WSMsgType, web
 
 from shared.ids import check_run_id
 from shared.journal import JournalReader, journal_path
+from shared.protocol import SSE_RETRY, CloseReason, ErrorCode, ErrorFrame, Hello, Pong
 from shared.values import MAX_DEPTH, decode_json_object
 
-from .clients import CLOSE_GOING_AWAY, ClientGone, StreamClient
 from .cursor import MARGIN_S, CursorError, decode_cursor
 from .hub import Hub
-from .keys import CLIENTS, HUB, STATS
+from .keys import CLIENTS, HUB, SETTINGS, STATS
+from .live import ClientGone, StreamClient
 from .params import int_param
+from .transports import WS_CLOSE_MAX, WS_CLOSE_TIMEOUT, SseTransport, WsTransport
 
 log = logging.getLogger(__name__)
 
@@ -56,129 +54,6 @@ MAX_CLIENT_MESSAGE = 4096  # a longer client message gets an error frame and 440
 # what aiohttp reads into memory at all: beyond it, aiohttp itself closes with 1009 (no error frame)
 MAX_CLIENT_FRAME = 64 * 1024
 MAX_SEQ = 2**53
-CLOSE_UNKNOWN_RUN = 4004
-CLOSE_BAD_MESSAGE = 4400
-WS_CLOSE_TIMEOUT = 5.0  # no byte taken for this long: the peer is not reading
-WS_CLOSE_MAX = 60.0  # a close frame waits at most this long behind what a slow reader still has to read
-
-_json = msgspec.json.Encoder()
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A whole unmasked, uncompressed WebSocket text frame (RFC 6455 5.2), as a server sends it: what
-    aiohttp's writer puts on the wire for send_frame(payload, TEXT), for the hub's direct writes."""
-    n = len(payload)
-    if n < 126:
-        return struct.pack("!BB", 0x81, n) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
-
-
-class WsTransport:
-    def __init__(self, ws: web.WebSocketResponse, kind: str, request: web.Request) -> None:
-        self.ws = ws
-        self.kind = kind
-        self.tcp = request.transport  # the upgraded connection (uncompressed: see _websocket())
-        # the task reading the peer's messages (_read_client): stopped before a close, since aiohttp
-        # drops the connection right after the close frame when a receive is pending, cutting off what
-        # the peer has yet to read (the close frame included: it would see 1006)
-        self.reader: anyio.CancelScope | None = None
-        self.reader_done = anyio.Event()
-
-    def write_now(self, frame: bytes) -> bool:
-        tcp = self.tcp
-        if tcp is None or tcp.is_closing() or self.ws.closed or tcp.get_write_buffer_size():
-            return False
-        tcp.write(text_frame(frame))
-        return True
-
-    async def send_events(self, frame: bytes, cursor: str) -> None:
-        await self.ws.send_frame(frame, WSMsgType.TEXT)
-
-    async def send_json(self, obj: dict[str, Any], cursor: str | None = None) -> None:
-        await self.ws.send_frame(_json.encode(obj), WSMsgType.TEXT)
-
-    async def close(self, code: int, reason: str) -> None:
-        """Send the close frame behind what is already buffered for the peer. A peer that reads slowly
-        gets it (4008 included) as long as it keeps taking bytes, up to WS_CLOSE_MAX; one that reads
-        nothing for WS_CLOSE_TIMEOUT cannot take it and is dropped (it sees 1006)."""
-        if self.reader is not None:
-            self.reader.cancel()
-            await self.reader_done.wait()
-        with anyio.move_on_after(WS_CLOSE_MAX):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._drop_when_stalled, tg.cancel_scope)
-                await self.ws.close(code=code, message=reason.encode())
-                tg.cancel_scope.cancel()
-
-    async def _drop_when_stalled(self, scope: anyio.CancelScope) -> None:
-        left, since = self._unsent(), anyio.current_time()
-        while anyio.current_time() - since < WS_CLOSE_TIMEOUT:
-            await anyio.sleep(0.25)
-            now_left = self._unsent()
-            # the peer took bytes, or has all of them (the close frame too) in its own buffer: it is
-            # reading or about to; wait on, up to WS_CLOSE_MAX, for its close reply
-            if now_left < left or now_left == 0:
-                since = anyio.current_time()
-            left = now_left
-        scope.cancel()
-
-    def _unsent(self) -> int:
-        """Bytes not yet taken by the peer: asyncio's buffer plus the kernel's send queue."""
-        tcp = self.tcp
-        if tcp is None or tcp.is_closing():
-            return 0
-        queued = tcp.get_write_buffer_size()
-        sock = tcp.get_extra_info("socket")
-        if sock is not None:
-            try:
-                queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-            except OSError:
-                pass  # no send-queue size here (not Linux, socket gone): asyncio's buffer alone says it
-        return queued
-
-    async def keepalive(self) -> None:
-        return  # aiohttp's heartbeat pings the peer
-
-    async def send_notice(self, frame: bytes) -> None:
-        await self.ws.send_frame(frame, WSMsgType.TEXT)
-
-
-class SseTransport:
-    kind = "sse"
-
-    def __init__(self, resp: web.StreamResponse) -> None:
-        self.resp = resp
-
-    async def send_events(self, frame: bytes, cursor: str) -> None:
-        await self.resp.write(b"id: " + cursor.encode() + b"\ndata: " + frame + b"\n\n")
-
-    async def send_json(self, obj: dict[str, Any], cursor: str | None = None) -> None:
-        head = b"id: " + cursor.encode() + b"\n" if cursor else b""
-        await self.resp.write(head + b"data: " + _json.encode(obj) + b"\n\n")
-
-    async def close(self, code: int, reason: str) -> None:
-        if code >= 4000:
-            code_name = "slow_consumer" if code == 4008 else "closed"
-            frame = {"type": "error", "code": code_name, "message": f"{reason}: reconnect with Last-Event-ID to resume"}
-            try:
-                await self.resp.write(b"event: error\ndata: " + _json.encode(frame) + b"\n\n")
-            except ConnectionError:
-                return
-        try:
-            await self.resp.write_eof()
-        except ConnectionError:
-            return
-
-    async def keepalive(self) -> None:
-        await self.resp.write(b": keepalive\n\n")
-
-    def write_now(self, frame: bytes) -> bool:
-        return False  # the response is chunk-encoded by aiohttp: its writer frames every write
-
-    async def send_notice(self, frame: bytes) -> None:
-        await self.resp.write(b"event: error\ndata: " + frame + b"\n\n")
 
 
 def _holes_reason(hub: Hub, run_id: str, after: int) -> str | None:
@@ -191,14 +66,6 @@ def _holes_reason(hub: Hub, run_id: str, after: int) -> str | None:
             "a journal_gap error frame marks each hole and the stream goes on after it")
 
 
-def _hello(cursor: str, recovered: bool, reason: str | None, **extra: Any) -> dict[str, Any]:
-    hello: dict[str, Any] = {"type": "hello", "cursor": cursor, "recovered": recovered}
-    if not recovered:
-        hello["reason"] = reason
-    hello.update(extra)
-    return hello
-
-
 async def _journal_last_seq(hub: Hub, run_id: str) -> int:
     reader = JournalReader(journal_path(hub.journal_dir, run_id), run_id)
     last = await anyio.to_thread.run_sync(reader.last_event)
@@ -208,23 +75,20 @@ async def _journal_last_seq(hub: Hub, run_id: str) -> int:
 # ---------------------------------------------------------------------------- one run
 
 
-async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
-    hub = client.hub
+async def _serve_run(hub: Hub, client: StreamClient, run_id: str, after_seq: int) -> None:
     entry = None
     with anyio.move_on_after(UNKNOWN_RUN_WAIT):
         while (entry := await hub.ensure_run(run_id)) is None:
             await anyio.sleep(0.1)
     if entry is None:
-        await client.transport.send_json(
-            {"type": "error", "code": "unknown_run", "message": f"no run {run_id} in {hub.journal_dir}"}
-        )
-        await client.transport.close(CLOSE_UNKNOWN_RUN, "unknown run")
+        await client.transport.send_frame(ErrorFrame(ErrorCode.UNKNOWN_RUN, f"no run {run_id} in {hub.journal_dir}"))
+        await client.transport.close(CloseReason.UNKNOWN_RUN)
         return
     missing = hub.journal_missing(run_id)
     if missing is not None:
         # the replay would find nothing and the live path nothing more for an ended run: say so, and close
-        await client.transport.send_json({"type": "error", "code": "journal_missing", "message": missing, "run_id": run_id})
-        await client.transport.close(CLOSE_UNKNOWN_RUN, "journal missing")
+        await client.transport.send_frame(ErrorFrame(ErrorCode.JOURNAL_MISSING, missing, run_id=run_id))
+        await client.transport.close(CloseReason.JOURNAL_MISSING)
         return
     reason = None
     if after_seq > entry.frontier:
@@ -238,13 +102,13 @@ async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
         if reason is not None:
             hub.stats.unrecovered_resumes += 1
     client.register_run(run_id, after_seq)
-    await client.transport.send_json(_hello(str(after_seq), reason is None, reason, run_id=run_id))
+    await client.transport.send_frame(Hello(str(after_seq), reason is None, reason, run_id=run_id))
     await client.catch_up({run_id: after_seq})
     # the end of the run may wait in the queue (merged from the live buffer): then pump sends it and closes
     if client.close_request is None and not client.queue and (
-        run_id in client.done or (entry.ended and client.sent[run_id] >= entry.frontier)
+        run_id in client.pos.done or (entry.ended and client.pos.sent[run_id] >= entry.frontier)
     ):
-        await client.close(1000, "run ended")
+        await client.close(CloseReason.RUN_ENDED)
         return
     await client.pump()
 
@@ -252,11 +116,10 @@ async def _serve_run(client: StreamClient, run_id: str, after_seq: int) -> None:
 # ---------------------------------------------------------------------------- all runs
 
 
-async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
-    hub = client.hub
+async def _serve_all(hub: Hub, client: StreamClient, cursor_text: str | None) -> None:
     if not cursor_text:
         cursor = client.register_fresh()
-        await client.transport.send_json(_hello(cursor, True, None), cursor)
+        await client.transport.send_frame(Hello(cursor, True), cursor)
         await client.pump()
         return
     try:
@@ -264,7 +127,7 @@ async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
     except CursorError as e:
         hub.stats.unrecovered_resumes += 1
         cursor = client.register_fresh()
-        await client.transport.send_json(_hello(cursor, False, f"{e}; streaming from now on"), cursor)
+        await client.transport.send_frame(Hello(cursor, False, f"{e}; streaming from now on"), cursor)
         await client.pump()
         return
     reasons: list[str] = []
@@ -298,7 +161,7 @@ async def _serve_all(client: StreamClient, cursor_text: str | None) -> None:
         hub.stats.unrecovered_resumes += 1
     cursor = client.cursor()
     reason = "; ".join(reasons)[:2000] if reasons else None
-    await client.transport.send_json(_hello(cursor, not reasons, reason), cursor)
+    await client.transport.send_frame(Hello(cursor, not reasons, reason), cursor)
     await client.catch_up(plan)
     await client.pump()
 
@@ -328,15 +191,15 @@ async def _read_messages(ws: web.WebSocketResponse, client: StreamClient) -> Non
             except msgspec.DecodeError:  # not JSON, not an object, or a depth bomb
                 obj = None
             if isinstance(obj, dict) and obj.get("type") == "ping":
-                await client.transport.send_json({"type": "pong"})
+                await client.transport.send_frame(Pong())
                 continue
             what = f"not a JSON object nested at most {MAX_DEPTH} levels" if obj is None else f"unknown message {str(obj)[:100]}"
         else:
             what = f"unexpected {msg.type.name} frame"
-        await client.transport.send_json(
-            {"type": "error", "code": "bad_message", "message": f"{what}: only {{\"type\": \"ping\"}} is understood"}
+        await client.transport.send_frame(
+            ErrorFrame(ErrorCode.BAD_MESSAGE, f"{what}: only {{\"type\": \"ping\"}} is understood")
         )
-        client.request_close(CLOSE_BAD_MESSAGE, "bad message")
+        client.request_close(CloseReason.BAD_MESSAGE)
         return
 
 
@@ -361,6 +224,11 @@ async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: Strea
         stats.connections_open[kind] -= 1
 
 
+def _client(request: web.Request, transport: WsTransport | SseTransport, only_run: str | None = None) -> StreamClient:
+    app = request.app
+    return StreamClient(app[HUB], app[SETTINGS].config.gateway, app[STATS], transport, only_run)
+
+
 def _websocket() -> web.WebSocketResponse:
     return web.WebSocketResponse(
         # timeout: how long close() waits for the peer's close reply; WsTransport.close ends it sooner when
@@ -374,8 +242,8 @@ async def ws_run_events(request: web.Request) -> web.WebSocketResponse:
     after_seq = int_param(request, "after_seq", default=0, lo=0, hi=MAX_SEQ, alias="cursor")
     ws = _websocket()
     await ws.prepare(request)
-    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_run", request), only_run=run_id)
-    await _run_ws(request, ws, client, lambda: _serve_run(client, run_id, after_seq))
+    client = _client(request, WsTransport(ws, "ws_run", request), only_run=run_id)
+    await _run_ws(request, ws, client, lambda: _serve_run(request.app[HUB], client, run_id, after_seq))
     return ws
 
 
@@ -383,8 +251,8 @@ async def ws_all_events(request: web.Request) -> web.WebSocketResponse:
     cursor_text = request.query.get("cursor")
     ws = _websocket()
     await ws.prepare(request)
-    client = StreamClient(request.app[HUB], WsTransport(ws, "ws_all", request))
-    await _run_ws(request, ws, client, lambda: _serve_all(client, cursor_text))
+    client = _client(request, WsTransport(ws, "ws_all", request))
+    await _run_ws(request, ws, client, lambda: _serve_all(request.app[HUB], client, cursor_text))
     return ws
 
 
@@ -396,15 +264,15 @@ async def sse_events(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     await resp.prepare(request)
-    await resp.write(b"retry: 1000\n\n")
+    await resp.write(SSE_RETRY)
     app = request.app
     hub, stats = app[HUB], app[STATS]
-    client = StreamClient(hub, SseTransport(resp))
+    client = _client(request, SseTransport(resp))
     app[CLIENTS].add(client)
     stats.connections_total["sse"] += 1
     stats.connections_open["sse"] += 1
     try:
-        await _serve_all(client, cursor_text)
+        await _serve_all(hub, client, cursor_text)
     except (ClientGone, ConnectionError):
         pass  # the client left or was closed as slow; the connection counters say so
     finally:
@@ -418,7 +286,7 @@ async def close_streams(app: web.Application) -> None:
     """on_shutdown: every open stream is told 1001 going away and given a moment to close."""
     clients = list(app[CLIENTS])
     for client in clients:
-        client.request_close(CLOSE_GOING_AWAY, "gateway shutting down")
+        client.request_close(CloseReason.SHUTTING_DOWN)
     with anyio.move_on_after(WS_CLOSE_TIMEOUT):
         while app[CLIENTS]:
             await anyio.sleep(0.05)

@@ -23,6 +23,7 @@ from shared.errors import BadParams, ConfigError, RunwireError, ServiceUnavailab
 from shared.httpapi import Launched, RunPage, RunsPage, SchedulesPage
 from shared.ids import check_run_id
 from shared.params import parse_param_text
+from shared.protocol import ErrorFrame, EventsFrame, Hello
 from shared.replies import CancelResult, ScheduleInfo
 
 from . import reruns
@@ -251,13 +252,12 @@ async def follow_run(client: GatewayClient, run_id: str, after_seq: int, *, as_j
     while True:
         try:
             async for frame in client.frames(f"/ws/events/{run_id}", after_seq=last):
-                kind = frame.get("type")
-                if kind == "hello" and frame.get("recovered") is False:
-                    print(f"runwire: resume not exact: {frame.get('reason')}", file=sys.stderr)
-                elif kind == "error":
-                    print(f"runwire: {frame.get('code')}: {frame.get('message')}", file=sys.stderr)
-                elif kind == "events":
-                    for ev in frame["events"]:
+                if isinstance(frame, Hello) and not frame.recovered:
+                    print(f"runwire: resume not exact: {frame.reason}", file=sys.stderr)
+                elif isinstance(frame, ErrorFrame):
+                    print(f"runwire: {frame.code}: {frame.message}", file=sys.stderr)
+                elif isinstance(frame, EventsFrame):
+                    for ev in frame.events:
                         if ev.seq <= last:
                             continue
                         print(json_line(ev) if as_json else event_line(ev, colour=colour), flush=True)
@@ -284,20 +284,19 @@ async def tail_all(client: GatewayClient, *, as_json: bool) -> None:
     while True:
         try:
             async for frame in client.frames("/ws/events", cursor=cursor):
-                kind = frame.get("type")
-                if kind == "hello":
-                    if frame.get("recovered") is False:
-                        print(f"runwire: resume not exact: {frame.get('reason')}", file=sys.stderr)
-                    cursor = frame.get("cursor") or cursor
-                elif kind == "error":
-                    print(f"runwire: {frame.get('code')}: {frame.get('message')}", file=sys.stderr)
-                elif kind == "events":
-                    for ev in frame["events"]:
+                if isinstance(frame, Hello):
+                    if not frame.recovered:
+                        print(f"runwire: resume not exact: {frame.reason}", file=sys.stderr)
+                    cursor = frame.cursor or cursor
+                elif isinstance(frame, ErrorFrame):
+                    print(f"runwire: {frame.code}: {frame.message}", file=sys.stderr)
+                elif isinstance(frame, EventsFrame):
+                    for ev in frame.events:
                         if ev.seq <= last.get(ev.run_id, 0):
                             continue
                         last[ev.run_id] = ev.seq
                         print(json_line(ev) if as_json else event_line(ev, colour=colour, show_run=True), flush=True)
-                    cursor = frame.get("cursor") or cursor
+                    cursor = frame.cursor or cursor
                 backoff = 0.2
         except ServiceUnavailable as e:
             print(f"runwire: {e}; reconnecting", file=sys.stderr)

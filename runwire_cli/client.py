@@ -18,12 +18,11 @@ import msgspec
 from shared.config import Settings
 from shared.errors import ERRORS_BY_CODE, BadReply, ProtocolError, RunwireError, ServiceUnavailable
 from shared.events import Event
+from shared.protocol import FRAME_TYPES, RETRYABLE_CLOSES, CloseCode, ErrorFrame, Frame, decode_frame
 
 GATEWAY_URL_ENV = "RUNWIRE_GATEWAY_URL"
-RETRYABLE_CLOSES = frozenset({1001, 1006, 1011, 1012, 1013, 4008})  # going away, dropped, restart, slow consumer
-NON_FATAL_ERRORS = frozenset({"journal_gap"})  # the stream goes on after these
 
-_frame_decoder = msgspec.json.Decoder()
+_body_decoder = msgspec.json.Decoder()
 T = TypeVar("T")
 
 
@@ -72,7 +71,7 @@ class GatewayClient:
         except (aiohttp.ClientConnectionError, TimeoutError) as e:
             raise ServiceUnavailable(f"gateway not reachable at {self.base_url} ({e or type(e).__name__}); is it running? try `runwire doctor`") from e
         try:
-            data = _frame_decoder.decode(body) if body else None
+            data = _body_decoder.decode(body) if body else None
         except (msgspec.DecodeError, RecursionError):  # not JSON (a proxy's page) or a depth bomb: no body
             data = None
         if status >= 400:
@@ -111,10 +110,9 @@ class GatewayClient:
         qs = "&".join(f"{k}={aiohttp.helpers.quote(v, safe='')}" for k, v in query.items())
         return f"{base}{path}" + (f"?{qs}" if qs else "")
 
-    async def frames(self, path: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
-        """The JSON frames of one WebSocket connection, until the server closes it with 1000.
-
-        An `events` frame's `events` are decoded into `Event`s. What a reconnect can mend (the gateway
+    async def frames(self, path: str, **params: Any) -> AsyncIterator[Frame]:
+        """The frames of one WebSocket connection (shared.protocol's Structs), until the server closes
+        it with 1000; a frame of a type this client does not know is skipped. What a reconnect can mend (the gateway
         away or restarting, 1001, 4008 slow consumer, a dropped connection) raises ServiceUnavailable, so
         the caller resumes with its cursor; what it cannot (a refused handshake: bad run id, no or wrong
         token; an error frame followed by a 4xxx close) raises RunwireError with the server's words.
@@ -129,26 +127,43 @@ class GatewayClient:
             raise ServiceUnavailable(f"cannot open {path} on {self.base_url}: HTTP {e.status}") from e
         except (aiohttp.ClientConnectionError, TimeoutError) as e:
             raise ServiceUnavailable(f"cannot open {path} on {self.base_url}: {e or type(e).__name__}") from e
-        fatal: dict[str, Any] | None = None
+        fatal: ErrorFrame | None = None
         async with ws:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     try:
-                        frame = _frame_decoder.decode(msg.data)
+                        frame = decode_frame(msg.data)
+                    except msgspec.ValidationError as e:
+                        if _is_unknown_type(msg.data):
+                            continue  # a frame type from a newer gateway
+                        raise ProtocolError(f"WebSocket {path}: the gateway sent a malformed frame: {e}") from e
                     except (msgspec.DecodeError, RecursionError) as e:
                         raise ProtocolError(f"WebSocket {path}: the gateway sent a frame that is not JSON: {e}") from e
-                    if not isinstance(frame, dict):
-                        continue
-                    if frame.get("type") == "events":
-                        frame["events"] = msgspec.convert(frame.get("events", []), list[Event])
-                    elif frame.get("type") == "error" and frame.get("code") not in NON_FATAL_ERRORS:
+                    if isinstance(frame, ErrorFrame) and frame.fatal:
                         fatal = frame
                     yield frame
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     raise ServiceUnavailable(f"WebSocket {path} failed: {ws.exception()}")
             code = ws.close_code
-        if code in (None, 1000):
+        if code in (None, CloseCode.NORMAL):
             return
         if code in RETRYABLE_CLOSES or fatal is None:
             raise ServiceUnavailable(f"WebSocket {path} closed with {code}")
-        raise RunwireError(f"{fatal.get('code')}: {fatal.get('message')} (WebSocket {path} closed with {code})")
+        raise RunwireError(f"{fatal.code}: {fatal.message} (WebSocket {path} closed with {code})")
+
+
+class _TypeOnly(msgspec.Struct):
+    type: str = ""
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+
+
+def _is_unknown_type(data: str | bytes) -> bool:
+    """Whether a frame that does not validate is a JSON object of a type we do not know (to skip),
+    rather than a known frame that is malformed (a protocol error)."""
+    try:
+        kind = _type_decoder.decode(data).type
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return kind not in FRAME_TYPES

@@ -23,6 +23,7 @@ import anyio
 from shared.config import Settings, endpoints_of
 from shared.control import ControlClient, Identity, Probe
 from shared.errors import RunwireError
+from shared.protocol import EventsFrame, Hello
 from shared.replies import IdentityInfo
 
 from .client import GatewayClient, gateway_url
@@ -148,10 +149,10 @@ class Doctor:
             async with send:
                 try:
                     async for frame in client.frames("/ws/events"):
-                        if frame.get("type") == "hello":
+                        if isinstance(frame, Hello):
                             started.set()
-                        elif frame.get("type") == "events":
-                            for ev in frame["events"]:
+                        elif isinstance(frame, EventsFrame):
+                            for ev in frame.events:
                                 if ev.is_terminal:
                                     await send.send((ev.run_id, time.perf_counter()))
                 except RunwireError as e:  # refused (no token?) or gone: that is the finding

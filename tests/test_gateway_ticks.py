@@ -16,9 +16,9 @@ import aiohttp
 import anyio
 import pytest
 
-import gateway_svc.hub
+import gateway_svc.fanout
 from gateway_svc.cursor import decode_cursor
-from gateway_svc.hub import MAX_FRAME_INTERVAL
+from gateway_svc.fanout import MAX_FRAME_INTERVAL
 from gateway_svc.keys import HUB
 from tests.test_gateway_helpers import FakePublisher, collect, journal_of, make_settings, running_gateway
 
@@ -27,7 +27,7 @@ def _ticks_on(gw: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     gw.app[HUB].pacing_from = 1
     # full-length ticks with a handful of clients, so events are often waiting in the hub when a
     # client registers or ends its replay
-    monkeypatch.setattr(gateway_svc.hub, "FRAME_INTERVAL_PER_CLIENT", MAX_FRAME_INTERVAL)
+    monkeypatch.setattr(gateway_svc.fanout, "FRAME_INTERVAL_PER_CLIENT", MAX_FRAME_INTERVAL)
 
 
 async def test_ticked_run_and_all_runs_clients_resuming_get_exactly_the_journal(
@@ -128,7 +128,7 @@ async def test_a_send_stuck_longer_than_send_timeout_closes_4008(tmp_path: Path,
         tmp_path, gateway="client_queue_events = 1000000\nclient_queue_bytes = 1073741824\nsend_timeout = 1.0"
     )
     pub = FakePublisher(settings.journal_dir, f"tcp://127.0.0.1:{ports.publish}")
-    caplog.set_level(logging.INFO, logger="gateway_svc.clients")
+    caplog.set_level(logging.INFO, logger="gateway_svc.live")
     try:
         async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
             run_id = pub.begin()

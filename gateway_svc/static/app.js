@@ -10,6 +10,7 @@ import { health, watchHealth } from "./health.js";
 import { mountHome } from "./home.js";
 import { mountRun } from "./runview.js";
 import { mountHistory } from "./history.js";
+import { everyWhileVisible } from "./visible.js";
 
 // ---- the all-runs stream --------------------------------------------------------------------------
 const allRuns = new Stream({
@@ -81,7 +82,7 @@ async function boot() {
   window.addEventListener("hashchange", route);
   route();
   await Promise.all([loadRuns(), loadPipelines(), loadSchedules()]);
-  setInterval(loadSchedules, 15000);
+  everyWhileVisible(loadSchedules, 15000);
 }
 
 boot();

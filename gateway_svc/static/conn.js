@@ -2,6 +2,7 @@
 // reconnecting (with attempt), resumed, or resumed with a gap (with the server's reason, also as a banner).
 
 import { el, fmtClock } from "./util.js";
+import { everyWhileVisible } from "./visible.js";
 
 export const conn = { all: { state: "idle" }, run: null, history: [] };
 const connBox = () => document.getElementById("conn");
@@ -62,5 +63,5 @@ function renderConn() {
   if (!box) return;
   box.replaceChildren(...[pill("runs", conn.all), pill("this run", conn.run)].filter(Boolean));
 }
-setInterval(renderConn, 2000); // "resumed" turns back into "live" after a while
+everyWhileVisible(renderConn, 2000); // "resumed" turns back into "live" after a while
 

@@ -3,6 +3,7 @@
 // gateway's) shows as a strip under the top bar with the gateway's own words, until it is fixed.
 
 import { el } from "./util.js";
+import { everyWhileVisible } from "./visible.js";
 
 const POLL_MS = 5000;
 const CHECK_NAMES = { scheduler: "Scheduler", runner: "Runner", journal_dir: "Journal directory" };
@@ -42,7 +43,8 @@ async function poll() {
   render();
 }
 
+// Polled while the page is visible (and at once when it shows again).
 export function watchHealth() {
   poll();
-  setInterval(poll, POLL_MS);
+  everyWhileVisible(poll, POLL_MS);
 }

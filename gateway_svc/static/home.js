@@ -5,6 +5,7 @@ import { api } from "./api.js";
 import { store, changed, loadSchedules } from "./store.js";
 import { isEnded } from "./runstate.js";
 import { mountBackfills } from "./reruns.js";
+import { everyWhileVisible } from "./visible.js";
 import { el, setText, badge, parseTs, fmtTsWhen, tsTitle, zoneLabel, fmtDuration, fmtRelative, toast, STATUS } from "./util.js";
 
 const MAX_ROWS = 300;
@@ -92,8 +93,8 @@ export function mountHome(root) {
   store.listeners.add(render);
   render();
   // durations of running runs and "next fire in" tick without events
-  const ticker = setInterval(render, 1000);
-  return { unmount() { store.listeners.delete(render); clearInterval(ticker); backfills.unmount(); } };
+  const stopTicker = everyWhileVisible(render, 1000);
+  return { unmount() { store.listeners.delete(render); stopTicker(); backfills.unmount(); } };
 }
 
 function newestFirst(a, b) {

@@ -8,40 +8,23 @@ import { api, ApiError } from "./api.js";
 import { Stream } from "./stream.js";
 import { store } from "./store.js";
 import { reportStream, dropStream } from "./conn.js";
-import { newRun, applyEvent, runFromApi, isEnded } from "./runstate.js";
+import { runFromApi, isEnded } from "./runstate.js";
+import { RunLog, KINDS, STAGE_EVENT_KINDS } from "./runlog.js";
+import { everyWhileVisible } from "./visible.js";
 import { renderTimeline } from "./timeline.js";
 import { VirtualList } from "./loglist.js";
 import { cancelButton } from "./home.js";
 import { mountRerunPanel } from "./reruns.js";
 import { mountRunAlerts } from "./runalerts.js";
-import { el, setText, badge, parseTs, fmtTsWhen, fmtTsClock, tsTitle, zoneLabel, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, holeCovered, gapRange, KIND_ICON } from "./util.js";
+import { el, setText, badge, parseTs, fmtTsWhen, fmtTsClock, tsTitle, fmtDuration, fmtValue, fmtCount, frameBatcher, debounce, gapRange, KIND_ICON } from "./util.js";
 
 const ROW_HEIGHT = 24;
-const KINDS = ["queued", "start", "success", "failure", "skipped", "cancelled", "metric", "log"];
-const STAGE_EVENT_KINDS = new Set(["queued", "start", "success", "failure", "skipped", "cancelled"]);
 
 export function mountRun(root, runId) {
-  // ---- the model: this run's events in seq order, and what the page has done with each ----------
-  const model = {
-    run: newRun(runId),
-    fetched: null, // GET /api/runs/<id>, shown until the first events arrive
-    events: [],
-    appliedSeqs: [], // the seq of every event applied, in order (tests compare it with the journal)
-    receivedSeqs: [], // every seq received over the wire, duplicates included
-    duplicates: 0,
-    gaps: [], // seq gaps seen on the wire (each answered by a reconnect from the last applied seq)
-    journalGaps: [], // [[N, M], ...]: events missing from the journal itself, as the gateway reported them
-    marks: 0, // journal-gap marks among `events` (rows that are not events)
-    kindCounts: Object.fromEntries(KINDS.map((k) => [k, 0])),
-    stageNames: new Set(),
-    filtered: [], // indices into events that pass the filters
-    milestones: [], // indices of stage events (never drowned by log lines)
-    error: null,
-    zones: new Set(), // the zones ("UTC-06:00") the events' timestamps are written in
-  };
+  // the model (runlog.js): this run's events in seq order, and what the page has done with each; held
+  // by window.__runwire.runLogs while the page shows the run, and let go when it is left
+  const model = new RunLog(runId);
   window.__runwire.runLogs.set(runId, model);
-
-  const filters = { stage: "", kinds: new Set(KINDS), text: "" };
   let selectedSeq = null;
 
   // ---- layout ----------------------------------------------------------------------------------------
@@ -96,111 +79,51 @@ export function mountRun(root, runId) {
   const reruns = mountRerunPanel(header, runId);
 
   followBox.addEventListener("change", () => log.setFollow(followBox.checked));
-  stageSel.addEventListener("change", () => { filters.stage = stageSel.value; refilter(); });
-  textInput.addEventListener("input", debounce(() => { filters.text = textInput.value.trim().toLowerCase(); refilter(); }, 120));
+  stageSel.addEventListener("change", () => { model.setFilters({ stage: stageSel.value }); filtersChanged(); });
+  textInput.addEventListener("input", debounce(() => { model.setFilters({ text: textInput.value.trim().toLowerCase() }); filtersChanged(); }, 120));
 
   function toggleKind(k) {
-    if (filters.kinds.has(k)) filters.kinds.delete(k);
-    else filters.kinds.add(k);
-    chips[k].setAttribute("aria-pressed", String(filters.kinds.has(k)));
-    refilter();
+    model.toggleKind(k);
+    chips[k].setAttribute("aria-pressed", String(model.filters.kinds.has(k)));
+    filtersChanged();
   }
 
-  // ---- applying events ---------------------------------------------------------------------------
-  function matches(ev) {
-    if (ev.gap) return true; // a hole in the journal stays in view whatever the filters
-    if (filters.stage && ev.stage !== filters.stage) return false;
-    if (!filters.kinds.has(ev.event)) return false;
-    if (filters.text) {
-      ev._hay ??= `${ev.stage} ${ev.event} ${ev.msg || ""} ${ev.data ? JSON.stringify(ev.data) : ""}`.toLowerCase();
-      if (!ev._hay.includes(filters.text)) return false;
-    }
-    return true;
-  }
-
-  function refilter() {
-    model.filtered = [];
-    for (let i = 0; i < model.events.length; i++) if (matches(model.events[i])) model.filtered.push(i);
+  function filtersChanged() {
     log.setCount(model.filtered.length);
     log.invalidate();
     redraw();
   }
 
-  // A run's events are indexed by position in `events`; after a mark is inserted mid-log they are rebuilt.
-  function reindex() {
-    model.milestones = [];
-    model.events.forEach((ev, i) => { if (ev.gap || STAGE_EVENT_KINDS.has(ev.event)) model.milestones.push(i); });
-    refilter();
-    lane.invalidate();
+  // The gateway's journal_gap frame (or a `gaps` entry): events N..M are not in the journal. Shown at
+  // its place in the log (the model puts it there) and in the banner.
+  function noteJournalGap(range, message, opts) {
+    if (!model.noteJournalGap(range, message, opts)) return;
+    showGaps(message);
   }
 
-  // The gateway's journal_gap frame (or a `gaps` entry): events N..M are not in the journal. Shown once
-  // (a reconnect replays the frame), at its place in the log, and in the banner.
-  // `reported: false`: a seq gap that reconnects did not fill (a gateway without journal_gap frames).
-  function noteJournalGap(range, message, { reported = true } = {}) {
-    if (!range || model.journalGaps.some(([n, m]) => n === range[0] && m === range[1])) return;
-    model.journalGaps.push(range);
-    const [n, m] = range;
-    const mark = { gap: range, seq: null, stage: "", event: "gap", timestamp: null,
-      msg: reported ? `⚠ events ${n}–${m} missing from the journal` : `⚠ events ${n}–${m} not delivered by the gateway`,
-      detail: message || "" };
-    let at = model.events.findIndex((e) => !e.gap && e.seq > m);
-    if (at < 0) at = model.events.length;
-    model.events.splice(at, 0, mark);
-    model.marks++;
-    if (at === model.events.length - 1) {
-      model.milestones.push(at);
-      model.filtered.push(at);
-    } else {
-      reindex();
-    }
-    const list = model.journalGaps.map(([a, b]) => (a === b ? `event ${a}` : `events ${a}–${b}`)).join(", ");
-    gapBanner.replaceChildren(el("span", null,
-      `⚠ This run's log is missing ${list} (the gateway ${reported ? "reports a hole in the journal" : "did not deliver them"}): ` +
-      `${model.journalGaps.length > 1 ? "they are" : "it is"} marked in the log below. `,
+  function showGaps(message) {
+    log.setCount(model.filtered.length);
+    log.invalidate();
+    lane.invalidate();
+    gapBanner.replaceChildren(el("span", null, model.gapText(),
       "The events after the hole are shown as usual.", message ? el("span", { class: "muted" }, ` (${message})`) : null));
     gapBanner.hidden = false;
     redraw();
   }
 
   function onEvents(events) {
-    for (const ev of events) {
-      model.receivedSeqs.push(ev.seq);
-      if (ev.run_id !== runId) continue;
-      const last = model.run.last_seq;
-      if (ev.seq <= last) { model.duplicates++; continue; } // the server promises exactly-once; be sure
-      if (ev.seq !== last + 1 && !holeCovered(model.journalGaps, last + 1, ev.seq - 1)) {
-        // a gap: never show a log with a hole; reconnect from the last applied seq to refill it. If the
-        // same hole comes back after reconnects, the gateway cannot fill it: show it rather than loop.
-        model.gaps.push([last + 1, ev.seq - 1]);
-        const again = model.gaps.filter(([n]) => n === last + 1).length;
-        if (again > 3) {
-          noteJournalGap([last + 1, ev.seq - 1], "still missing after 3 reconnects", { reported: false });
-        } else {
-          stream.restart(`gap: seq ${last + 1}..${ev.seq - 1} missing`);
-          break;
-        }
-      }
-      applyEvent(model.run, ev);
-      const index = model.events.push(ev) - 1;
-      model.appliedSeqs.push(ev.seq);
-      const zone = zoneLabel(ev.timestamp);
-      if (zone) model.zones.add(zone);
-      model.kindCounts[ev.event] = (model.kindCounts[ev.event] || 0) + 1;
-      if (ev.stage !== "pipeline" && !model.stageNames.has(ev.stage)) {
-        model.stageNames.add(ev.stage);
-        stageSel.append(el("option", { value: ev.stage }, ev.stage));
-      }
-      if (STAGE_EVENT_KINDS.has(ev.event)) model.milestones.push(index);
-      if (matches(ev)) model.filtered.push(index);
-    }
+    const marks = model.marks;
+    const { restart, newStages } = model.receive(events);
+    for (const name of newStages) stageSel.append(el("option", { value: name }, name));
+    if (model.marks !== marks) showGaps("still missing after reconnects");
+    if (restart) stream.restart(restart);
     redraw();
   }
 
   // ---- rendering (batched: at most once per animation frame) ---------------------------------------
   let metricsKey = "";
   const redraw = frameBatcher(() => {
-    const run = model.run.last_seq > 0 || !model.fetched ? model.run : model.fetched;
+    const run = model.shownRun();
     const now = Date.now();
     statusBox.replaceChildren(badge(run.status));
     if (actions.dataset.ended !== String(isEnded(run))) {
@@ -216,25 +139,18 @@ export function mountRun(root, runId) {
     const key = JSON.stringify([...run.stages.values()].map((s) => [s.name, s.status, s.metrics, [...s.items].map(([n, i]) => [n, i.metrics])]));
     if (key !== metricsKey) { metricsKey = key; renderMetrics(run); }
     for (const k of KINDS) setText(chips[k], `${KIND_ICON[k]} ${k} ${fmtCount(model.kindCounts[k])}`);
-    // marks always pass the filters: counted out of both
-    const total = model.events.length - model.marks, passing = model.filtered.length - model.marks;
+    const { total, passing } = model.counts();
     setText(logCount, passing === total ? `${fmtCount(total)} events` : `${fmtCount(passing)} of ${fmtCount(total)} events`);
     logCount.dataset.count = String(total);
-    const zones = runZones(run);
+    const zones = model.runZones(run);
     setText(logZone, zones.length ? `times in ${zones.join(" / ")}` : "");
     log.setCount(model.filtered.length);
     lane.setCount(model.milestones.length);
   });
 
-  // the zones of this run's times: its events' (as received), or the fetched run's before any arrive
-  function runZones(run) {
-    if (model.zones.size) return [...model.zones];
-    return [...new Set([run.queued_at, run.started_at, run.ended_at].map(zoneLabel).filter(Boolean))];
-  }
-
   function renderFacts(run, now) {
     const start = parseTs(run.started_at), end = run.ended_at ? parseTs(run.ended_at) : now;
-    const zones = runZones(run);
+    const zones = model.runZones(run);
     const rows = [
       ["pipeline", run.pipeline || "—"],
       ["trigger", run.trigger === "schedule" ? `schedule ${run.schedule || ""}${run.slot ? ` (slot ${run.slot})` : ""}` : run.trigger],
@@ -346,9 +262,10 @@ export function mountRun(root, runId) {
     select(seq);
     let pos = model.filtered.findIndex((i) => model.events[i].seq === seq);
     if (pos < 0) { // hidden by the filters: clear them so the event can be shown in context
-      filters.stage = ""; stageSel.value = ""; filters.text = ""; textInput.value = "";
-      for (const k of KINDS) { filters.kinds.add(k); chips[k].setAttribute("aria-pressed", "true"); }
-      refilter();
+      stageSel.value = ""; textInput.value = "";
+      model.clearFilters();
+      for (const k of KINDS) chips[k].setAttribute("aria-pressed", "true");
+      filtersChanged();
       pos = model.filtered.findIndex((i) => model.events[i].seq === seq);
     }
     log.scrollToIndex(pos);
@@ -357,7 +274,7 @@ export function mountRun(root, runId) {
   // ---- the stream ---------------------------------------------------------------------------------
   const stream = new Stream({
     name: "run",
-    path: () => `/ws/events/${encodeURIComponent(runId)}?after_seq=${model.run.last_seq}`,
+    path: () => `/ws/events/${encodeURIComponent(runId)}?after_seq=${model.lastSeq}`,
     onHello: () => {},
     onEvents,
     onJournalGap: (frame) => { if (!frame.run_id || frame.run_id === runId) noteJournalGap(gapRange(frame.missing), frame.message); },
@@ -379,15 +296,18 @@ export function mountRun(root, runId) {
   });
 
   // bars of running stages grow with time, not only with events
-  const ticker = setInterval(() => { if (!isEnded(model.run)) redraw(); }, 1000);
+  const stopTicker = everyWhileVisible(() => { if (!isEnded(model.run)) redraw(); }, 1000);
   redraw();
 
   return {
     unmount() {
       reruns.unmount();
       stream.stop();
-      clearInterval(ticker);
+      stopTicker();
       dropStream("run");
+      // the page is gone: so is its model (a long run's events would otherwise stay in memory)
+      if (window.__runwire.runLogs.get(runId) === model) window.__runwire.runLogs.delete(runId);
+      model.release();
     },
   };
 }

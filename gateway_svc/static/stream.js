@@ -1,18 +1,38 @@
-// One WebSocket to the gateway that keeps itself connected: it reconnects with backoff and jitter, and
-// asks the caller for the URL each time, so the caller resumes from its cursor (all runs) or its last
-// applied seq (one run). States: connecting, live, reconnecting, complete, failed.
-// Error frames are followed by a close, except `journal_gap` (events N..M of a run are missing from the
-// journal: the stream goes on after it), which is handed to onJournalGap and changes nothing here.
+// One WebSocket to the gateway that keeps itself connected: it reconnects with backoff and full jitter,
+// and asks the caller for the URL each time, so the caller resumes from its cursor (all runs) or its
+// last applied seq (one run). States: connecting, live, reconnecting, complete, failed.
+// Frames, error codes and close codes are protocol.js's. Error frames are followed by a close, except
+// `journal_gap` (events N..M of a run are missing from the journal: the stream goes on after it), which
+// is handed to onJournalGap and changes nothing here. A connection refused at the handshake says
+// nothing to a browser's WebSocket (no status, close 1006): the same URL is asked over HTTP, and a 401
+// there is a missing or wrong token, so the page asks for one.
 
 import { currentToken, askForToken } from "./api.js";
+import { CLOSE, ERROR, closeIsFatal, errorIsFatal, parseFrame } from "./protocol.js";
 
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 15000;
 const STABLE_AFTER_MS = 5000; // a connection that lived this long resets the backoff
+const SLOW_CONSUMER_RETRY_MS = [100, 500]; // dropped on purpose: our position loses nothing, come back soon
 
-// Close codes and error codes after which reconnecting cannot help.
-const FATAL_CLOSE = new Set([4000, 4004, 4400, 4404, 4422]);
-const AUTH_CLOSE = new Set([4001, 4003, 4401, 4403]);
+// Exponential backoff with full jitter: a delay drawn uniformly from [0, min(max, base * 2^attempt)),
+// so pages that lost the gateway together do not come back in step.
+export function backoffDelay(attempt, random = Math.random) {
+  const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** attempt);
+  return random() * cap;
+}
+
+// Whether the gateway refuses `url` (a ws: URL) for want of a token: a WebSocket handshake refused
+// with 401 looks like any dropped connection to the page, so the same URL is asked over HTTP.
+export async function refusedForToken(url) {
+  const httpUrl = url.replace(/^ws/, "http");
+  try {
+    const resp = await fetch(httpUrl, { cache: "no-store", headers: { Accept: "application/json" } });
+    return resp.status === 401;
+  } catch {
+    return false; // the gateway is away: a plain reconnect
+  }
+}
 
 export class Stream {
   // path(): "/ws/events?cursor=..." for the next connection.
@@ -81,8 +101,9 @@ export class Stream {
     const reconnect = this.connects > 0;
     this._set(reconnect ? "reconnecting" : "connecting", { attempt: this.attempt, connecting: true });
     let ws;
+    const url = this._url();
     try {
-      ws = new WebSocket(this._url());
+      ws = new WebSocket(url);
     } catch (e) {
       this.lastError = e.message;
       this._schedule();
@@ -90,17 +111,18 @@ export class Stream {
     }
     this.ws = ws;
     let helloSeen = false;
+    let opened = false;
     let fatal = null;
-    let auth = false;
-    ws.onopen = () => { this.openedAt = performance.now(); };
+    ws.onopen = () => { opened = true; this.openedAt = performance.now(); };
     ws.onmessage = (msg) => {
       let frame;
       try {
-        frame = JSON.parse(msg.data);
+        frame = parseFrame(msg.data);
       } catch (e) {
         this.lastError = `bad frame from gateway: ${e.message}`;
         return;
       }
+      if (frame === null) return; // a frame type from a newer gateway
       if (frame.type === "hello") {
         helloSeen = true;
         this.connects++;
@@ -108,16 +130,13 @@ export class Stream {
         this._set("live", { reconnect, recovered: frame.recovered !== false, reason: frame.reason });
       } else if (frame.type === "events") {
         this.onEvents(frame.events || [], frame.cursor);
-      } else if (frame.type === "error" && frame.code === "journal_gap") {
+      } else if (frame.type === "error" && frame.code === ERROR.JOURNAL_GAP) {
         // not a connection error: the journal itself has a hole; the events after it keep coming
         this.onJournalGap(frame);
       } else if (frame.type === "error") {
         this.lastError = `${frame.code}: ${frame.message}`;
-        const code = String(frame.code || "");
-        // the run's journal is gone (close 4004 follows): reconnecting cannot bring it back
-        if (code === "journal_missing") fatal = frame.message || "the run's journal is missing";
-        else if (/auth|token/i.test(code)) auth = true;
-        else if (/not_found|unknown|invalid|bad_request/i.test(code)) fatal = frame.message || code;
+        // the close that follows says whether reconnecting can help; this says why it cannot
+        if (errorIsFatal(frame.code)) fatal = frame.message || frame.code;
       }
     };
     ws.onerror = () => { /* the close event that follows carries what happened */ };
@@ -127,23 +146,23 @@ export class Stream {
       if (this.stopped) return;
       if (this.openedAt && performance.now() - this.openedAt > STABLE_AFTER_MS) this.attempt = 0;
       this.openedAt = 0;
-      if (ev.code === 1000 && helloSeen && this.isComplete()) {
+      if (ev.code === CLOSE.NORMAL && helloSeen && this.isComplete()) {
         this._set("complete");
         return;
       }
-      if (fatal || FATAL_CLOSE.has(ev.code)) {
+      if (closeIsFatal(ev.code)) {
         this._set("failed", { reason: fatal || `${ev.code} ${ev.reason}`.trim() });
         return;
       }
-      if (auth || AUTH_CLOSE.has(ev.code)) {
-        this._set("reconnecting", { attempt: this.attempt, reason: "token needed" });
-        askForToken("The event stream needs an API token (RUNWIRE_TOKEN):").then(() => this._schedule(0));
+      if (!opened) {
+        this._refused(url);
         return;
       }
-      if (ev.code === 4008) {
+      if (ev.code === CLOSE.SLOW_CONSUMER) {
         // slow consumer: the server dropped us on purpose; our cursor loses nothing, come back soon
         this.lastError = "closed by the gateway: slow consumer";
-        this._schedule(100 + Math.random() * 400);
+        const [lo, hi] = SLOW_CONSUMER_RETRY_MS;
+        this._schedule(lo + Math.random() * (hi - lo));
         return;
       }
       if (!helloSeen) this.lastError ??= `connection failed (${ev.code})`;
@@ -152,12 +171,29 @@ export class Stream {
     };
   }
 
-  // Exponential backoff with full jitter, so many pages do not reconnect in step after a restart.
+  // The connection closed before it opened: a token problem (asked for, then retried at once) or the
+  // gateway away (the usual backoff).
+  async _refused(url) {
+    this.lastError ??= "connection failed";
+    const auth = await refusedForToken(url);
+    if (this.stopped || this.ws) return;
+    if (!auth) {
+      this._schedule();
+      return;
+    }
+    this.authRefusals = (this.authRefusals || 0) + 1;
+    this.lastError = "token needed";
+    this._set("reconnecting", { attempt: this.attempt, reason: "token needed" });
+    await askForToken(currentToken() ? "The gateway refused this token for the event stream. Enter the API token (RUNWIRE_TOKEN):"
+                                     : "The event stream needs an API token (RUNWIRE_TOKEN):");
+    if (!this.stopped && !this.ws) this._schedule(0);
+  }
+
+  // Exponential backoff with full jitter (backoffDelay), so many pages do not reconnect in step.
   _schedule(delay) {
     clearTimeout(this.timer);
     if (delay === undefined) {
-      const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** this.attempt);
-      delay = cap / 2 + Math.random() * (cap / 2);
+      delay = backoffDelay(this.attempt);
       this.attempt++;
     }
     this._set("reconnecting", { attempt: this.attempt, retryAt: Date.now() + delay, reason: this.lastError });

@@ -1,0 +1,123 @@
+"""What the fan-out hands to clients: a batch of delivered events, each encoded once, whose frames are
+built once for every client that takes the whole batch (or one run's part of it), and the notice (the
+`journal_gap` frame) that goes between batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from shared.events import Event
+from shared.protocol import encode_event, events_frame
+
+
+class Batch:
+    """Events delivered together, each encoded once; clients take the whole batch or their run's part.
+    A client with nothing else queued sends the batch's frame, built once for all such clients."""
+
+    __slots__ = ("events", "parts", "nbytes", "cursor", "by_run", "terminal_runs", "_joined", "_run_joined",
+                 "_frame", "_run_frames")
+
+    def __init__(self, events: list[Event], parts: list[bytes], by_run: dict[str, list[int]]) -> None:
+        self.events = events
+        self.parts = parts
+        self.nbytes = sum(len(p) for p in parts) + len(parts)
+        self.by_run = by_run
+        self.terminal_runs = {ev.run_id for ev in events if ev.is_terminal}
+        self.cursor = ""  # the all-runs cursor after this batch (set when all-runs clients exist)
+        self._joined: bytes | None = None
+        self._run_joined: dict[str, bytes] = {}
+        self._frame: bytes | None = None
+        self._run_frames: dict[str, bytes] = {}
+
+    def frame(self) -> bytes:
+        """The all-runs `events` frame of this batch alone."""
+        if self._frame is None:
+            self._frame = events_frame([self.joined()], self.cursor)
+        return self._frame
+
+    def run_frame(self, run_id: str) -> bytes:
+        """The `events` frame of this batch's part for one run (its cursor: that run's last seq)."""
+        data = self._run_frames.get(run_id)
+        if data is None:
+            data = self._run_frames[run_id] = events_frame([self.run_joined(run_id)], str(self.run_last_seq(run_id)))
+        return data
+
+    def joined(self) -> bytes:
+        if self._joined is None:
+            self._joined = b",".join(self.parts)
+        return self._joined
+
+    def run_size(self, run_id: str) -> tuple[int, int]:
+        """(events, bytes) of one run's part of the batch."""
+        idx = self.by_run.get(run_id)
+        if not idx:
+            return 0, 0
+        return len(idx), sum(len(self.parts[i]) for i in idx) + len(idx)
+
+    def run_joined(self, run_id: str) -> bytes:
+        data = self._run_joined.get(run_id)
+        if data is None:
+            data = self._run_joined[run_id] = b",".join(self.parts[i] for i in self.by_run[run_id])
+        return data
+
+    def run_last_seq(self, run_id: str) -> int:
+        return self.events[self.by_run[run_id][-1]].seq
+
+    def items(self, run_id: str | None) -> Iterable[tuple[Event, bytes]]:
+        """(event, its JSON) of the whole batch (run_id None) or of one run's part."""
+        if run_id is None:
+            return zip(self.events, self.parts)
+        return ((self.events[i], self.parts[i]) for i in self.by_run.get(run_id, ()))
+
+
+class Collector:
+    """A batch being collected: each event is encoded once, as it is delivered."""
+
+    __slots__ = ("events", "parts", "by_run")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.parts: list[bytes] = []
+        self.by_run: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def add(self, ev: Event) -> None:
+        i = len(self.events)
+        self.events.append(ev)
+        self.parts.append(encode_event(ev))
+        idx = self.by_run.get(ev.run_id)
+        if idx is None:
+            self.by_run[ev.run_id] = [i]
+        else:
+            idx.append(i)
+
+    def take(self) -> Batch | None:
+        """The batch collected so far (None if empty); collecting starts again."""
+        if not self.events:
+            return None
+        batch = Batch(self.events, self.parts, self.by_run)
+        self.events, self.parts, self.by_run = [], [], {}
+        return batch
+
+
+def batch_of(events: list[Event]) -> Batch:
+    """A batch of these events (as the fan-out would make it), for tests and tools."""
+    out = Collector()
+    for ev in events:
+        out.add(ev)
+    batch = out.take()
+    assert batch is not None, "a batch of no events"
+    return batch
+
+
+class Notice:
+    """A frame for the clients of one run (and all-runs clients), sent in order between batches: the
+    `journal_gap` frame, which does not end the stream."""
+
+    __slots__ = ("run_id", "frame")
+
+    def __init__(self, run_id: str, frame: bytes) -> None:
+        self.run_id = run_id
+        self.frame = frame
