@@ -332,6 +332,7 @@ async def test_overlap_queue_holds_a_run_while_the_schedules_previous_run_is_act
     w = await rig.connect()
     first, second = rig.queued("r1"), rig.queued("r2")
     first.schedule = second.schedule = "tick"
+    first.trigger = second.trigger = "schedule"  # fired by the schedule's clock (a backfill's runs are metered apart)
 
     async def assign(run_id: str, runner_id: str, attempt: int) -> None:
         return None
@@ -351,6 +352,6 @@ async def test_overlap_queue_holds_a_run_while_the_schedules_previous_run_is_act
     assert second.phase == "dispatched" and w.runs == {"r2"}
     policy["tick"] = "allow"
     third = rig.queued("r3")
-    third.schedule = "tick"
+    third.schedule, third.trigger = "tick", "schedule"
     await dispatcher.dispatch_ready()
     assert third.phase == "dispatched"  # overlap = allow: side by side
