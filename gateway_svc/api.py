@@ -65,11 +65,28 @@ from aiohttp import web
 from shared.alertlog import read_attempts, summarize
 from shared.config import Settings
 from shared.control import (
-    Cancel, ControlClient, GetRun, Launch, ListRuns, ListSchedules, Pause, Request, Resume, check_idempotency_key,
+    Cancel,
+    ControlClient,
+    GetRun,
+    Launch,
+    ListRuns,
+    ListSchedules,
+    Pause,
+    Request,
+    Resume,
+    check_idempotency_key,
 )
 from shared.errors import ProtocolError, RunwireError
 from shared.httpapi import (
-    EventsPage, Launched, ParamView, PipelinesPage, PipelineView, RunPage, RunsPage, RunView, SchedulesPage,
+    EventsPage,
+    Launched,
+    ParamView,
+    PipelinesPage,
+    PipelineView,
+    RunPage,
+    RunsPage,
+    RunView,
+    SchedulesPage,
 )
 from shared.ids import check_run_id
 from shared.journal import JournalReader, journal_path

@@ -66,7 +66,7 @@ class Batch:
     def items(self, run_id: str | None) -> Iterable[tuple[Event, bytes]]:
         """(event, its JSON) of the whole batch (run_id None) or of one run's part."""
         if run_id is None:
-            return zip(self.events, self.parts)
+            return zip(self.events, self.parts, strict=True)
         return ((self.events[i], self.parts[i]) for i in self.by_run.get(run_id, ()))
 
 

@@ -21,8 +21,8 @@ import sqlite3
 from typing import Any
 
 import anyio
-import pyarrow as pa
 import polars as pl
+import pyarrow as pa
 from aiohttp import web
 
 from runwire_history.analytics import BadWindow, Query, history, parse_window
@@ -59,10 +59,11 @@ async def get_history(request: web.Request) -> web.Response:
         raise HttpError(400, "bad_request", f"query parameter 'stage': not a stage name: {stage[:40]!r}")
     try:
         async with _QUERIES:
-            if pipeline not in settings.config.pipelines and pipeline not in await anyio.to_thread.run_sync(_known_pipelines, archive_dir):
+            configured = pipeline in settings.config.pipelines
+            if not configured and pipeline not in await anyio.to_thread.run_sync(_known_pipelines, archive_dir):
                 known = ", ".join(sorted(settings.config.pipelines)) or "none"
-                raise HttpError(400, "unknown_pipeline",
-                                f"query parameter 'pipeline': unknown pipeline {pipeline[:80]!r} (configured: {known}; none archived by that name)")
+                raise HttpError(400, "unknown_pipeline", f"query parameter 'pipeline': unknown pipeline {pipeline[:80]!r} "
+                                f"(configured: {known}; none archived by that name)")
             report = await anyio.to_thread.run_sync(history, archive_dir, Query(pipeline, since, stage))
     except (OSError, sqlite3.Error, pa.ArrowException, pl.exceptions.PolarsError) as e:
         log.error("history of %s: the archive %s cannot be read: %s", pipeline, archive_dir, e)

@@ -15,8 +15,8 @@ from .runindex import RunIndex
 
 if TYPE_CHECKING:
     from .archiver import Archiver
-    from .live import StreamClient
     from .hub import Hub
+    from .live import StreamClient
 
 SETTINGS = web.AppKey("settings", Settings)
 STATS = web.AppKey("stats", GatewayStats)

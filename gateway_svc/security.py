@@ -61,8 +61,8 @@ def auth_middleware(token: str | None) -> Handler:
         elif "token" in request.query:
             given = request.query["token"]
         if not given:
-            return error_response(401, "unauthorized", "this gateway needs a token: 'Authorization: Bearer <token>' (or ?token= on WebSocket and SSE)",
-                                  headers={"WWW-Authenticate": "Bearer"})
+            return error_response(401, "unauthorized", "this gateway needs a token: 'Authorization: Bearer <token>' "
+                                  "(or ?token= on WebSocket and SSE)", headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(given.encode(), expected):
             return error_response(401, "unauthorized", "wrong token", headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)

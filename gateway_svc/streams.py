@@ -78,7 +78,9 @@ async def _journal_last_seq(hub: Hub, run_id: str) -> int:
 async def _serve_run(hub: Hub, client: StreamClient, run_id: str, after_seq: int) -> None:
     entry = None
     with anyio.move_on_after(UNKNOWN_RUN_WAIT):
-        while (entry := await hub.ensure_run(run_id)) is None:
+        # noqa below: a run id not known yet may appear on disk (its journal written by another host's
+        # scheduler, or before its first event reached us): looking again is the way to find it
+        while (entry := await hub.ensure_run(run_id)) is None:  # noqa: ASYNC110
             await anyio.sleep(0.1)
     if entry is None:
         await client.transport.send_frame(ErrorFrame(ErrorCode.UNKNOWN_RUN, f"no run {run_id} in {hub.journal_dir}"))
@@ -288,5 +290,5 @@ async def close_streams(app: web.Application) -> None:
     for client in clients:
         client.request_close(CloseReason.SHUTTING_DOWN)
     with anyio.move_on_after(WS_CLOSE_TIMEOUT):
-        while app[CLIENTS]:
+        while app[CLIENTS]:  # noqa: ASYNC110 - each stream's own task removes it as its close completes
             await anyio.sleep(0.05)

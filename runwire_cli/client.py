@@ -17,7 +17,6 @@ import msgspec
 
 from shared.config import Settings
 from shared.errors import ERRORS_BY_CODE, BadReply, ProtocolError, RunwireError, ServiceUnavailable
-from shared.events import Event
 from shared.protocol import FRAME_TYPES, RETRYABLE_CLOSES, CloseCode, ErrorFrame, Frame, decode_frame
 
 GATEWAY_URL_ENV = "RUNWIRE_GATEWAY_URL"
@@ -69,7 +68,8 @@ class GatewayClient:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientConnectionError, TimeoutError) as e:
-            raise ServiceUnavailable(f"gateway not reachable at {self.base_url} ({e or type(e).__name__}); is it running? try `runwire doctor`") from e
+            raise ServiceUnavailable(f"gateway not reachable at {self.base_url} ({e or type(e).__name__}); "
+                                     "is it running? try `runwire doctor`") from e
         try:
             data = _body_decoder.decode(body) if body else None
         except (msgspec.DecodeError, RecursionError):  # not JSON (a proxy's page) or a depth bomb: no body

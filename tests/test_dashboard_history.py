@@ -14,8 +14,10 @@ from shared.config import load_settings
 from shared.ids import new_run_id
 from shared.journal import JournalWriter, begin_run
 from tests.harness import Service, write_config
-from tests.test_dashboard import browser_page  # noqa: F401  (the fixture)
-from tests.test_dashboard import _screenshot
+from tests.test_dashboard import (
+    _screenshot,
+    browser_page,  # noqa: F401  (the fixture)
+)
 
 TZ = ZoneInfo("America/Chicago")
 

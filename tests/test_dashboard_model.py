@@ -78,7 +78,7 @@ def test_reconnect_backoff_has_full_jitter(gateway: tuple[str, str], browser_pag
     caps = [500, 1000, 2000, 4000, 8000, 15000, 15000]
     assert got["low"] == [0] * 7  # full jitter: as low as no wait at all (equal jitter would be cap / 2)
     assert got["mid"] == [c / 2 for c in caps]
-    assert all(c * 0.99 < h < c for h, c in zip(got["high"], caps))
+    assert all(c * 0.99 < h < c for h, c in zip(got["high"], caps, strict=True))
 
 
 def test_the_run_model_applies_once_reconnects_at_a_gap_and_marks_a_hole(gateway: tuple[str, str], browser_page: Any) -> None:  # noqa: F811

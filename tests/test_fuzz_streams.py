@@ -15,8 +15,7 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 
 from gateway_svc.cursor import journal_dir_tag
 from shared.ids import is_valid_run_id
@@ -29,13 +28,13 @@ from tests.fuzzing import (
     assert_serving,
     fuzz,
     hostile_text,
+    http_request,
     int_verdict,
     json_bomb,
     json_values,
-    http_request,
     launch_and_finish,
-    wait_run_ended,
     trio,  # noqa: F401  (the module's fixture)
+    wait_run_ended,
 )
 
 MAX_CLIENT_MESSAGE = 4096  # README: a longer client message gets an error frame and 4400
@@ -108,7 +107,7 @@ def test_ws_run_after_seq_is_ascii_digits_or_refused(trio: Trio, ended_run: str,
     assert refused is not None and refused.startswith("400 application/json"), (raw, frames, code, refused)
 
 
-def _cursor(trio: Trio, p: dict[str, Any], d: list[Any], v: int = 1, t: int = 0, tag: bytes | None = None) -> str:
+def _cursor(trio: Trio, p: dict[str, Any], d: list[Any], v: int = 1, t: int = 0, tag: bytes | None = None) -> str:  # noqa: F811
     raw = msgspec.msgpack.encode({"v": v, "j": tag if tag is not None else journal_dir_tag(trio.journal_dir),
                                   "t": t, "p": p, "d": d})
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()

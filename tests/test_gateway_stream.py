@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import anyio.lowlevel
 
 from gateway_svc.cursor import decode_cursor, encode_cursor
 from gateway_svc.keys import HUB, INDEX
@@ -440,7 +441,7 @@ async def test_replay_of_a_long_run_under_a_live_flood_catches_up_from_the_journ
                 for i in range(3_000):
                     pub.emit(run_id, "nap", "log", f"live {i}")
                     if i % 20 == 0:
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
                 pub.emit(run_id, "pipeline", "success", "done")
 
             async with anyio.create_task_group() as tg:
@@ -480,7 +481,7 @@ async def test_all_runs_resume_under_a_live_flood_catches_up_from_the_journal(tm
                     for run_id in runs:
                         pub.emit(run_id, "nap", "log", f"live {i}")
                     if i % 10 == 0:
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
                 for run_id in runs:
                     pub.emit(run_id, "pipeline", "success", "done")
 

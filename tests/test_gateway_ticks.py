@@ -78,7 +78,7 @@ async def test_ticked_run_and_all_runs_clients_resuming_get_exactly_the_journal(
                 while not ended(resumed):
                     frames = rng.randint(2, 4)
                     got = await collect(http, f"{gw.ws}/ws/events?cursor={cursor}",
-                                        until=lambda c: len(c.frames) >= frames or ended(c.events))
+                                        until=lambda c, frames=frames: len(c.frames) >= frames or ended(c.events))
                     assert got.frames[0]["recovered"] is True, got.frames[0]
                     resumed.extend(got.events)
                     cursor = got.last_cursor

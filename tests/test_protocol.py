@@ -9,8 +9,7 @@ import re
 
 import msgspec
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from shared import protocol as p
 from shared.events import EVENT_KINDS, Event
