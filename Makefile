@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser postgres bench clean
+.PHONY: demo test check install browser postgres bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,12 @@ demo: install
 	@# Ctrl-C stops everything cleanly and honcho exits 130: that is the normal end of a demo, not an error
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start || [ $$? -eq 130 ]
 
-test: install browser postgres
+# lint and type check first (seconds), then the suite
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install browser postgres check
 	$(BIN)/python -m pytest
 
 bench: install

@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from shared.errors import ConfigError
 
@@ -39,7 +40,7 @@ def check_bind(host: str, token: str | None, config_path: object) -> None:
         )
 
 
-def auth_middleware(token: str | None) -> Handler:
+def auth_middleware(token: str | None) -> Middleware:
     expected = token.encode() if token else None
 
     @web.middleware

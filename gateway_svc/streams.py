@@ -286,7 +286,8 @@ async def sse_events(request: web.Request) -> web.StreamResponse:
 
 async def close_streams(app: web.Application) -> None:
     """on_shutdown: every open stream is told 1001 going away and given a moment to close."""
-    clients = list(app[CLIENTS])
+    open_clients = app[CLIENTS]
+    clients = list(open_clients)
     for client in clients:
         client.request_close(CloseReason.SHUTTING_DOWN)
     with anyio.move_on_after(WS_CLOSE_TIMEOUT):

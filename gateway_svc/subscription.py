@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import anyio.lowlevel
 import zmq
@@ -32,9 +33,9 @@ _POLLIN = int(zmq.POLLIN)
 class Subscription:
     """A SUB socket (connect, subscribe and options are the caller's) and its batched reader."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    def __init__(self, ctx: zmq.Context[Any]) -> None:  # a zmq.asyncio context too: the socket is a plain one
         self.sock: zmq.Socket[bytes] = zmq.Socket(ctx, zmq.SUB)  # plain socket, whatever the context
-        self._fd = self.sock.getsockopt(zmq.FD)
+        self._fd = int(self.sock.getsockopt(zmq.FD))  # an int option (pyzmq types every option int | bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._yielded = True
@@ -90,7 +91,7 @@ class Subscription:
         # batches) the messages are taken by its next call, which receives before it waits
         waiter = self._waiter
         try:
-            ready = self.sock.getsockopt(zmq.EVENTS) & _POLLIN
+            ready = int(self.sock.getsockopt(zmq.EVENTS)) & _POLLIN
         except zmq.ZMQError as e:
             # the socket is unusable (context terminated?): the reader fails with the cause (a busy reader
             # meets it in its next receive) instead of the loop logging it on every turn
@@ -106,7 +107,7 @@ class Subscription:
     def check(self) -> bool:
         """True (and the reader woken) if messages wait while the reader sleeps: a missed wake-up."""
         waiter = self._waiter
-        if waiter is None or waiter.done() or not self.sock.getsockopt(zmq.EVENTS) & _POLLIN:
+        if waiter is None or waiter.done() or not int(self.sock.getsockopt(zmq.EVENTS)) & _POLLIN:
             return False
         self.missed_wakeups += 1
         log.warning("subscriber: messages were waiting without a wake-up from the socket (%d so far); reading them now",

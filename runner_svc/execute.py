@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,8 @@ class RunExecution:
 
     async def emit_shielded(self, stage: str, event: str, msg: str = "", data: dict[str, Any] | None = None) -> Event | None:
         with anyio.CancelScope(shield=True):
-            return await self.journal.emit(stage, event, msg, data)
+            ev = await self.journal.emit(stage, event, msg, data)
+        return ev
 
     # ------------------------------------------------------------------------------------- pipeline
 
@@ -314,7 +315,7 @@ class RunExecution:
                 data = {"stream": stream, **item_data}  # one dict for the batch: events are never changed
                 await self.journal.emit_many([(name, "log", line, data) for line in lines[:admitted]])
 
-        async def on_messages(messages: list[StageMessage]) -> None:
+        async def on_messages(messages: Sequence[StageMessage]) -> None:
             drafts: list[EventDraft] = []
             for message in messages:
                 if isinstance(message, MetricMessage):

@@ -75,4 +75,4 @@ async def end_group(pgid: int, grace: float, what: str) -> bool:
                 await anyio.sleep(_POLL)
             else:
                 log.error("%s: process group %d still has live members after SIGKILL: %s", what, pgid, group_members(pgid))
-        return True
+    return True  # a shielded scope is never cancelled: only the returns above leave it early

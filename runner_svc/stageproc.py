@@ -9,7 +9,7 @@ import logging
 import signal
 import socket
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ RECV_BYTES = 64 * 1024
 MAX_BATCH_BYTES = 1024 * 1024  # read per wake-up at most, so one batch never holds up the loop for long
 
 LinesHandler = Callable[[str, list[str]], Awaitable[None]]  # (stream, the lines of one read)
-MessagesHandler = Callable[[list[StageMessage]], Awaitable[None]]  # the messages of one wake-up, in order
+MessagesHandler = Callable[[Sequence[StageMessage]], Awaitable[None]]  # the messages of one wake-up, in order
 NoteHandler = Callable[[str], Awaitable[None]]
 
 

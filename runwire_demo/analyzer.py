@@ -27,6 +27,7 @@ import logging
 import re
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -42,7 +43,7 @@ SLOTS: dict[str, int] = {"07:30": 1, "08:00": 1, "09:00": 1, "09:30": 2, "10:00"
 _SLOT_MINUTE = {slot: int(slot[:2]) * 60 + int(slot[3:]) for slot in SLOTS}
 _INSTRUMENT_RE = re.compile(r"^[A-Z][A-Z0-9]{0,9}$")
 
-RESULT_SCHEMA: dict[str, pl.DataType] = {
+RESULT_SCHEMA: dict[Any, pl.DataType] = {  # Any: polars takes column names and selectors as keys
     "date": pl.Date(),
     "instrument": pl.String(),
     "session": pl.String(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -13,7 +14,7 @@ from shared.errors import RunwireError
 from shared.journal import fsync_path
 
 TZ = "America/Chicago"
-BAR_SCHEMA: dict[str, pl.DataType] = {
+BAR_SCHEMA: dict[Any, pl.DataType] = {  # Any: polars takes column names and selectors as keys
     "timestamp": pl.Datetime("us", TZ),
     "open": pl.Float64(),
     "high": pl.Float64(),

@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +95,8 @@ class Ledger:
         return {r[0] for r in self.db.execute("SELECT run_id FROM runs")}
 
     def files(self, *, pipeline: str | None = None, since_us: int | None = None) -> list[FileEntry]:
-        sql, args = "SELECT name, day, pipeline, runs, rows, first_us, last_us FROM files", []
+        sql = "SELECT name, day, pipeline, runs, rows, first_us, last_us FROM files"
+        args: list[str | int] = []
         where = []
         if pipeline is not None:
             where.append("pipeline = ?")
@@ -126,7 +127,7 @@ class Ledger:
                                "WHERE day = ? AND pipeline = ? ORDER BY first_us, name", (day, pipeline))
         return [FileEntry(*r) for r in rows]
 
-    def add_file(self, entry: FileEntry, runs: list[tuple[str, int, str]], *, replacing: list[str] = ()) -> None:
+    def add_file(self, entry: FileEntry, runs: list[tuple[str, int, str]], *, replacing: Sequence[str] = ()) -> None:
         """Register a file and its runs (run_id, queued us, status), dropping the files it replaces, in
         one transaction: after a crash the ledger names either the old files or the new one."""
         with self.db:

@@ -164,7 +164,7 @@ class Launches:
 
     def _keys_in_journals(self, recs: list[RunRecord]) -> list[tuple[str, RunRecord, float]]:
         """(key, run, unix time queued) for each run whose `queued` event carries an idempotency key."""
-        out = []
+        out: list[tuple[str, RunRecord, float]] = []
         for rec in recs:
             try:
                 head = JournalReader(journal_path(self.journal_dir, rec.run_id), rec.run_id).read(0, 1)

@@ -54,7 +54,7 @@ class RunnerInfo:
         return (self.status.capacity if self.status else 0) - len(self.runs)
 
 
-_ACTIVE = tuple(sorted(ACTIVE_PHASES))
+_ACTIVE: tuple[Phase, ...] = tuple(sorted(ACTIVE_PHASES))
 
 
 class RunBook:

@@ -216,7 +216,7 @@ class RunnerTracker:
         """Messages wait on scheduler.dispatch, not yet read: one of them may be the heartbeat."""
         if self.dispatch_sock is None:
             return False
-        return bool(self.dispatch_sock.get(zmq.EVENTS) & zmq.POLLIN)
+        return bool(int(self.dispatch_sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
     async def judge(self) -> None:
         """One round of the monitor: declare silent runners lost, reconcile runs no runner reports."""

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # accepted. running: accepted by a runner. ending: the scheduler is writing the terminal event itself
 # (runner lost); it no longer takes a concurrency slot. ended: terminal event in the journal.
 Phase = Literal["queued", "dispatching", "dispatched", "running", "ending", "ended"]
-ACTIVE_PHASES = frozenset({"dispatching", "dispatched", "running"})
+ACTIVE_PHASES: frozenset[Phase] = frozenset({"dispatching", "dispatched", "running"})
 
 
 @dataclass

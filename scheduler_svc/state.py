@@ -193,8 +193,10 @@ class StateStore:
             for row in heads:
                 runs = self._db.execute("SELECT pos, slot, run_id, rerun_of, reason, queued FROM backfill_runs "
                                         "WHERE backfill_id = ? ORDER BY pos", (row[0],)).fetchall()
-                out.append((BackfillRow(*row[:7], done=bool(row[7])),
-                            [BackfillRunRow(*r[:5], queued=bool(r[5])) for r in runs]))
+                id_, schedule, start, end, policy, max_parallel, created_at, done = row
+                head = BackfillRow(id_, schedule, start, end, policy, max_parallel, created_at, bool(done))
+                out.append((head, [BackfillRunRow(pos, slot, run_id, rerun_of, reason, bool(queued))
+                                   for pos, slot, run_id, rerun_of, reason, queued in runs]))
             return out
 
     def _add_backfill_sync(self, head: BackfillRow, runs: list[BackfillRunRow]) -> None:

@@ -38,7 +38,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
     """Config tables refuse keys they do not know: a typo fails at start, naming the key."""
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(_Strict, frozen=True):
     control: str = "tcp://127.0.0.1:5555"  # ROUTER for the gateway and the CLI
     dispatch: str = "tcp://127.0.0.1:5557"  # ROUTER that runners connect to
     publish: str = "tcp://127.0.0.1:5559"  # PUB of the events the scheduler writes (queued, ends it decides)
@@ -48,7 +48,7 @@ class SchedulerConfig(_Strict):
     keep_days: float = 0.0  # ended runs last written longer ago lose journal and report; 0: keep every run
 
 
-class RunnerConfig(_Strict):
+class RunnerConfig(_Strict, frozen=True):
     publish: str = "tcp://127.0.0.1:5556"  # PUB of the event stream (the contract's default)
     control: str = "tcp://127.0.0.1:5558"  # ROUTER for identity and the doctor's probe
     id: str = ""  # default: the host name (stable across restarts: a restarted runner finds its runs)
@@ -60,7 +60,7 @@ class RunnerConfig(_Strict):
     kill_grace: float = 5.0  # seconds between TERM and KILL of a stage's process group
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(_Strict, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8080
     # PUB endpoints to subscribe to: every runner's and the scheduler's
@@ -72,7 +72,7 @@ class GatewayConfig(_Strict):
     runner_stale_after: float = 5.0  # heartbeat age after which /healthz calls a runner unreachable
 
 
-class StageConfig(_Strict):
+class StageConfig(_Strict, frozen=True):
     name: str
     command: list[str] | None = None  # argv, never a shell; "{param}", "{item}", "{home}", "{run_id}" filled
     callable: str | None = None  # "module:function", run in a child process
@@ -92,14 +92,14 @@ class StageConfig(_Strict):
     env: dict[str, str] = {}
 
 
-class PipelineConfig(_Strict, kw_only=True):
+class PipelineConfig(_Strict, kw_only=True, frozen=True):
     description: str = ""
     max_concurrent: int = 1  # runs of this pipeline at once (beyond it, runs wait queued)
     params: dict[str, ParamSpec] = {}
     stages: list[StageConfig]
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(_Strict, frozen=True):
     pipeline: str
     cron: str | None = None
     every: str | None = None  # "15m": slots aligned to `anchor`, whenever the service started
@@ -118,7 +118,7 @@ AlertKind = Literal["failure", "cancelled", "long_run", "skipped", "runner_lost"
 ALERT_KINDS: tuple[str, ...] = AlertKind.__args__  # type: ignore[attr-defined]
 
 
-class AlertConfig(_Strict):
+class AlertConfig(_Strict, frozen=True):
     """`[alerts.<name>]`: a webhook POSTed on the run outcomes in `on` (scheduler_svc/alerts.py)."""
 
     url: str  # http:// or https://
@@ -134,7 +134,7 @@ class AlertConfig(_Strict):
 
 # ---- [cluster]: several hosts on NATS JetStream and PostgreSQL (absent: one host, as by default) ----
 
-class CurveConfig(_Strict):
+class CurveConfig(_Strict, frozen=True):
     """The cluster's CURVE key pair (`runwire keys` writes it), a copy on every host: servers bind with
     the secret, clients verify servers by the public key and present the pair, and servers accept only
     clients presenting it. Paths are relative to the config file's folder."""
@@ -143,7 +143,7 @@ class CurveConfig(_Strict):
     secret_file: str
 
 
-class ClusterConfig(_Strict):
+class ClusterConfig(_Strict, frozen=True):
     nats: list[str]  # JetStream servers, e.g. ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
     state: str  # PostgreSQL URL, e.g. "postgresql://runwire@10.0.0.1:5432/runwire"
     stream_max_age: str = "7d"  # the event stream keeps a run's events this long
@@ -151,7 +151,7 @@ class ClusterConfig(_Strict):
     curve: CurveConfig | None = None  # needed to bind any ZeroMQ socket beyond loopback
 
 
-class Config(_Strict):
+class Config(_Strict, frozen=True):
     home: str = ".runwire"
     timezone: str = "UTC"
     log_level: str = "INFO"
@@ -358,8 +358,8 @@ def _validate_pipeline(path: Path, key: str, pipeline: PipelineConfig) -> None:
         if stage.max_parallel < 1 or stage.retries < 0 or stage.log_rate < 1:
             raise _fail(path, skey, "expected max_parallel >= 1, retries >= 0, log_rate >= 1")
         if isinstance(stage.fan_out, str):
-            spec = pipeline.params.get(stage.fan_out)
-            if spec is None or spec.type != "list":
+            fan_spec = pipeline.params.get(stage.fan_out)
+            if fan_spec is None or fan_spec.type != "list":
                 raise _fail(path, f"{skey}.fan_out", f"expected a list of items or the name of a list parameter (got {stage.fan_out!r})")
 
 

@@ -49,8 +49,7 @@ from .wire import configure_socket
 log = logging.getLogger(__name__)
 
 
-R = TypeVar("R", bound=msgspec.Struct)
-
+R = TypeVar("R", bound=msgspec.Struct, covariant=True)  # a request of a reply type is one of its base
 
 class Request(msgspec.Struct, Generic[R], tag_field="op", kw_only=True):
     id: int = 0
@@ -282,12 +281,12 @@ class ControlClient:
         sock = self._socket()
         what = f"{type(req).__name__.lower()} to {self.endpoint}"
         try:
-            if not await sock.poll(timeout * 1000, zmq.POLLOUT):
+            if not await sock.poll(timeout * 1000, zmq.POLLOUT):  # type: ignore[call-arg]  # pyzmq's stub lacks `flags`
                 raise ServiceUnavailable(f"{what}: nothing listening (not connected within {timeout:g}s)")
             await sock.send(encode(req), zmq.NOBLOCK)
             while True:
                 left = end - time.monotonic()
-                if left <= 0 or not await sock.poll(left * 1000, zmq.POLLIN):
+                if left <= 0 or not await sock.poll(left * 1000, zmq.POLLIN):  # type: ignore[call-arg]
                     raise ServiceUnavailable(f"{what}: no answer within {timeout:g}s")
                 reply = _reply_decoder.decode(await sock.recv())
                 if reply.id == req.id:

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from ..ids import check_run_id, is_valid_run_id
 
@@ -33,7 +33,14 @@ class JournalStats:
 stats = JournalStats()
 
 
-def stats_fields() -> dict[str, int]:
+class RepairCounts(TypedDict):
+    """The journal repair counts a heartbeat carries (shared.wire.Heartbeat's fields of the same names)."""
+
+    journal_torn_repaired: int
+    journal_corrupt_skipped: int
+
+
+def stats_fields() -> RepairCounts:
     """This process's journal repair counts, as a heartbeat carries them."""
     return {"journal_torn_repaired": stats.torn_lines_repaired, "journal_corrupt_skipped": stats.corrupt_lines_skipped}
 
