@@ -32,7 +32,7 @@ from shared.control import Backfill, ListBackfills
 from shared.errors import BadParams, JournalError, NotFound
 from shared.events import now_timestamp
 from shared.ids import new_run_id
-from shared.journal import journal_path
+from shared.journal import journal_path, list_run_ids
 from shared.replies import BackfillList, BackfillProgress, BackfillResult
 
 from .backfill_plan import decide, slot_runs
@@ -81,9 +81,9 @@ class Backfills:
         check_window(start, end)
         slots = self._slots(e, start, end)
         pending = self._pending_slots(e.name)
-        jdir = self.settings.journal_dir
-        decisions = [decide(s, e.name, policy, slot_runs(slot_run_id(s, e.name), self.book.get,
-                                                             lambda rid: journal_path(jdir, rid).exists()),
+        # which journals exist: one directory scan, off the event loop (a window may hold 10,000 slots)
+        on_disk = set(await anyio.to_thread.run_sync(list_run_ids, self.settings.journal_dir))
+        decisions = [decide(s, e.name, policy, slot_runs(slot_run_id(s, e.name), self.book.get, on_disk.__contains__),
                             pending.get(iso_utc(s)))
                      for s in slots]
         runs = [d for d in decisions if d.action == "run"]
