@@ -230,6 +230,9 @@ def test_dashboard_launches_and_follows_a_run_across_a_gateway_restart(tmp_path:
     # it resumes and follows the run to its end
     page.wait_for_selector('.run-status .badge.st-success', timeout=90_000)
     page.wait_for_selector('[data-stream="this run"][data-state="complete"]', state="attached")
+    # the all-runs stream is live again too, within a moment of the run's stream: once one stream of the
+    # page reached the gateway, the others retry at once, whatever their jittered backoff
+    page.wait_for_selector('[data-stream="runs"][data-state="live"]', state="attached", timeout=10_000)
 
     journal = [[ev.seq, ev.stage, ev.event] for ev in JournalReader(jpath).read()]
     assert journal[-1][1:] == ["pipeline", "success"], journal[-5:]

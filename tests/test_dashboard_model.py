@@ -2,7 +2,8 @@
 its modules imported from the real gateway: protocol.js holds shared/protocol.py's table and
 classifies codes as it does; the reconnect backoff has full jitter; the run page's model (runlog.js)
 applies events exactly once, reconnects at a gap and marks a hole that stays; timers stop while the
-page is hidden; a WebSocket refused at the handshake for want of a token is recognised as such (the
+page is hidden; when one stream reaches the gateway, a stream of the page waiting in a long backoff
+retries at once; a WebSocket refused at the handshake for want of a token is recognised as such (the
 stream asks for the token, then goes live); and a run page lets go of its model when it is left."""
 
 from __future__ import annotations
@@ -180,3 +181,36 @@ def test_a_websocket_refused_for_its_token_asks_for_one_and_a_left_run_page_lets
     page.click("a.back")
     page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"]')
     assert page.evaluate("() => [window.__runwire.runLogs.size, window.__kept.events.length, window.__kept.released]") == [0, 0, True]
+
+
+def test_a_stream_in_a_long_backoff_retries_at_once_when_another_reaches_the_gateway(gateway: tuple[str, str], browser_page: Any) -> None:  # noqa: F811
+    base, _ = gateway
+    page = _module_page(browser_page, base)
+    # stream A's first connection is refused (a port nobody listens on: the gateway away), and its next try is
+    # drawn at the top of a 15 s backoff; stream B then reaches the gateway, and A must not wait 15 s
+    page.evaluate(f"""async () => {{
+        const {{ Stream }} = await import("/static/stream.js");
+        Math.random = () => 0.999;
+        const token = "{TOKEN}";
+        window.__a = {{ states: [], paths: 0 }};
+        const a = new Stream({{ name: "a", onHello: () => {{}}, onEvents: () => {{}},
+            path: () => "/ws/events?token=" + token,
+            onState: (state, d) => window.__a.states.push([state, d.retryAt ? d.retryAt - Date.now() : 0]) }});
+        a.attempt = 6;
+        const url = a._url.bind(a);
+        a._url = () => (window.__a.paths++ === 0 ? "ws://127.0.0.1:9/ws/events" : url());
+        window.__a.stream = a;
+        a.start();
+    }}""")
+    page.wait_for_function("() => window.__a.states.some(([s, wait]) => s === 'reconnecting' && wait > 10000)")
+    page.evaluate(f"""async () => {{
+        const {{ Stream }} = await import("/static/stream.js");
+        const b = new Stream({{ name: "b", path: () => "/ws/events?token={TOKEN}", onHello: () => {{}}, onEvents: () => {{}},
+                                onState: (state) => {{ if (state === "live") window.__bLive = true; }} }});
+        window.__b = b;
+        b.start();
+    }}""")
+    page.wait_for_function("() => window.__bLive === true", timeout=5_000)
+    page.wait_for_function("() => window.__a.states.some(([s]) => s === 'live')", timeout=5_000)
+    assert page.evaluate("() => window.__a.paths") == 2
+    page.evaluate("() => { window.__a.stream.stop(); window.__b.stop(); }")

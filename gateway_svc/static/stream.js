@@ -5,7 +5,9 @@
 // `journal_gap` (events N..M of a run are missing from the journal: the stream goes on after it), which
 // is handed to onJournalGap and changes nothing here. A connection refused at the handshake says
 // nothing to a browser's WebSocket (no status, close 1006): the same URL is asked over HTTP, and a 401
-// there is a missing or wrong token, so the page asks for one.
+// there is a missing or wrong token, so the page asks for one. When one stream of the page gets its
+// hello, the gateway is back: the page's other streams waiting in backoff try again at once, so the
+// whole page is live again within a moment of the gateway's return, whatever their jittered delays.
 
 import { currentToken, askForToken } from "./api.js";
 import { CLOSE, ERROR, closeIsFatal, errorIsFatal, parseFrame } from "./protocol.js";
@@ -14,6 +16,7 @@ const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 15000;
 const STABLE_AFTER_MS = 5000; // a connection that lived this long resets the backoff
 const SLOW_CONSUMER_RETRY_MS = [100, 500]; // dropped on purpose: our position loses nothing, come back soon
+const GATEWAY_BACK = "runwire-gateway-back"; // a window event: one stream of this page reached the gateway
 
 // Exponential backoff with full jitter: a delay drawn uniformly from [0, min(max, base * 2^attempt)),
 // so pages that lost the gateway together do not come back in step.
@@ -50,17 +53,23 @@ export class Stream {
     this.state = "idle";
     this.lastError = null;
     this.onToken = () => { if (this.state === "reconnecting" && !this.ws) this._schedule(0); };
+    this.onGatewayBack = (ev) => {
+      // not while the page asks for a token: that retry waits for the token
+      if (ev.detail !== this && this.state === "reconnecting" && !this.ws && this.lastError !== "token needed") this._schedule(0);
+    };
   }
 
   start() {
     this.stopped = false;
     window.addEventListener("runwire-token", this.onToken);
+    window.addEventListener(GATEWAY_BACK, this.onGatewayBack);
     this._connect();
   }
 
   stop() {
     this.stopped = true;
     window.removeEventListener("runwire-token", this.onToken);
+    window.removeEventListener(GATEWAY_BACK, this.onGatewayBack);
     clearTimeout(this.timer);
     if (this.ws) {
       const ws = this.ws;
@@ -128,6 +137,7 @@ export class Stream {
         this.connects++;
         this.onHello(frame, { reconnect });
         this._set("live", { reconnect, recovered: frame.recovered !== false, reason: frame.reason });
+        window.dispatchEvent(new CustomEvent(GATEWAY_BACK, { detail: this }));
       } else if (frame.type === "events") {
         this.onEvents(frame.events || [], frame.cursor);
       } else if (frame.type === "error" && frame.code === ERROR.JOURNAL_GAP) {
