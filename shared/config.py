@@ -350,6 +350,16 @@ def _validate_pipeline(path: Path, key: str, pipeline: PipelineConfig) -> None:
             raise _fail(path, skey, "expected exactly one of `command` (argv list) or `callable` ('module:function')")
         if stage.command is not None and not stage.command:
             raise _fail(path, f"{skey}.command", "expected a non-empty argv list")
+        # the OS takes argv and the environment as C strings: a NUL cannot reach the process, so it is
+        # refused here, at load, rather than when the stage is spawned in the middle of a run
+        for j, arg in enumerate(stage.command or ()):
+            if "\x00" in arg:
+                raise _fail(path, f"{skey}.command[{j}]", "expected an argument without a NUL character")
+        for name, value in stage.env.items():
+            if not name or "=" in name or "\x00" in name:
+                raise _fail(path, f"{skey}.env", f"expected variable names without '=' or NUL (got {name!r})")
+            if "\x00" in value:
+                raise _fail(path, f"{skey}.env.{name}", "expected a value without a NUL character")
         if stage.callable is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", stage.callable):
             raise _fail(path, f"{skey}.callable", f"expected 'module:function' (got {stage.callable!r})")
         for fname in ("timeout", "progress_interval", "marker_grace", "retry_backoff"):

@@ -66,3 +66,19 @@ def test_params_are_checked_against_their_declarations(tmp_path: Path) -> None:
     ]:
         with pytest.raises(BadParams, match=words):
             resolve_params(p, bad)
+
+
+@pytest.mark.parametrize(
+    ("stage", "key", "expected"),
+    [
+        ('command = ["echo", "a\\u0000b"]', "pipelines.q.stages[0].command[1]", "without a NUL"),
+        ('command = ["true"]\nenv = { "A\\u0000" = "1" }', "pipelines.q.stages[0].env", "without '=' or NUL"),
+        ('command = ["true"]\nenv = { "A=B" = "1" }', "pipelines.q.stages[0].env", "without '=' or NUL"),
+        ('command = ["true"]\nenv = { A = "x\\u0000" }', "pipelines.q.stages[0].env.A", "without a NUL"),
+    ],
+)
+def test_a_nul_in_a_stage_command_or_env_is_refused_at_load(tmp_path: Path, stage: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(BASE + f'[[pipelines.q.stages]]\nname = "s"\n{stage}\n', tmp_path)
+    msg = str(e.value)
+    assert f"`{key}`" in msg and expected in msg, msg
