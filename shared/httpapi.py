@@ -14,24 +14,12 @@ import msgspec
 from .alertlog import AlertView
 from .events import Event
 from .replies import RunDetail, ScheduleInfo
-from .runstate import RunStatus, StageState
+from .runstate import RunFields, RunStatus, StageState
 
 
-class RunView(msgspec.Struct, kw_only=True):
-    """A run in GET /api/runs, from the journals."""
+class RunView(RunFields, kw_only=True):
+    """A run in GET /api/runs, from the journals: the run's fields and what the gateway adds."""
 
-    run_id: str
-    pipeline: str
-    status: RunStatus
-    trigger: str
-    schedule: str | None
-    slot: str | None
-    params: dict[str, Any]
-    queued_at: str | None
-    started_at: str | None
-    ended_at: str | None
-    msg: str  # the terminal event's msg
-    last_seq: int
     waiting: str | None = None  # queued runs: why, as the scheduler says (RunSummary.waiting)
     rerun_of: str | None = None  # the run this one repeats (a re-run, or a backfill of a slot that ran)
     from_stage: str | None = None  # a re-run from a failed stage: the stage it started from

@@ -10,11 +10,11 @@ peer may add some).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
-from .runstate import RunStatus, StageState
+from .runstate import RunFields, RunStatus, StageState
 
 
 class _Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -50,21 +50,10 @@ class CancelResult(_Reply):
     status: Literal["cancelled", "cancelling"]
 
 
-class RunSummary(_Reply):
-    """One run as the scheduler knows it now (ListRuns, and the head of GetRun)."""
+class RunSummary(RunFields, kw_only=True, omit_defaults=True):
+    """One run as the scheduler knows it now (ListRuns, and the head of GetRun): the run's fields and
+    what only the scheduler knows."""
 
-    run_id: str
-    pipeline: str
-    status: RunStatus
-    trigger: str
-    schedule: str | None
-    slot: str | None
-    params: dict[str, Any]
-    queued_at: str | None
-    started_at: str | None
-    ended_at: str | None
-    msg: str  # the terminal event's msg once ended (a failure's cause); a cancel's reason while cancelling
-    last_seq: int
     runner: str | None
     attempt: int
     waiting: str | None  # why a queued run waits ("waiting for a runner ..."); None for any other run

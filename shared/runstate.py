@@ -25,6 +25,25 @@ RUN_STATUSES: tuple[str, ...] = RunStatus.__args__  # type: ignore[attr-defined]
 _STAGE_STATUS = {"start": "running", "success": "success", "failure": "failure", "skipped": "skipped", "cancelled": "cancelled"}
 
 
+class RunFields(msgspec.Struct, kw_only=True):
+    """What every view of a run says about it, from its journal: the scheduler's run summary
+    (shared.replies.RunSummary) and the HTTP API's run (shared.httpapi.RunView) both start with these,
+    so the two cannot drift apart field by field. Each subclass sets its own encoding options."""
+
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    trigger: str
+    schedule: str | None
+    slot: str | None
+    params: dict[str, Any]
+    queued_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    msg: str  # the terminal event's msg once ended (a failure's cause); a cancel's reason while cancelling
+    last_seq: int
+
+
 # no omit_defaults: every field is always there, as the HTTP API's run detail documents its stages
 class ItemState(msgspec.Struct):
     status: str = "running"
