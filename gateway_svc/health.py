@@ -7,14 +7,15 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.control import Identity
 from shared.errors import RunwireError
+from shared.httpapi import Health, HealthCheck, HealthChecks, HealthError, RunnerHealth
 
 from .api import scheduler_call
 from .keys import HUB, REGISTRY, SETTINGS
@@ -36,26 +37,25 @@ def _mismatch(who: str, theirs: str, ours: Path) -> str:
             "point every service at one config/RUNWIRE_HOME")
 
 
-async def _check_scheduler(request: web.Request, journal_dir: Path) -> dict[str, Any]:
+async def _check_scheduler(request: web.Request, journal_dir: Path) -> HealthCheck:
     endpoint = request.app[SETTINGS].config.scheduler.control
     try:
         info = await scheduler_call(request, Identity(), IDENTITY_TIMEOUT)
     except RunwireError as e:
-        return {"ok": False, "endpoint": endpoint, "detail": f"scheduler not reachable on {endpoint}: {e}"}
+        return HealthCheck(ok=False, endpoint=endpoint, detail=f"scheduler not reachable on {endpoint}: {e}")
     theirs = info.journal_dir
     if not _same_dir(theirs, journal_dir):
-        return {"ok": False, "endpoint": endpoint, "journal_dir": theirs, "detail": _mismatch("the scheduler", theirs, journal_dir)}
-    return {"ok": True, "endpoint": endpoint, "journal_dir": theirs, "pid": info.pid,
-            "detail": f"scheduler answers on {endpoint}"}
+        return HealthCheck(ok=False, endpoint=endpoint, journal_dir=theirs, detail=_mismatch("the scheduler", theirs, journal_dir))
+    return HealthCheck(ok=True, endpoint=endpoint, journal_dir=theirs, pid=info.pid, detail=f"scheduler answers on {endpoint}")
 
 
-def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[dict[str, Any], list[str]]:
+def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[HealthCheck, list[str]]:
     """The runner check, from heartbeats; plus mismatches any publisher (the scheduler too) reports."""
     settings = request.app[SETTINGS]
     stale_after = settings.config.gateway.runner_stale_after
     hub = request.app[HUB]
     now = time.monotonic()
-    runners: dict[str, Any] = {}
+    runners: dict[str, RunnerHealth] = {}
     mismatches: list[str] = []
     stopped: list[str] = []
     for pid, seen in hub.publishers.items():
@@ -71,57 +71,57 @@ def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[dict[str
             # Heartbeat.runs lists the runs the runner owns now AND those it ended in the last
             # ENDED_RUNS_KEPT_S seconds: report both counts, as the journal we read knows them
             active = sum(1 for rid in seen.hb.runs if (e := hub.index.get(rid)) is None or not e.ended)
-            runners[pid] = {"fresh": fresh, "stopping": seen.hb.stopping, "age_s": round(age, 3),
-                            "journal_dir": seen.hb.journal_dir, "same_journal_dir": same,
-                            "runs_listed": len(seen.hb.runs), "runs_active": active}
-    fresh_ok = [pid for pid, r in runners.items() if r["fresh"] and r["same_journal_dir"]]
+            runners[pid] = RunnerHealth(fresh=fresh, stopping=seen.hb.stopping, age_s=round(age, 3),
+                                        journal_dir=seen.hb.journal_dir, same_journal_dir=same,
+                                        runs_listed=len(seen.hb.runs), runs_active=active)
+    fresh_ok = [pid for pid, r in runners.items() if r.fresh and r.same_journal_dir]
     endpoints = ", ".join(settings.config.gateway.subscribe)
     if fresh_ok:
-        check = {"ok": True, "runners": runners, "detail": f"runner heartbeat from {', '.join(sorted(fresh_ok))}"}
-    elif any(r["fresh"] for r in runners.values()):
+        check = HealthCheck(ok=True, runners=runners, detail=f"runner heartbeat from {', '.join(sorted(fresh_ok))}")
+    elif any(r.fresh for r in runners.values()):
         bad = [m for m in mismatches if "runner" in m] or mismatches
-        check = {"ok": False, "runners": runners, "detail": "; ".join(bad)}
+        check = HealthCheck(ok=False, runners=runners, detail="; ".join(bad))
     elif stopped:
-        check = {"ok": False, "runners": runners, "detail": "; ".join(sorted(stopped))}
+        check = HealthCheck(ok=False, runners=runners, detail="; ".join(sorted(stopped)))
     else:
-        check = {"ok": False, "runners": runners,
-                 "detail": f"runner not reachable: no runner heartbeat within {stale_after:g}s on {endpoints}"}
+        check = HealthCheck(ok=False, runners=runners,
+                            detail=f"runner not reachable: no runner heartbeat within {stale_after:g}s on {endpoints}")
     return check, mismatches
 
 
-def _check_journal_dir(journal_dir: Path) -> dict[str, Any]:
+def _check_journal_dir(journal_dir: Path) -> HealthCheck:
+    path = str(journal_dir)
     if not journal_dir.is_dir():
-        return {"ok": False, "path": str(journal_dir), "detail": f"journal directory {journal_dir} does not exist"}
+        return HealthCheck(ok=False, path=path, detail=f"journal directory {journal_dir} does not exist")
     if not os.access(journal_dir, os.R_OK | os.X_OK):
-        return {"ok": False, "path": str(journal_dir), "detail": f"journal directory {journal_dir} is not readable"}
-    return {"ok": True, "path": str(journal_dir), "detail": f"reading journals in {journal_dir}"}
+        return HealthCheck(ok=False, path=path, detail=f"journal directory {journal_dir} is not readable")
+    return HealthCheck(ok=True, path=path, detail=f"reading journals in {journal_dir}")
 
 
 async def healthz(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     journal_dir = settings.journal_dir
-    checks: dict[str, Any] = {}
+    scheduler: list[HealthCheck] = []
 
-    async def scheduler() -> None:
-        checks["scheduler"] = await _check_scheduler(request, journal_dir)
+    async def check_scheduler() -> None:
+        scheduler.append(await _check_scheduler(request, journal_dir))
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(scheduler)
-        checks["journal_dir"] = await anyio.to_thread.run_sync(_check_journal_dir, journal_dir)
-        checks["runner"], mismatches = _check_publishers(request, journal_dir)
-    if mismatches and checks["scheduler"]["ok"]:
+        tg.start_soon(check_scheduler)
+        journal_check = await anyio.to_thread.run_sync(_check_journal_dir, journal_dir)
+        runner_check, mismatches = _check_publishers(request, journal_dir)
+    checks = HealthChecks(scheduler=scheduler[0], runner=runner_check, journal_dir=journal_check)
+    if mismatches and checks.scheduler.ok:
         sched = [m for m in mismatches if "scheduler" in m]
         if sched:
-            checks["scheduler"] = {**checks["scheduler"], "ok": False, "detail": sched[0]}
-    failed = [name for name in ("scheduler", "runner", "journal_dir") if not checks[name]["ok"]]
-    body: dict[str, Any] = {"status": "fail" if failed else "ok", "journal_dir": str(journal_dir),
-                            "config_path": str(settings.path), "checks": checks}
-    if failed:
-        message = "; ".join(f"{name}: {checks[name]['detail']}" for name in failed)
-        body["failed"] = failed
-        body["error"] = {"code": "unhealthy", "message": message}
-        return web.json_response(body, status=503)
-    return web.json_response(body)
+            checks.scheduler = msgspec.structs.replace(checks.scheduler, ok=False, detail=sched[0])
+    named = {"scheduler": checks.scheduler, "runner": checks.runner, "journal_dir": checks.journal_dir}
+    failed = [name for name, check in named.items() if not check.ok]
+    error = (HealthError(code="unhealthy", message="; ".join(f"{name}: {named[name].detail}" for name in failed))
+             if failed else None)
+    body = Health(status="fail" if failed else "ok", journal_dir=str(journal_dir), config_path=str(settings.path),
+                  checks=checks, failed=failed, error=error)
+    return web.Response(body=msgspec.json.encode(body), status=503 if failed else 200, content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -15,14 +15,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import anyio
+import msgspec
 
 from shared.config import Settings, endpoints_of
 from shared.control import ControlClient, Identity, Probe
 from shared.errors import RunwireError
+from shared.httpapi import Health
 from shared.protocol import EventsFrame, Hello
 from shared.replies import IdentityInfo
 
@@ -33,6 +34,7 @@ PROBE_DEADLINE = 1.0  # a probe slower than this is called slow; one not there a
 # a gateway started a moment ago has not heard a runner heartbeat yet: /healthz is asked again for
 # this long before its failure counts (the runner's control socket has answered by then)
 HEALTH_SETTLE = 3.0
+_health_decoder = msgspec.json.Decoder(Health)
 
 
 @dataclass
@@ -121,21 +123,25 @@ class Doctor:
             try:
                 async with client.session.get(self.gateway + "/healthz") as resp:
                     status = resp.status
-                    body = await resp.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                    raw = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
                 self.add("gateway reachable", False, f"no answer from {self.gateway}/healthz: {e or type(e).__name__}")
                 return False
             if status == 200 or time.monotonic() >= deadline:
                 break
             await anyio.sleep(0.25)
         self.add("gateway reachable", True, self.gateway)
-        jd = body.get("journal_dir") if isinstance(body, dict) else None
-        if jd is not None:
-            self._same_dir("gateway", jd, body.get("config_path"))
+        try:
+            health: Health | None = _health_decoder.decode(raw)
+        except msgspec.DecodeError as e:  # not a runwire gateway, or one of another version
+            health = None
+            self.add("gateway answers /healthz as runwire does", False, f"{self.gateway}/healthz: {e}")
+        if health is not None:
+            self._same_dir("gateway", health.journal_dir, health.config_path)
         if status == 200:
             self.add("gateway healthy", True, "/healthz 200")
         else:
-            self.add("gateway healthy", False, f"/healthz {status}: {_failing(body)}")
+            self.add("gateway healthy", False, f"/healthz {status}: {_failing(health, raw)}")
         return True
 
     async def check_probe(self, client: GatewayClient) -> None:
@@ -216,17 +222,11 @@ class Doctor:
                 self.add("probe event", False, f"not sent: {' and '.join(down)} down")
 
 
-def _failing(body: Any) -> str:
-    if isinstance(body, dict):
-        checks = body.get("checks")
-        if isinstance(checks, dict):
-            bad = [f"{k}: {v.get('detail', v) if isinstance(v, dict) else v}" for k, v in checks.items()
-                   if not (isinstance(v, dict) and v.get("ok"))]
-            if bad:
-                return "; ".join(bad)
-        if isinstance(body.get("error"), dict):
-            return str(body["error"].get("message"))
-    return str(body)[:300]
+def _failing(health: Health | None, raw: bytes) -> str:
+    if health is None:
+        return raw[:300].decode(errors="replace")
+    bad = [f"{name}: {getattr(health.checks, name).detail}" for name in health.failed]
+    return "; ".join(bad) or (health.error.message if health.error else "no failed check named")
 
 
 async def run_doctor(settings: Settings, gateway: str | None, *, as_json: bool = False) -> int:

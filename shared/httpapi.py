@@ -7,7 +7,7 @@ Every field is always present (no omit_defaults): a JSON client sees `null`, nev
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -81,3 +81,52 @@ class PipelinesPage(msgspec.Struct, kw_only=True):
     """GET /api/pipelines."""
 
     pipelines: list[PipelineView]
+
+
+# ------------------------------------------------------------------------------------------ /healthz
+
+
+class RunnerHealth(msgspec.Struct, kw_only=True):
+    """One publisher that is a runner, as the gateway hears its heartbeats."""
+
+    fresh: bool  # a heartbeat within gateway.runner_stale_after, and not a stopping one
+    stopping: bool  # its last heartbeat said it was stopping
+    age_s: float  # seconds since its last heartbeat
+    journal_dir: str
+    same_journal_dir: bool  # the directory the gateway reads
+    runs_listed: int  # runs its heartbeat lists (owned now, and ended a moment ago)
+    runs_active: int  # of those, the runs not ended in the journal the gateway reads
+
+
+class HealthCheck(msgspec.Struct, kw_only=True):
+    """One check of /healthz: ok, why (in words), and what it looked at (null where it does not apply)."""
+
+    ok: bool
+    detail: str
+    endpoint: str | None = None  # scheduler: its control endpoint
+    journal_dir: str | None = None  # scheduler: the journal directory it writes
+    pid: int | None = None  # scheduler: its process id
+    path: str | None = None  # journal_dir: the directory the gateway reads
+    runners: dict[str, RunnerHealth] | None = None  # runner: every runner heard, by id
+
+
+class HealthChecks(msgspec.Struct, kw_only=True):
+    scheduler: HealthCheck
+    runner: HealthCheck
+    journal_dir: HealthCheck
+
+
+class HealthError(msgspec.Struct, kw_only=True):
+    code: str  # "unhealthy"
+    message: str  # every failed check, "name: detail; ..."
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """GET /healthz: 200 with status "ok", or 503 with status "fail", the failed checks' names and an error."""
+
+    status: Literal["ok", "fail"]
+    journal_dir: str
+    config_path: str
+    checks: HealthChecks
+    failed: list[str]  # names of the failed checks ("scheduler", "runner", "journal_dir")
+    error: HealthError | None

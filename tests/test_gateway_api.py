@@ -16,6 +16,7 @@ import anyio
 import msgspec
 
 from gateway_svc.keys import HUB
+from shared.httpapi import Health, HealthCheck
 from shared.ids import new_run_id
 from shared.journal import journal_path
 from tests.harness import Service
@@ -158,6 +159,10 @@ async def test_healthz_names_a_down_scheduler_and_a_journal_directory_mismatch(t
                 assert set(body["failed"]) == {"scheduler", "runner"}
                 assert f"127.0.0.1:{ports.control}" in body["checks"]["scheduler"]["detail"]
                 assert "scheduler" in body["error"]["message"]
+                # the answer is the Health Struct, every key present (a renamed field fails here)
+                health = msgspec.convert(body, Health)
+                assert set(body) == set(Health.__struct_fields__) and health.checks.runner.runners == {}
+                assert set(body["checks"]["journal_dir"]) == set(HealthCheck.__struct_fields__)
             # the runner heartbeats with the same directory: only the scheduler fails
             with anyio.fail_after(10):
                 while "r1" not in gw.app[HUB].publishers:

@@ -18,3 +18,7 @@ export const BACKFILL_LIST_FIELDS = ["backfills"]; // BackfillList
 export const BACKFILL_FIELDS = ["backfill_id", "schedule", "start", "end", "policy", "max_parallel", "done", "total", "pending", "queued", "running", "success", "failure", "cancelled"]; // BackfillProgress
 export const RUN_ALERTS_FIELDS = ["alerts"]; // RunPage (its alert deliveries: gateway_svc/static/runalerts.js)
 export const ALERT_FIELDS = ["alert", "kind", "outcome", "attempts", "status", "error", "time"]; // AlertView
+export const HEALTH_FIELDS = ["status", "checks", "failed", "error"]; // Health (health.js)
+export const HEALTH_CHECKS_FIELDS = ["scheduler", "runner", "journal_dir"]; // HealthChecks (health.js names them)
+export const HEALTH_CHECK_FIELDS = ["ok", "detail"]; // HealthCheck
+export const HEALTH_ERROR_FIELDS = ["message"]; // HealthError
