@@ -130,8 +130,9 @@ class Service:
     """One service (`python -m <module> --config <path>`) as a subprocess, its output in a log file."""
 
     def __init__(self, module: str, config: Path, log_dir: Path, env: dict[str, str] | None = None,
-                 cwd: Path = REPO) -> None:
+                 cwd: Path = REPO, name: str | None = None) -> None:
         self.module = module
+        self.name = name or module.removesuffix("_svc")  # what it logs as "<name> ready"
         self.cwd = cwd  # `python -m` imports the service from here (another checkout, for a snapshot)
         self.config = config
         self.log_path = log_dir / f"{module}.{int(time.time() * 1000)}.log"
@@ -150,7 +151,7 @@ class Service:
         )
         if wait_ready:
             try:
-                self.wait_for(rf"{self.module.removesuffix('_svc')} ready", timeout)
+                self.wait_for(rf"{self.name} ready", timeout)
             except BaseException:
                 # never handed to the caller, so never stopped by it: end it and close its log here
                 if self.proc.poll() is None:

@@ -165,7 +165,8 @@ def wait_gone(pid: int, timeout: float = 15.0) -> bool:
 class RunnerRig:
     """A runner under test as a real subprocess, with a fake scheduler and a plain SUB around it."""
 
-    def __init__(self, tmp: Path, body: str, runner: str = "", services: list | None = None) -> None:
+    def __init__(self, tmp: Path, body: str, runner: str = "", services: list | None = None,
+                 module: str = "runner_svc") -> None:
         from tests.harness import Service, write_config
 
         self.tmp = tmp
@@ -173,7 +174,7 @@ class RunnerRig:
         self.home = tmp / "home"
         self.sched = FakeScheduler(self.ports.dispatch)
         self.sub = EventSub(self.ports.publish)
-        self.svc = Service("runner_svc", self.config, tmp)
+        self.svc = Service(module, self.config, tmp, name="runner")
         self._services = services
 
     def start(self) -> RunnerRig:

@@ -102,6 +102,7 @@ def _check(text: str) -> None:
     assert isinstance(result, Settings)
 
 
+@pytest.mark.timeout(180)  # 400 generated configs, in-process: ~8 s alone, 30 s and more on a loaded machine
 @fuzz(400)
 @given(doc=configs())
 @example(doc={"gateway": {"port": "8080"}})

@@ -1,6 +1,7 @@
-"""A run whose execution itself raises (here: a stage environment the OS refuses, a NUL byte from the
-config, so spawning the stage process fails outside the stage's own error handling) ends with every
-stage and fan-out item terminal, in the journal and in the report, not "running". Real runner process."""
+"""A run whose execution itself raises ends with every stage and fan-out item terminal, in the journal
+and in the report, not "running". Real runner process (tests/faulty_runner.py: the runner with a stage
+environment holding a NUL byte planted after its config was checked, since no input can carry one any
+more, so spawning the stage process fails outside the stage's own error handling)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,11 @@ command = ["{python}", "-c", "print('fine')"]
 name = "broken"
 command = ["{python}", "-c", "print('never')"]
 fan_out = ["a", "b"]
-env = { X = "a\\u0000b" }
 """
 
 
 def test_execution_error_leaves_no_stage_running(tmp_path: Path, services: list[Service]) -> None:
-    rig = RunnerRig(tmp_path, BODY, services=services).start()
+    rig = RunnerRig(tmp_path, BODY, services=services, module="tests.faulty_runner").start()
     try:
         run_id, events, published = rig.run("raises")
     finally:
