@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+import anyio
 import asyncpg
 import msgspec
 
@@ -99,6 +100,8 @@ MIGRATIONS: tuple[str, ...] = (
 _UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
 )
+# a connection left in a state it cannot be used in (after a statement was cut off midway)
+_BROKEN: tuple[type[BaseException], ...] = (asyncpg.exceptions._base.InternalClientError,)
 _params_json = msgspec.json.Encoder()
 _params_decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -179,8 +182,17 @@ class ClusterState:
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with self.pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except (anyio.get_cancelled_exc_class(), *_UNREACHABLE, *_BROKEN):
+                    # a statement cut off midway (a cancelled task, a timeout, a server gone) can leave
+                    # the connection mid-protocol: never hand it out again ("another operation is in
+                    # progress" on its next use)
+                    conn.terminate()
+                    raise
         except _UNREACHABLE as e:
+            raise _unavailable(self.where, e) from e
+        except _BROKEN as e:
             raise _unavailable(self.where, e) from e
         except asyncpg.InterfaceError as e:
             if "closed" not in str(e):

@@ -139,7 +139,7 @@ class ClusterScheduler:
         said = ""
         while True:
             try:
-                state = await ClusterState.connect(self.cluster_cfg, max_size=6, timeout=3.0)
+                state = await ClusterState.connect(self.cluster_cfg, min_size=0, max_size=6, timeout=3.0)
                 try:
                     await state.migrate()
                     stream = await EventStream.connect(self.cluster_cfg)
@@ -189,6 +189,7 @@ class ClusterScheduler:
                                 f"scheduler.dispatch {cfg.scheduler.dispatch}")
         tracker.dispatch_sock = dispatch
         tracker.last_event = journaling.last_event
+        tracker.same_host = False  # each runner has its own journal directory, on its own host
         journaling.judge_now = tracker.clock.now
         store = ClusterScheduleStore(leader, lease)
         await store.load()

@@ -61,6 +61,7 @@ class RunnerTracker:
         self.dispatch_sock: zmq.asyncio.Socket | None = None  # bound, and closed, by Scheduler.run
         self.dispatch_dropped = 0
         # a run's last event, as its journal has it (cluster mode: its event stream)
+        self.same_host = True  # runners share this journal directory (not so in cluster mode)
         self.last_event: Callable[[str], Awaitable[Event | None]] = self._journal_last_event
 
     async def send(self, runner: RunnerInfo, msg: msgspec.Struct) -> bool:
@@ -134,7 +135,7 @@ class RunnerTracker:
         if fresh:
             log.info("runner %s connected: pid %d, capacity %d, journal dir %s, config %s, publishes on %s",
                      msg.runner_id, msg.pid, msg.capacity, msg.journal_dir, msg.config_path, msg.publish)
-            if Path(msg.journal_dir) != self.journal_dir:
+            if self.same_host and Path(msg.journal_dir) != self.journal_dir:
                 log.error("runner %s writes journals in %s but the scheduler reads %s: runs will look lost "
                           "(use one config for all services)", msg.runner_id, msg.journal_dir, self.journal_dir)
         for run_id, attempt in msg.runs.items():
