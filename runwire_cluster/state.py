@@ -188,7 +188,7 @@ class ClusterState:
                     # a statement cut off midway (a cancelled task, a timeout, a server gone) can leave
                     # the connection mid-protocol: never hand it out again ("another operation is in
                     # progress" on its next use)
-                    conn.terminate()
+                    _discard(conn)
                     raise
         except _UNREACHABLE as e:
             raise _unavailable(self.where, e) from e
@@ -356,6 +356,14 @@ class ClusterState:
         async with self._conn() as conn:
             row = await conn.fetchrow("DELETE FROM runners WHERE runner_id = $1 RETURNING 1", runner_id)
         return row is not None
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close a pooled connection at once, so the pool opens a fresh one next time."""
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError as e:  # the pool let go of it already (its server connection was lost)
+        log.debug("cluster state: a broken connection was released by the pool already: %s", e)
 
 
 def _unavailable(where: str, e: BaseException) -> ServiceUnavailable:

@@ -156,6 +156,8 @@ async def test_launches_run_once_across_a_kill_9_of_the_leading_scheduler(
         await until(lambda: leading(b) == 1, 30, "b takes over")
         took = await until_match(b, r"took over (\d+) run\(s\) not ended: (\d+) queued, (\d+) awaiting their runners")
         assert int(took[3]) == len(held), took[0]  # the runs running on the runner: adopted, not queued again
+        async with http.get("/api/schedules") as r:  # a control call: to the new leader's control socket
+            assert r.status == 200, await r.text()
         await anyio.sleep(2.0)  # b hears the runner list them: they stay its runs
         gate.set()
         await until(lambda: all(runner.executed[r] for r in launched), 120, "every launch ran")
@@ -211,6 +213,10 @@ async def test_database_stopped_launch_answers_503_and_all_recovers(
             body = await down.json()
             assert body["error"]["code"] == "unavailable" and "cluster state" in body["error"]["message"], body
             await until(lambda: "stopped leading" in first.output(), 30, "the leader steps down: it cannot renew")
+            await anyio.sleep(6.0)  # past the lease's TTL: nobody leads while the database is away
+            again = await launch()
+            assert again.status == 503
+            assert not runner.executed.keys() - {before}
         finally:
             postgres.start()
         after = None
@@ -224,3 +230,40 @@ async def test_database_stopped_launch_answers_503_and_all_recovers(
         await until(lambda: runner.executed[after] == 1, 60, "a run after the outage")
         tg.cancel_scope.cancel()
     assert sum(leading(s) for s in (a, b)) >= 2  # led again after the outage
+
+
+@pytest.mark.timeout(180)
+async def test_a_lost_runner_s_run_ends_through_the_fence_and_its_late_write_is_refused(
+        tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
+        services: list[Service]) -> None:
+    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url), tmp_path).start()
+    services.append(a)
+    await leader_of([a])
+    runner = PeerRunner(host_config(tmp_path, "r", nats_cluster.urls, db_url), work=0.1)
+    runner.gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        await db.execute("INSERT INTO launches (run_id, pipeline) VALUES ('20260101T000000000000Z-lost', 'sleepy')")
+        await until(lambda: bool(runner.gated), 60, "the run runs on the runner")
+        runner.silent = True  # no heartbeat from here: the leader declares the runner lost
+        await until_match(a, r"runner test-runner lost: no heartbeat", 30)
+        kinds: dict[str, list[str]] = {}
+        for _ in range(100):
+            kinds = await stream_events(nats_cluster, ["20260101T000000000000Z-lost"])
+            if kinds["20260101T000000000000Z-lost"][-1] == "failure":
+                break
+            await anyio.sleep(0.1)
+        assert kinds["20260101T000000000000Z-lost"] == ["queued", "start", "failure"]
+        runner.gate.set()  # the old runner writes on: its append is refused (fenced)
+        await until(lambda: runner.fenced == ["20260101T000000000000Z-lost"], 30, "the late write is fenced")
+        tg.cancel_scope.cancel()
+    async with await EventStream.connect(ClusterConfig(nats=nats_cluster.urls, state="postgresql://x")) as stream:
+        end = (await stream.read("20260101T000000000000Z-lost"))[-1]
+    assert end.event == "failure" and end.msg.startswith("runner lost"), end
+    outcome = None
+    for _ in range(100):  # the leader records ends in the database just after the stream
+        outcome = await db.fetchval("SELECT outcome FROM runs WHERE run_id = '20260101T000000000000Z-lost'")
+        if outcome is not None:
+            break
+        await anyio.sleep(0.1)
+    assert outcome == "failure"
