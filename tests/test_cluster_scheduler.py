@@ -162,11 +162,15 @@ async def test_launches_run_once_across_a_kill_9_of_the_leading_scheduler(
         gate.set()
         await until(lambda: all(runner.executed[r] for r in launched), 120, "every launch ran")
         await until(lambda: not runner.running, 30, "the last runs end")
-        # a retried POST with a key seen before answers the first run, never a second
+        # a retried POST with a key seen before answers the first run, never a second; the key with
+        # other parameters is refused
         async with http.post("/api/runs", json={"pipeline": "sleepy", "params": {}},
                              headers={"Idempotency-Key": "burst-0-0"}) as r:
             assert r.status == 202 and r.headers.get("Idempotent-Replayed") == "true"
             assert (await r.json())["run_id"] == launched[0]
+        async with http.post("/api/runs", json={"pipeline": "sleepy", "params": {"seconds": 2}},
+                             headers={"Idempotency-Key": "burst-0-0"}) as r:
+            assert r.status == 409 and (await r.json())["error"]["code"] == "conflict"
         tg.cancel_scope.cancel()
 
     assert len(set(launched)) == 50
@@ -267,3 +271,23 @@ async def test_a_lost_runner_s_run_ends_through_the_fence_and_its_late_write_is_
             break
         await anyio.sleep(0.1)
     assert outcome == "failure"
+
+
+@pytest.mark.timeout(180)
+async def test_a_runner_s_dispatch_link_follows_the_leader(
+        tmp_path: Path, nats_cluster: NatsCluster, db_url: str, services: list[Service]) -> None:  # noqa: F811
+    """The real runner in cluster mode: its DEALER connects to the leader's dispatch endpoint from the
+    database, and to the new leader's after a kill -9 (its runs' event path is the runner's own work)."""
+    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url), tmp_path).start()
+    services.append(a)
+    await leader_of([a])
+    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url), tmp_path).start()
+    services.append(b)
+    r = Service("runner_svc", host_config(tmp_path, "r", nats_cluster.urls, db_url), tmp_path).start()
+    services.append(r)
+    await until_match(a, r"runner test-runner connected")
+    a.kill9()
+    await until(lambda: leading(b) == 1, 30, "b takes over")
+    await until_match(b, r"runner test-runner connected")
+    moved = await until_match(r, r"DEALER connected to its dispatch (\S+) \(was (\S+)\)")
+    assert moved[1] != moved[2]
