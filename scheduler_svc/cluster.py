@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -50,7 +51,7 @@ from .dispatcher import Dispatcher
 from .journaling import EndRequest, EndSender
 from .leader import Leadership
 from .reruns import Reruns
-from .runbook import RunBook
+from .runbook import RunBook, RunnerInfo
 from .runners import RunnerTracker
 from .runs import RunRecord
 from .state import AlertStore, StateStore
@@ -191,6 +192,7 @@ class ClusterScheduler:
         tracker.last_event = journaling.last_event
         tracker.same_host = False  # each runner has its own journal directory, on its own host
         journaling.judge_now = tracker.clock.now
+        journaling.check_leading = leadership.check
         store = ClusterScheduleStore(leader, lease)
         await store.load()
         schedules = ClusterScheduleDriver(cfg, store, book, journaling, self.journal_dir, self.clock)
@@ -198,10 +200,14 @@ class ClusterScheduler:
         async def assign(run_id: str, runner: str, attempt: int) -> None:
             await leader.run_dispatched(lease, run_id, runner, attempt)
 
-        dispatcher = Dispatcher(book, cfg, tracker.send, assign, schedules.overlap_of)
+        async def send(runner: RunnerInfo, msg: msgspec.Struct) -> bool:
+            leadership.check()  # never a dispatch (or cancel) from a leader past its lease
+            return await tracker.send(runner, msg)
+
+        dispatcher = Dispatcher(book, cfg, send, assign, schedules.overlap_of)
         launches = ClusterLaunches(book, s, self.state, journaling)
         launches.leader = leader
-        control = ControlHandler(book, s, launches, schedules, journaling, tracker.send, dispatcher.wait_reason,
+        control = ControlHandler(book, s, launches, schedules, journaling, send, dispatcher.wait_reason,
                                  tracker.clock.now, Reruns(book, s, journaling),
                                  Backfills(book, s, self.state, journaling, schedules))
         alerts = Alerts(rules_of(cfg.alerts), AlertStore(self.state), book, self.journal_dir, s.home,

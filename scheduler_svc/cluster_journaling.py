@@ -99,6 +99,7 @@ class ClusterJournaling(Journaling):
         self.leader = leader
         self.lease = lease
         self.judge_now: Callable[[], float] = time.monotonic  # the runner monitor's clock (set by the term)
+        self.check_leading: Callable[[], None] = lambda: None  # raises when the lease may be lost (the term's)
 
     # ------------------------------------------------------------------------------------ the stream
 
@@ -114,6 +115,7 @@ class ClusterJournaling(Journaling):
         """The run's first events into the stream; False when it already has some (written by an
         earlier leader, or by this one before a step-down)."""
         writer = await self.stream.writer(run_id, new=True)
+        self.check_leading()
         try:
             await writer.append(events)
         except JournalFenced:
@@ -214,6 +216,7 @@ class ClusterJournaling(Journaling):
             if (events[-1].seq if events else 0) != writer.last_seq:
                 continue  # the runner appended between the two reads
             written = self._end_events(rec.run_id, writer, events, kind, msg, data)
+            self.check_leading()
             try:
                 await append_end(self.stream, writer, written)
             except JournalFenced:

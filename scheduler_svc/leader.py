@@ -44,6 +44,7 @@ class Leadership:
         self.holder = holder
         self.endpoints = endpoints
         self.lease: Lease | None = None  # while leading
+        self._valid_until = 0.0  # monotonic: until then the lease is surely ours
 
     async def acquire(self) -> Lease:
         """Wait until this scheduler holds the lease (a standby until then)."""
@@ -87,6 +88,14 @@ class Leadership:
                 continue
             self._valid_until = sent + LEADER_TTL - MARGIN
             self.lease = lease
+
+    def check(self) -> None:
+        """Before an act the database does not fence (an append to the event stream, a dispatch): the
+        lease is surely still ours, or LeadershipExpired (a leader resumed after a pause past its
+        lease learns it here, before its renewal tells it)."""
+        if self.lease is None or time.monotonic() >= self._valid_until:
+            raise LeadershipExpired(f"lease {SCHEDULER_LEASE!r}: not renewed in time: this scheduler may no "
+                                    "longer lead; not acting")
 
     async def release(self, lease: Lease) -> None:
         """A clean stop: give the lease up so a standby takes over at once (best effort, bounded)."""

@@ -8,7 +8,9 @@ stopped a launch answers 503, and all recovers once it is back."""
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -291,3 +293,33 @@ async def test_a_runner_s_dispatch_link_follows_the_leader(
     await until_match(b, r"runner test-runner connected")
     moved = await until_match(r, r"DEALER connected to its dispatch (\S+) \(was (\S+)\)")
     assert moved[1] != moved[2]
+
+
+@pytest.mark.timeout(180)
+async def test_a_leader_paused_past_its_lease_is_fenced_when_it_resumes(
+        tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
+        services: list[Service]) -> None:
+    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url, TICKS), tmp_path).start()
+    services.append(a)
+    await leader_of([a])
+    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url, TICKS), tmp_path).start()
+    services.append(b)
+    await until_match(a, r"FIRE slot")
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        await until(lambda: leading(b) == 1, 30, "b takes over from the paused leader")
+        await until_match(b, r"FIRE slot")
+        seen = len(a.output())
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    await until(lambda: "stopped leading" in a.output()[seen:], 30, "a learns it no longer leads")
+    await anyio.sleep(3.0)
+    after = a.output()[seen:]
+    assert "FIRE slot" not in after and "dispatched to runner" not in after, after[-3000:]
+    assert leading(a) == 1 and leading(b) == 1  # a stands by: b's lease is live
+    b.stop()
+    rows = await db.fetch("SELECT slot, run_id FROM fire_ledger WHERE schedule = 'tick' ORDER BY slot")
+    gaps = [(x, y) for x, y in itertools.pairwise([r["slot"] for r in rows]) if (y - x).total_seconds() != 1.0]
+    assert gaps == []
+    kinds = await stream_events(nats_cluster, [r["run_id"] for r in rows])
+    assert {r: k for r, k in kinds.items() if k != ["queued"]} == {}
