@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import msgspec
@@ -98,8 +98,12 @@ from .keys import HUB, INDEX, SETTINGS, ZMQ
 from .params import flag_param, int_param, json_body
 from .runindex import fold_journal
 
+if TYPE_CHECKING:
+    from .cluster_routes import ClusterRoutes
+
 log = logging.getLogger(__name__)
 
+CLUSTER_ROUTES: web.AppKey[ClusterRoutes] = web.AppKey("cluster_routes")  # cluster mode only (add_routes)
 MAX_SEQ = 2**53
 _SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _ASIDE_TIMEOUT = 1.0  # seconds for scheduler calls that only add detail to an answer from the journals
@@ -118,7 +122,9 @@ async def scheduler_call(request: web.Request, req: Request[R], timeout: float |
     (-> 503) when it does not answer, BadReply (-> 502) when the answer is not of that type."""
     settings = request.app[SETTINGS]
     sched = settings.config.scheduler
-    async with ControlClient(sched.control, timeout or sched.request_timeout, request.app[ZMQ]) as client:
+    # cluster mode: the leading scheduler's, from the cluster's database
+    endpoint = sched.control if settings.config.cluster is None else await request.app[CLUSTER_ROUTES].leader_control()
+    async with ControlClient(endpoint, timeout or sched.request_timeout, request.app[ZMQ]) as client:
         return await client.call(req)
 
 
@@ -253,7 +259,10 @@ async def launch_run(request: web.Request) -> web.Response:
             check_idempotency_key(key)
         except ProtocolError as e:
             raise HttpError(400, "bad_request", f"header {e}") from e
-    result = await scheduler_call(request, Launch(pipeline=name, params=params, idempotency_key=key))
+    if settings.config.cluster is None:
+        result = await scheduler_call(request, Launch(pipeline=name, params=params, idempotency_key=key))
+    else:  # a row in the cluster's launches table; the leading scheduler claims it
+        result = await request.app[CLUSTER_ROUTES].launch(name, resolve_params(settings.pipeline(name), params), key)
     headers = {"Idempotent-Replayed": "true"} if result.replayed else None  # a retry: the first run's answer
     return json_answer(Launched(run_id=result.run_id, status=result.status), status=202, headers=headers)
 
@@ -306,6 +315,11 @@ async def list_pipelines(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    cluster = app[SETTINGS].config.cluster
+    if cluster is not None:  # loaded only in cluster mode
+        from .cluster_routes import ClusterRoutes
+        app[CLUSTER_ROUTES] = routes = ClusterRoutes(cluster)
+        app.on_cleanup.append(routes.close)
     app.router.add_get("/api/pipelines", list_pipelines)
     app.router.add_get("/api/runs", list_runs)
     app.router.add_post("/api/runs", launch_run)

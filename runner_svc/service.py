@@ -196,9 +196,14 @@ class RunnerService:
         try:
             configure_socket(sock, sndhwm=1000, rcvhwm=1000)
             sock.setsockopt(zmq.ROUTING_ID, self.runner_id.encode())
-            sock.connect(endpoint)
+            if self.settings.config.cluster is None:
+                sock.connect(endpoint)
+                log.info("connected DEALER %s (routing id %s)", endpoint, self.runner_id)
+            else:  # the leading scheduler's endpoint, from the database, followed across takeovers
+                from .dispatch_link import follow_leader
+                assert self._tg is not None
+                await self._tg.start(follow_leader, sock, self.settings)
             self._dispatch = sock
-            log.info("connected DEALER %s (routing id %s)", endpoint, self.runner_id)
             task_status.started()
             while True:
                 frames = await sock.recv_multipart()

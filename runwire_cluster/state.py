@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+import anyio
 import asyncpg
 import msgspec
 
@@ -66,11 +67,41 @@ MIGRATIONS: tuple[str, ...] = (
         registered_at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 2: the scheduler leader's endpoints on its lease; idempotency keys of launches; the runs the
+    # leader created (so a standby that takes over knows them: phase, runner, attempt); schedules' state
+    """
+    ALTER TABLE leases ADD COLUMN dispatch text, ADD COLUMN control text, ADD COLUMN publish text;
+    ALTER TABLE launches ADD COLUMN idempotency_key text, ADD COLUMN fingerprint text;
+    CREATE UNIQUE INDEX launches_key ON launches (idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE runs (
+        run_id text PRIMARY KEY,
+        pipeline text NOT NULL,
+        params jsonb NOT NULL DEFAULT '{}',
+        trigger jsonb NOT NULL DEFAULT '{}',
+        msg text NOT NULL DEFAULT '',
+        runner text,
+        attempt integer NOT NULL DEFAULT 0,
+        outcome text,
+        skip text,
+        created_by text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        ended_at timestamptz
+    );
+    CREATE INDEX runs_active ON runs (created_at, run_id) WHERE outcome IS NULL;
+    CREATE TABLE schedule_state (
+        name text PRIMARY KEY,
+        paused boolean,
+        last_slot timestamptz,
+        start_fired_at timestamptz
+    );
+    """,
 )
 
 _UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
 )
+# a connection left in a state it cannot be used in (after a statement was cut off midway)
+_BROKEN: tuple[type[BaseException], ...] = (asyncpg.exceptions._base.InternalClientError,)
 _params_json = msgspec.json.Encoder()
 _params_decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -87,6 +118,22 @@ class Lease(msgspec.Struct, frozen=True):
     holder: str  # e.g. the scheduler's id
     attempt: int  # the fencing token: 1 at first, +1 at each takeover
     expires_at: datetime
+
+
+class Endpoints(msgspec.Struct, frozen=True):
+    """Where a lease's holder is reached (a scheduler leader: its dispatch ROUTER, control ROUTER, PUB)."""
+    dispatch: str | None = None
+    control: str | None = None
+    publish: str | None = None
+
+
+class Holder(msgspec.Struct, frozen=True):
+    """A live lease as others see it: who holds it, its token, and where the holder is reached."""
+    name: str
+    holder: str
+    attempt: int
+    endpoints: Endpoints
+    expires_in: float  # seconds, by the database's clock
 
 
 class RunnerRecord(msgspec.Struct, frozen=True):
@@ -135,13 +182,27 @@ class ClusterState:
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with self.pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except (anyio.get_cancelled_exc_class(), *_UNREACHABLE, *_BROKEN):
+                    # a statement cut off midway (a cancelled task, a timeout, a server gone) can leave
+                    # the connection mid-protocol: never hand it out again ("another operation is in
+                    # progress" on its next use)
+                    _discard(conn)
+                    raise
         except _UNREACHABLE as e:
+            raise _unavailable(self.where, e) from e
+        except _BROKEN as e:
             raise _unavailable(self.where, e) from e
         except asyncpg.InterfaceError as e:
             if "closed" not in str(e):
                 raise
             raise _unavailable(self.where, e) from e
+
+    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A pooled connection (for the queries of runwire_cluster's other modules); a database that
+        cannot be reached raises ServiceUnavailable."""
+        return self._conn()
 
     # ------------------------------------------------------------------------------ migrations
 
@@ -202,20 +263,25 @@ class ClusterState:
 
     # ---------------------------------------------------------------------------------- leases
 
-    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+    async def acquire_lease(self, name: str, holder: str, ttl: float,
+                            endpoints: Endpoints | None = None) -> Lease | None:
         """The lease if it is free or expired (then taken over: attempt + 1); None while another
         holder's, or this holder's own earlier one, is live (a restarted holder waits for expiry:
-        its old incarnation may still be acting)."""
+        its old incarnation may still be acting). `endpoints`: where the holder is reached (a
+        scheduler leader's sockets), recorded with the lease in the same statement, so a reader
+        never sees a new holder with the old one's endpoints."""
+        ends = endpoints or Endpoints()
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 """
-                INSERT INTO leases (name, holder, attempt, expires_at)
-                VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+                INSERT INTO leases (name, holder, attempt, expires_at, dispatch, control, publish)
+                VALUES ($1, $2, 1, now() + make_interval(secs => $3), $4, $5, $6)
                 ON CONFLICT (name) DO UPDATE
-                    SET holder = EXCLUDED.holder, attempt = leases.attempt + 1, expires_at = EXCLUDED.expires_at
+                    SET holder = EXCLUDED.holder, attempt = leases.attempt + 1, expires_at = EXCLUDED.expires_at,
+                        dispatch = EXCLUDED.dispatch, control = EXCLUDED.control, publish = EXCLUDED.publish
                     WHERE leases.expires_at < now()
                 RETURNING name, holder, attempt, expires_at
-                """, name, holder, float(ttl))
+                """, name, holder, float(ttl), ends.dispatch, ends.control, ends.publish)
         return Lease(row["name"], row["holder"], row["attempt"], row["expires_at"]) if row else None
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
@@ -227,6 +293,18 @@ class ClusterState:
             if expires is None:
                 raise _lost(lease, await conn.fetchval("SELECT attempt FROM leases WHERE name = $1", lease.name))
         return Lease(lease.name, lease.holder, lease.attempt, expires)
+
+    async def holder(self, name: str) -> Holder | None:
+        """The live holder of a lease (None when it is free or expired)."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT holder, attempt, dispatch, control, publish, "
+                "extract(epoch FROM expires_at - now())::float8 AS left_s "
+                "FROM leases WHERE name = $1 AND expires_at > now()", name)
+        if row is None:
+            return None
+        return Holder(name, row["holder"], row["attempt"], Endpoints(row["dispatch"], row["control"], row["publish"]),
+                      row["left_s"])
 
     async def release_lease(self, lease: Lease) -> None:
         """Give the lease up at once (a clean stop), if it is still ours."""
@@ -278,6 +356,14 @@ class ClusterState:
         async with self._conn() as conn:
             row = await conn.fetchrow("DELETE FROM runners WHERE runner_id = $1 RETURNING 1", runner_id)
         return row is not None
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close a pooled connection at once, so the pool opens a fresh one next time."""
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError as e:  # the pool let go of it already (its server connection was lost)
+        log.debug("cluster state: a broken connection was released by the pool already: %s", e)
 
 
 def _unavailable(where: str, e: BaseException) -> ServiceUnavailable:

@@ -11,6 +11,7 @@ told to release it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -59,6 +60,9 @@ class RunnerTracker:
         self._deferred: set[str] = set()  # runners whose verdict waits for unread input (logged once each)
         self.dispatch_sock: zmq.asyncio.Socket | None = None  # bound, and closed, by Scheduler.run
         self.dispatch_dropped = 0
+        # a run's last event, as its journal has it (cluster mode: its event stream)
+        self.same_host = True  # runners share this journal directory (not so in cluster mode)
+        self.last_event: Callable[[str], Awaitable[Event | None]] = self._journal_last_event
 
     async def send(self, runner: RunnerInfo, msg: msgspec.Struct) -> bool:
         assert self.dispatch_sock is not None
@@ -74,6 +78,9 @@ class RunnerTracker:
 
     def _last_event(self, run_id: str) -> Event | None:
         return JournalReader(journal_path(self.journal_dir, run_id), run_id).last_event()
+
+    async def _journal_last_event(self, run_id: str) -> Event | None:
+        return await anyio.to_thread.run_sync(self._last_event, run_id)
 
     # ------------------------------------------------------------------------------------ runner messages
 
@@ -128,7 +135,7 @@ class RunnerTracker:
         if fresh:
             log.info("runner %s connected: pid %d, capacity %d, journal dir %s, config %s, publishes on %s",
                      msg.runner_id, msg.pid, msg.capacity, msg.journal_dir, msg.config_path, msg.publish)
-            if Path(msg.journal_dir) != self.journal_dir:
+            if self.same_host and Path(msg.journal_dir) != self.journal_dir:
                 log.error("runner %s writes journals in %s but the scheduler reads %s: runs will look lost "
                           "(use one config for all services)", msg.runner_id, msg.journal_dir, self.journal_dir)
         for run_id, attempt in msg.runs.items():
@@ -185,7 +192,7 @@ class RunnerTracker:
             log.warning("late RunFinished for run %s attempt %d from %s ignored", msg.run_id, msg.attempt, msg.runner_id)
             return
         assert rec is not None
-        last = await anyio.to_thread.run_sync(self._last_event, rec.run_id)
+        last = await self.last_event(rec.run_id)
         if not self.book.owned_by(rec, msg.runner_id, msg.attempt):  # ended meanwhile (runner declared lost)
             log.warning("RunFinished for run %s attempt %d from %s: the run was taken back meanwhile (%s)",
                         msg.run_id, msg.attempt, msg.runner_id, rec.phase)
@@ -266,7 +273,7 @@ class RunnerTracker:
 
     async def _reconcile_unreported(self, rec: RunRecord, attempt: int, silence: float) -> None:
         """Its runner is alive but has not listed the run for runner_lost_after: ask the journal."""
-        last = await anyio.to_thread.run_sync(self._last_event, rec.run_id)
+        last = await self.last_event(rec.run_id)
         if rec.run_id not in self.book.active or rec.attempt != attempt or rec.unreported_since is None:
             return  # reported, ended or taken back while the journal was read
         if last is not None and last.is_terminal:

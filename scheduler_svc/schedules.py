@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -36,7 +36,7 @@ from .journaling import Journaling
 from .planner import Decision, Policy, plan
 from .runbook import RunBook
 from .slots import SlotClock, iso_utc, slot_run_id
-from .state import StateStore
+from .state import ScheduleState
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,17 @@ class ScheduleEntry:
         return moment.astimezone(self.clock.tz).isoformat()
 
 
+class ScheduleStore(Protocol):
+    """Where a schedule's state is kept (StateStore here; the cluster's database in cluster mode)."""
+
+    def schedules(self) -> dict[str, ScheduleState]: ...
+    async def set_paused(self, name: str, paused: bool) -> None: ...
+    async def set_last_slot(self, name: str, slot_iso: str) -> None: ...
+    async def set_start_fired(self, name: str, at_iso: str) -> None: ...
+
+
 class ScheduleDriver:
-    def __init__(self, cfg: Config, state: StateStore, book: RunBook, journaling: Journaling, journal_dir: Path,
+    def __init__(self, cfg: Config, state: ScheduleStore, book: RunBook, journaling: Journaling, journal_dir: Path,
                  clock: Clock | None = None) -> None:
         self.cfg = cfg
         self.state = state
@@ -161,16 +170,14 @@ class ScheduleDriver:
         run_id = slot_run_id(d.slot, e.name)
         late_ms = (now - d.slot).total_seconds() * 1000
         path = journal_path(self.journal_dir, run_id)
-        if await anyio.to_thread.run_sync(path.exists):
-            log.info("schedule %s: slot %s already has run %s (fired before a restart); not again",
-                     e.name, iso_utc(d.slot), run_id)
-            return
         trigger = {"trigger": "schedule", "schedule": e.name, "slot": iso_utc(d.slot), "decision": d.reason,
                    **d.data, **(extra or {})}
+        msg = f"{e.cfg.pipeline} queued by schedule {e.name} for {e.local(d.slot)}"
+        if await self._fired_before(e, d, run_id, trigger, msg):
+            return
         try:
             if d.action == "fire":
-                await self.journaling.queue_run(e.cfg.pipeline, e.params, trigger, run_id,
-                                                  f"{e.cfg.pipeline} queued by schedule {e.name} for {e.local(d.slot)}")
+                await self.journaling.queue_run(e.cfg.pipeline, e.params, trigger, run_id, msg)
                 log.info("schedule %s: FIRE slot %s (%s) as run %s, %.1f ms after the slot: %s",
                          e.name, e.local(d.slot), iso_utc(d.slot), run_id, late_ms, d.reason)
             else:
@@ -182,6 +189,14 @@ class ScheduleDriver:
                 log.info("schedule %s: slot %s was taken by another writer (%s); not fired twice", e.name, iso_utc(d.slot), ex)
             else:
                 log.error("schedule %s: slot %s could not be recorded: %s", e.name, iso_utc(d.slot), ex)
+
+    async def _fired_before(self, e: ScheduleEntry, d: Decision, run_id: str, trigger: dict[str, Any], msg: str) -> bool:
+        """Did this slot fire (or get skipped) before? Here: its journal exists (the durable record)."""
+        if await anyio.to_thread.run_sync(journal_path(self.journal_dir, run_id).exists):
+            log.info("schedule %s: slot %s already has run %s (fired before a restart); not again",
+                     e.name, iso_utc(d.slot), run_id)
+            return True
+        return False
 
     async def _fire_at_start(self, e: ScheduleEntry) -> None:
         now = self.clock.now()
