@@ -17,7 +17,7 @@ from shared.control import Identity
 from shared.errors import RunwireError
 
 from .api import scheduler_call
-from .keys import HUB, REGISTRY, SETTINGS
+from .keys import CLUSTER_HEALTH, HUB, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,14 @@ def _mismatch(who: str, theirs: str, ours: Path) -> str:
 
 
 async def _check_scheduler(request: web.Request, journal_dir: Path) -> dict[str, Any]:
-    endpoint = request.app[SETTINGS].config.scheduler.control
+    settings = request.app[SETTINGS]
+    endpoint = settings.config.scheduler.control
     try:
         info = await scheduler_call(request, Identity(), IDENTITY_TIMEOUT)
     except RunwireError as e:
         return {"ok": False, "endpoint": endpoint, "detail": f"scheduler not reachable on {endpoint}: {e}"}
     theirs = info.journal_dir
-    if not _same_dir(theirs, journal_dir):
+    if settings.config.cluster is None and not _same_dir(theirs, journal_dir):
         return {"ok": False, "endpoint": endpoint, "journal_dir": theirs, "detail": _mismatch("the scheduler", theirs, journal_dir)}
     return {"ok": True, "endpoint": endpoint, "journal_dir": theirs, "pid": info.pid,
             "detail": f"scheduler answers on {endpoint}"}
@@ -58,11 +59,12 @@ def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[dict[str
     runners: dict[str, Any] = {}
     mismatches: list[str] = []
     stopped: list[str] = []
+    cluster = settings.config.cluster is not None  # each host has its own journal directory
     for pid, seen in hub.publishers.items():
         age = now - seen.at
         # a publisher whose last heartbeat said it was stopping is gone now, not merely late
         fresh = age <= stale_after and not seen.hb.stopping
-        same = _same_dir(seen.hb.journal_dir, journal_dir)
+        same = cluster or _same_dir(seen.hb.journal_dir, journal_dir)
         if fresh and not same:
             mismatches.append(_mismatch(f"{seen.hb.service} {pid}", seen.hb.journal_dir, journal_dir))
         if seen.hb.service != "scheduler":
@@ -105,17 +107,27 @@ async def healthz(request: web.Request) -> web.Response:
     async def scheduler() -> None:
         checks["scheduler"] = await _check_scheduler(request, journal_dir)
 
+    cluster = request.app.get(CLUSTER_HEALTH)
+    required = ("scheduler", "runner", "journal_dir") if cluster is None else ("scheduler", "runner", "event_stream")
     async with anyio.create_task_group() as tg:
         tg.start_soon(scheduler)
-        checks["journal_dir"] = await anyio.to_thread.run_sync(_check_journal_dir, journal_dir)
+        if cluster is None:
+            checks["journal_dir"] = await anyio.to_thread.run_sync(_check_journal_dir, journal_dir)
+        else:
+            # the gateway's host has no journals: its source is the event stream; the registry (PostgreSQL)
+            # away is shown but does not fail the check (the last known runners are still followed)
+            checks.update(cluster())
         checks["runner"], mismatches = _check_publishers(request, journal_dir)
     if mismatches and checks["scheduler"]["ok"]:
         sched = [m for m in mismatches if "scheduler" in m]
         if sched:
             checks["scheduler"] = {**checks["scheduler"], "ok": False, "detail": sched[0]}
-    failed = [name for name in ("scheduler", "runner", "journal_dir") if not checks[name]["ok"]]
+    failed = [name for name in required if not checks[name]["ok"]]
     body: dict[str, Any] = {"status": "fail" if failed else "ok", "journal_dir": str(journal_dir),
                             "config_path": str(settings.path), "checks": checks}
+    degraded = [name for name in checks if name not in required and not checks[name]["ok"]]
+    if degraded:
+        body["degraded"] = degraded
     if failed:
         message = "; ".join(f"{name}: {checks[name]['detail']}" for name in failed)
         body["failed"] = failed

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import zmq.asyncio
 from aiohttp import web
@@ -26,3 +27,5 @@ ZMQ: web.AppKey[zmq.asyncio.Context] = web.AppKey("zmq")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 CLIENTS: web.AppKey["set[StreamClient]"] = web.AppKey("clients")
 ARCHIVER: web.AppKey["Archiver"] = web.AppKey("archiver")
+# cluster mode only: the checks /healthz adds (the event stream, the runner registry)
+CLUSTER_HEALTH: web.AppKey["Callable[[], dict[str, Any]]"] = web.AppKey("cluster_health")

@@ -36,7 +36,6 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from shared.ids import check_run_id
-from shared.journal import JournalReader, journal_path
 from shared.protocol import SSE_RETRY, CloseReason, ErrorCode, ErrorFrame, Hello, Pong
 from shared.values import MAX_DEPTH, decode_json_object
 
@@ -62,14 +61,12 @@ def _holes_reason(hub: Hub, run_id: str, after: int) -> str | None:
     if not holes:
         return None
     shown = ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5]) + (" ..." if len(holes) > 5 else "")
-    return (f"events {shown} of run {run_id} are missing from the journal {journal_path(hub.journal_dir, run_id)}; "
+    return (f"events {shown} of run {run_id} are missing from {hub.source.describe(run_id)}; "
             "a journal_gap error frame marks each hole and the stream goes on after it")
 
 
 async def _journal_last_seq(hub: Hub, run_id: str) -> int:
-    reader = JournalReader(journal_path(hub.journal_dir, run_id), run_id)
-    last = await anyio.to_thread.run_sync(reader.last_event)
-    return last.seq if last is not None else 0
+    return await hub.source.last_seq(run_id)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -83,7 +80,8 @@ async def _serve_run(hub: Hub, client: StreamClient, run_id: str, after_seq: int
         while (entry := await hub.ensure_run(run_id)) is None:  # noqa: ASYNC110
             await anyio.sleep(0.1)
     if entry is None:
-        await client.transport.send_frame(ErrorFrame(ErrorCode.UNKNOWN_RUN, f"no run {run_id} in {hub.journal_dir}"))
+        where = hub.journal_dir if hub.source.local else "the event stream"
+        await client.transport.send_frame(ErrorFrame(ErrorCode.UNKNOWN_RUN, f"no run {run_id} in {where}"))
         await client.transport.close(CloseReason.UNKNOWN_RUN)
         return
     missing = hub.journal_missing(run_id)

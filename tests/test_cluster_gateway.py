@@ -1,0 +1,384 @@
+"""The stateless gateway of cluster mode, on a real 3-node JetStream cluster and a real PostgreSQL:
+two gateway processes (separate homes, no journal files) on one cluster. The test stands in for a
+runner: it appends a run's events to JetStream with RunWriter and, only after the ack, publishes
+them on its own ZeroMQ PUB socket, registered in the runner registry with register_runner.
+
+- a WebSocket client on gateway A and one on gateway B each get exactly the run's events, in order,
+  although the publisher dropped some of them (and the run's end): filled from JetStream;
+- a client of all runs leaves A and resumes on B with A's cursor: recovered, exactly the rest;
+- a publisher that joins the registry after the gateways started is followed (its heartbeats
+  reach them), and leaving the registry lets it go;
+- /api/runs lists the runs from JetStream, on a gateway started after they ended too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+import zmq
+import zmq.asyncio
+
+from runwire_cluster.events import EventStream, RunWriter
+from runwire_cluster.state import ClusterState
+from shared.config import ClusterConfig
+from shared.events import Event
+from shared.wire import Heartbeat, encode_event_frames, encode_heartbeat_frames
+from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (the fixtures)
+from tests.harness import Service, free_port, write_config
+
+_runs = itertools.count(1)
+T = 60.0  # generous: two cores shared with other suites
+
+
+def new_run_id(tag: str) -> str:
+    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{now}Z-{tag}.{next(_runs)}"  # a dot too: it must survive the subject mapping
+
+
+def now_ts() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def make_run(run_id: str, n_logs: int) -> list[Event]:
+    """queued, start, n_logs logs, success: a whole run."""
+    evs = [Event(run_id=run_id, seq=1, timestamp=now_ts(), stage="pipeline", event="queued", msg="queued",
+                 data={"pipeline": "sleepy", "params": {"seconds": 0.1}, "trigger": "manual"}),
+           Event(run_id=run_id, seq=2, timestamp=now_ts(), stage="pipeline", event="start", msg="started")]
+    for i in range(n_logs):
+        evs.append(Event(run_id=run_id, seq=3 + i, timestamp=now_ts(), stage="nap", event="log", msg=f"line {i}"))
+    evs.append(Event(run_id=run_id, seq=len(evs) + 1, timestamp=now_ts(), stage="pipeline", event="success", msg="done"))
+    return evs
+
+
+class Publisher:
+    """A stand-in runner: a PUB socket in the registry; each batch to JetStream first, then on the socket."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, stream: EventStream, runner_id: str) -> None:
+        self.stream = stream
+        self.runner_id = runner_id
+        self.port = free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+        self.writers: dict[str, RunWriter] = {}
+        self.last: dict[str, int] = {}  # run -> last seq written (what heartbeats claim)
+
+    async def register(self, state: ClusterState) -> None:
+        await state.register_runner(self.runner_id, self.endpoint, f"tcp://127.0.0.1:{free_port()}", 2)
+
+    async def write(self, events: list[Event], *, publish: bool = True) -> None:
+        run_id = events[0].run_id
+        w = self.writers.get(run_id)
+        if w is None:
+            w = self.writers[run_id] = await self.stream.writer(run_id, new=events[0].seq == 1)
+        await w.append(events)  # acknowledged by a quorum before anything is published
+        self.last[run_id] = events[-1].seq
+        if publish:
+            for ev in events:
+                await self.sock.send_multipart(encode_event_frames(ev))
+
+    async def heartbeat(self) -> None:
+        hb = Heartbeat(runner_id=self.runner_id, timestamp=now_ts(), journal_dir=f"/elsewhere/{self.runner_id}",
+                       config_path="/elsewhere/runwire.toml", runs=dict(self.last), interval=0.5)
+        await self.sock.send_multipart(encode_heartbeat_frames(hb))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def gateway_config(tmp: Path, name: str, nats: NatsCluster, pg: Postgres) -> Path:
+    root = tmp / name
+    root.mkdir()
+    cluster = (f'\n[cluster]\nnats = {json.dumps(nats.urls)}\nstate = "{pg.url}"\n'
+               'stream_max_age = "1h"\nstream_replicas = 3\n')
+    path, _ = write_config(root, body=cluster, home=root / "home")
+    return path
+
+
+async def http_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def wait_until(what: str, check: Any, timeout: float = T) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await anyio.sleep(0.1)
+
+
+async def follows(session: aiohttp.ClientSession, base: str, runner_id: str, present: bool = True) -> None:
+    async def check() -> bool:
+        _, body = await http_json(session, f"{base}/healthz")
+        return (runner_id in body["checks"]["registry"]["runners"]) == present
+    await wait_until(f"{base} {'follows' if present else 'lets go of'} {runner_id}", check)
+
+
+async def heard_from(session: aiohttp.ClientSession, base: str, runner_id: str) -> None:
+    async def check() -> bool:
+        _, body = await http_json(session, f"{base}/healthz")
+        return runner_id in body["checks"]["runner"]["runners"]
+    await wait_until(f"{base} hears the heartbeats of {runner_id}", check)
+
+
+class WsReader:
+    """A WebSocket client's frames, read in the background."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self.closed = anyio.Event()
+
+    async def run(self) -> None:
+        async for msg in self.ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                self.frames.append(json.loads(msg.data))
+        self.closed.set()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [ev for f in self.frames if f["type"] == "events" for ev in f["events"]]
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "error"]
+
+    def last_cursor(self) -> str:
+        return [f for f in self.frames if f["type"] in ("hello", "events")][-1]["cursor"]
+
+
+@asynccontextmanager
+async def cluster_rig(tmp: Path, nats: NatsCluster, pg: Postgres) -> AsyncIterator[tuple[EventStream, ClusterState, zmq.asyncio.Context]]:
+    await nats.ready()
+    cfg = ClusterConfig(nats=nats.urls, state=pg.url, stream_max_age="1h", stream_replicas=3)
+    ctx = zmq.asyncio.Context()
+    try:
+        async with await EventStream.connect(cfg) as stream, await ClusterState.connect(cfg) as state:
+            await stream.ensure()
+            await state.migrate()
+            yield stream, state, ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+def start_gateway(tmp: Path, name: str, nats: NatsCluster, pg: Postgres) -> tuple[Service, str]:
+    path = gateway_config(tmp, name, nats, pg)
+    svc = Service("gateway_svc", path, tmp / name).start(timeout=T)
+    port = int(svc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)")[1])
+    return svc, f"http://127.0.0.1:{port}"
+
+
+async def run_socket(session: aiohttp.ClientSession, tg: Any, url: str) -> WsReader:
+    reader = WsReader(await session.ws_connect(url, max_msg_size=0))
+    tg.start_soon(reader.run)
+    return reader
+
+
+@pytest.mark.timeout(240)
+async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_resumes_on_the_other(
+        tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
+        pub = Publisher(ctx, stream, f"runner-a-{next(_runs)}")
+        await pub.register(state)
+        a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres)
+        b, url_b = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-b", nats_cluster, postgres)
+        try:
+            async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+                for base in (url_a, url_b):
+                    await follows(session, base, pub.runner_id)
+                    # the SUB socket is connected when heartbeats come through
+                    await wait_until("heartbeats", lambda base=base: _beat_and_check(session, base, pub))
+
+                # ---- one run, watched on A and on B; the publisher drops some events and the end
+                run = new_run_id("watched")
+                events = make_run(run, 40)
+                await pub.write(events[:1])  # queued, as the scheduler would, before anyone watches
+                on_a = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events/{run}")
+                on_b = await run_socket(session, tg, f"{url_b.replace('http', 'ws')}/ws/events/{run}")
+                dropped = {5, 6, 7, 20, 33}
+                for ev in events[1:-3]:
+                    await pub.write([ev], publish=ev.seq not in dropped)
+                await pub.write(events[-3:], publish=False)  # a lost tail: the heartbeat (or the sweep) tells
+                await pub.heartbeat()
+                for reader in (on_a, on_b):
+                    with anyio.fail_after(T):
+                        await reader.closed.wait()
+                    assert reader.ws.close_code == 1000, reader.frames
+                    assert reader.frames[0]["type"] == "hello" and reader.frames[0]["recovered"] is True
+                    assert reader.errors() == []
+                    got = reader.events()
+                    assert [e["seq"] for e in got] == list(range(1, len(events) + 1))
+                    assert got == [json.loads(msgspec_json(e)) for e in events]
+                for base in (url_a, url_b):
+                    # what the publisher never sent came from JetStream (a gap fill, a lost tail)
+                    _, filled = await _metric(session, base, "gap_events_filled")
+                    assert filled is not None and filled >= len(dropped) + 3
+
+                # ---- all runs: a client on A leaves, resumes on B with A's cursor
+                all_a = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events")
+                await wait_until("hello on A", lambda: _has_frames(all_a, 1))
+                run2 = new_run_id("resumed")
+                events2 = make_run(run2, 30)
+                for ev in events2[:12]:
+                    await pub.write([ev])
+                await wait_until("A delivers run 2's first 12", lambda: _count_run(all_a, run2, 12))
+                cursor = all_a.last_cursor()
+                await all_a.ws.close()
+                with anyio.fail_after(T):
+                    await all_a.closed.wait()
+                seen_on_a = [e for e in all_a.events() if e["run_id"] == run2]
+                assert [e["seq"] for e in seen_on_a] == list(range(1, 13))
+                for ev in events2[12:20]:
+                    await pub.write([ev], publish=ev.seq != 15)  # while the client is away, and one is dropped
+                run3 = new_run_id("while-away")
+                events3 = make_run(run3, 3)
+                await pub.write(events3[:2])
+                all_b = await run_socket(session, tg, f"{url_b.replace('http', 'ws')}/ws/events?cursor={cursor}")
+                await wait_until("hello on B", lambda: _has_frames(all_b, 1))
+                hello = all_b.frames[0]
+                assert hello["type"] == "hello" and hello["recovered"] is True, hello
+                for ev in events2[20:]:
+                    await pub.write([ev])
+                await pub.write(events3[2:])
+                await pub.heartbeat()
+                await wait_until("B delivers the rest of runs 2 and 3",
+                                 lambda: _count_run(all_b, run2, len(events2) - 12, strict=False))
+                await wait_until("B delivers run 3", lambda: _count_run(all_b, run3, len(events3), strict=False))
+                assert [e["seq"] for e in all_b.events() if e["run_id"] == run2] == list(range(13, len(events2) + 1))
+                assert [e["seq"] for e in all_b.events() if e["run_id"] == run3] == list(range(1, len(events3) + 1))
+                assert all_b.errors() == []
+                # the cursor B issues is exact on A too
+                cursor_b = all_b.last_cursor()
+                await all_b.ws.close()
+                back_on_a = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events?cursor={cursor_b}")
+                await wait_until("hello on A again", lambda: _has_frames(back_on_a, 1))
+                assert back_on_a.frames[0]["recovered"] is True, back_on_a.frames[0]
+                await back_on_a.ws.close()
+                tg.cancel_scope.cancel()
+        finally:
+            pub.close()
+            await state.remove_runner(pub.runner_id)
+            for svc in (a, b):
+                svc.stop()
+        for svc in (a, b):
+            assert not list((tmp_path / svc.config.parent.name / "home" / "events").glob("*.jsonl"))
+            assert "Traceback" not in svc.output(), svc.output()[-4000:]
+
+
+@pytest.mark.timeout(240)
+async def test_a_runner_joining_later_is_followed_and_runs_are_listed_from_the_stream(
+        tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
+        first = Publisher(ctx, stream, f"runner-b-{next(_runs)}")
+        await first.register(state)
+        a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres)
+        b, url_b = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-b", nats_cluster, postgres)
+        late = Publisher(ctx, stream, f"runner-late-{next(_runs)}")
+        c: Service | None = None
+        try:
+            async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+                for base in (url_a, url_b):
+                    await follows(session, base, first.runner_id)
+                    assert late.runner_id not in (await http_json(session, f"{base}/healthz"))[1]["checks"]["registry"]["runners"]
+                await late.register(state)  # joins after both gateways started
+                for base in (url_a, url_b):
+                    await follows(session, base, late.runner_id)
+                    await wait_until("late heartbeats", lambda base=base: _beat_and_check(session, base, late))
+                # a run of the late runner, watched on B from its start: live from the late publisher
+                run = new_run_id("late")
+                events = make_run(run, 10)
+                on_b = await run_socket(session, tg, f"{url_b.replace('http', 'ws')}/ws/events/{run}")
+                for ev in events:
+                    await late.write([ev])
+                with anyio.fail_after(T):
+                    await on_b.closed.wait()
+                assert [e["seq"] for e in on_b.events()] == list(range(1, len(events) + 1))
+                # a run of the first runner that ends while it is still running, and one left running
+                ended = new_run_id("ended")
+                ended_events = make_run(ended, 2)
+                await first.write(ended_events)
+                running = new_run_id("running")
+                running_events = make_run(running, 2)[:-1]
+                await first.write(running_events)
+
+                async def listed(base: str) -> bool:
+                    status, body = await http_json(session, f"{base}/api/runs?limit=1000")
+                    assert status == 200
+                    got = {r["run_id"]: r["status"] for r in body["runs"]}
+                    return got.get(run) == "success" and got.get(ended) == "success" and got.get(running) == "running"
+
+                for base in (url_a, url_b):
+                    await wait_until(f"{base} lists the runs", lambda base=base: listed(base))
+                # a gateway started now has only the stream to learn them from
+                c, url_c = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-c", nats_cluster, postgres)
+                status, body = await http_json(session, f"{url_c}/api/runs?limit=1000")
+                got = {r["run_id"]: r for r in body["runs"]}
+                assert got[run]["status"] == "success" and got[run]["last_seq"] == len(events)
+                assert got[run]["pipeline"] == "sleepy" and got[run]["trigger"] == "manual"
+                assert got[ended]["status"] == "success" and got[running]["status"] == "running"
+                status, detail = await http_json(session, f"{url_c}/api/runs/{running}")
+                assert status == 200 and detail["last_seq"] == len(running_events)
+                status, page = await http_json(session, f"{url_c}/api/runs/{run}/events?after_seq=3&limit=4")
+                assert status == 200 and [e["seq"] for e in page["events"]] == [4, 5, 6, 7] and page["more"] is True
+                status, _ = await http_json(session, f"{url_c}/api/runs/no-such-run/events")
+                assert status == 404
+                # the late runner leaves the registry: the gateways let it go
+                await state.remove_runner(late.runner_id)
+                for base in (url_a, url_b):
+                    await follows(session, base, late.runner_id, present=False)
+                tg.cancel_scope.cancel()
+        finally:
+            first.close()
+            late.close()
+            await state.remove_runner(first.runner_id)
+            await state.remove_runner(late.runner_id)
+            for svc in (a, b, c):
+                if svc is not None:
+                    svc.stop()
+        for svc in (a, b):
+            assert "Traceback" not in svc.output(), svc.output()[-4000:]
+
+
+async def _beat_and_check(session: aiohttp.ClientSession, base: str, pub: Publisher) -> bool:
+    await pub.heartbeat()
+    _, body = await http_json(session, f"{base}/healthz")
+    return pub.runner_id in body["checks"]["runner"]["runners"]
+
+
+async def _has_frames(reader: WsReader, n: int) -> bool:
+    return len(reader.frames) >= n
+
+
+async def _count_run(reader: WsReader, run_id: str, n: int, strict: bool = True) -> bool:
+    k = sum(1 for e in reader.events() if e["run_id"] == run_id)
+    if strict:
+        assert k <= n, f"more than {n} events of {run_id}"
+    return k >= n
+
+
+async def _metric(session: aiohttp.ClientSession, base: str, name: str) -> tuple[int, float | None]:
+    async with session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name) or line.startswith(f"runwire_gateway_{name}"):
+            return resp.status, float(line.split()[-1])
+    return resp.status, None
+
+
+def msgspec_json(ev: Event) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(ev)
