@@ -25,6 +25,9 @@ from .streamsource import StreamSource, load_index
 log = logging.getLogger(__name__)
 
 CONNECT_RETRY_S = 2.0
+# how long a read is tried again while JetStream has no leader: fills run under the sequencer's lock,
+# so a gateway gives up sooner than a writer (30 s) and leaves the event for a later fill
+READ_RETRY_S = 5.0
 STREAM_SWEEP_INTERVAL = 2.0  # seconds between the event stream's sweeps (a cheap request when idle)
 
 
@@ -74,6 +77,7 @@ class ClusterGateway:
                           time.monotonic() - since)
                 await anyio.sleep(CONNECT_RETRY_S)
                 continue
+            stream.retry_for = READ_RETRY_S
             try:
                 await stream.ensure()  # the stream may not exist yet: the first service up makes it
             except ServiceUnavailable as e:

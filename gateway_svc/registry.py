@@ -66,7 +66,8 @@ class RegistryFollower:
     async def poll(self, sub: Subscription) -> None:
         try:
             if self.state is None:
-                self.state = await ClusterState.connect(self.cluster, min_size=1, max_size=2)
+                # no connection floor: asyncpg would log a traceback per retry to keep one while the database is away
+                self.state = await ClusterState.connect(self.cluster, min_size=0, max_size=2)
             runners = await self.state.runners(alive_within=self.alive_within)
         except (ServiceUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             self._failed(e)

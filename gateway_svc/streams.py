@@ -35,6 +35,7 @@ import anyio
 import msgspec
 from aiohttp import WSMsgType, web
 
+from shared.errors import ServiceUnavailable
 from shared.ids import check_run_id
 from shared.protocol import SSE_RETRY, CloseReason, ErrorCode, ErrorFrame, Hello, Pong
 from shared.values import MAX_DEPTH, decode_json_object
@@ -49,6 +50,7 @@ from .transports import WS_CLOSE_MAX, WS_CLOSE_TIMEOUT, SseTransport, WsTranspor
 log = logging.getLogger(__name__)
 
 UNKNOWN_RUN_WAIT = 3.0
+UNAVAILABLE_CLOSE = 1013  # try again later (a close clients resume after): the event stream does not answer
 MAX_CLIENT_MESSAGE = 4096  # a longer client message gets an error frame and 4400
 # what aiohttp reads into memory at all: beyond it, aiohttp itself closes with 1009 (no error frame)
 MAX_CLIENT_FRAME = 64 * 1024
@@ -217,6 +219,12 @@ async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: Strea
                 await serve()
             except ClientGone:
                 pass  # the client left or was closed (4008); the connection counters say so
+            except ServiceUnavailable as e:
+                # cluster mode: the event stream does not answer; the client resumes with its cursor
+                log.warning("%s client: %s; closing it with 1013 (try again later)", kind, e)
+                client.request_close(CloseReason.SHUTTING_DOWN)
+                with anyio.move_on_after(WS_CLOSE_TIMEOUT):
+                    await ws.close(code=UNAVAILABLE_CLOSE, message=b"event stream unavailable")
             tg.cancel_scope.cancel()
     finally:
         hub.unregister(client)
@@ -275,6 +283,9 @@ async def sse_events(request: web.Request) -> web.StreamResponse:
         await _serve_all(hub, client, cursor_text)
     except (ClientGone, ConnectionError):
         pass  # the client left or was closed as slow; the connection counters say so
+    except ServiceUnavailable as e:
+        # cluster mode: the event stream does not answer; the client reconnects with Last-Event-ID
+        log.warning("sse client: %s; ending the stream", e)
     finally:
         hub.unregister(client)
         app[CLIENTS].discard(client)

@@ -382,3 +382,62 @@ def msgspec_json(ev: Event) -> bytes:
     import msgspec
 
     return msgspec.json.encode(ev)
+
+
+@pytest.mark.timeout(240)
+async def test_the_registry_away_keeps_the_last_known_runners_and_says_so(
+        tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    """Last in the module: it stops the module's PostgreSQL for a while."""
+    async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
+        pub = Publisher(ctx, stream, f"runner-c-{next(_runs)}")
+        await pub.register(state)
+        bad = f"runner-bad-{next(_runs)}"
+        await state.register_runner(bad, "udp://nowhere:1", "tcp://127.0.0.1:1", 1)  # hostile registry content
+        a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres)
+        try:
+            async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+                await follows(session, url_a, pub.runner_id)
+                _, health = await http_json(session, f"{url_a}/healthz")
+                assert bad in health["checks"]["registry"]["refused"] and bad not in health["checks"]["registry"]["runners"]
+                await wait_until("heartbeats", lambda: _beat_and_check(session, url_a, pub))
+                await anyio.to_thread.run_sync(postgres.stop)
+
+                async def registry_down() -> Any:
+                    _, body = await http_json(session, f"{url_a}/healthz")
+                    return body if not body["checks"]["registry"]["ok"] else None
+
+                body = await wait_until("/healthz shows the registry away", registry_down)
+                reg = body["checks"]["registry"]
+                assert "not reachable" in reg["detail"] and "last known 1 runner(s)" in reg["detail"]
+                assert pub.runner_id in reg["runners"] and "registry" in body["degraded"]
+                assert body["checks"]["event_stream"]["ok"] is True
+                # the last known runner is still followed: its run streams live
+                run = new_run_id("registry-away")
+                events = make_run(run, 5)
+                await pub.write(events[:1])
+                on_a = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events/{run}")
+                for ev in events[1:]:
+                    await pub.write([ev])
+                with anyio.fail_after(T):
+                    await on_a.closed.wait()
+                assert [e["seq"] for e in on_a.events()] == list(range(1, len(events) + 1))
+                _, filled = await _metric(session, url_a, "gap_events_filled")
+                await anyio.to_thread.run_sync(postgres.start)
+
+                async def registry_back() -> bool:
+                    _, body = await http_json(session, f"{url_a}/healthz")
+                    return bool(body["checks"]["registry"]["ok"])
+
+                await wait_until("/healthz shows the registry back", registry_back)
+                tg.cancel_scope.cancel()
+        finally:
+            pub.close()
+            if not postgres.running():
+                await anyio.to_thread.run_sync(postgres.start)
+            a.stop()
+        assert "runner registry" in a.output() and "still following the last known 1 runner(s)" in a.output()
+        assert "Traceback" not in a.output(), a.output()[-4000:]
+    cfg = ClusterConfig(nats=nats_cluster.urls, state=postgres.url)
+    async with await ClusterState.connect(cfg) as fresh:
+        await fresh.remove_runner(pub.runner_id)
+        await fresh.remove_runner(bad)
