@@ -1,8 +1,9 @@
 """The run source of cluster mode (runsource.py): the JetStream event stream, for a gateway whose
 host has no journals. Loaded only with `[cluster]`.
 
-- Replays and fills read a run's chunks through an ordered consumer (EventStream.replay), which ends
-  at the run's last chunk as it was when the read began; a reader that needs more (the hub delivered
+- Replays and fills read a run's chunks from the one holding the seq they start after
+  (runwire_cluster.reader.chunks_after: a bisection, then gets, then an ordered consumer), up to
+  the run's last chunk as it was when the read began; a reader that needs more (the hub delivered
   further meanwhile) starts another read from where it stands, and only a read begun at a position
   that yields nothing up to the hub's frontier is a hole.
 - The sweep (every few seconds) asks the stream's last sequence, and only when it moved lists the
@@ -23,7 +24,7 @@ from contextlib import aclosing
 import anyio
 
 from runwire_cluster.events import EventStream, run_subject
-from runwire_cluster.reader import first_and_last, last_stream_seq, run_counts
+from runwire_cluster.reader import chunks_after, first_and_last, last_stream_seq, run_counts
 from shared.errors import ServiceUnavailable
 from shared.events import Event
 from shared.runstate import RunState, fold
@@ -53,7 +54,7 @@ class StreamPieces:
     async def _next_chunk(self, after: int) -> list[Event] | None:
         for _ in range(2):
             if self.gen is None:
-                self.gen = self.stream.replay(self.run_id, after)
+                self.gen = chunks_after(self.stream, self.run_id, after)
                 self.fresh = True
             try:
                 chunk = await self.gen.__anext__()
@@ -114,13 +115,13 @@ class StreamSource:
         return (await self.stream.last_chunk(run_id))[1]
 
     async def events_after(self, run_id: str, after: int) -> AsyncGenerator[list[Event], None]:
-        async with aclosing(self.stream.replay(run_id, after)) as chunks:
+        async with aclosing(chunks_after(self.stream, run_id, after)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def page(self, run_id: str, after: int, limit: int) -> list[Event]:
         out: list[Event] = []
-        async with aclosing(self.stream.replay(run_id, after)) as chunks:
+        async with aclosing(chunks_after(self.stream, run_id, after)) as chunks:
             async for chunk in chunks:
                 out.extend(chunk)
                 if len(out) >= limit:
