@@ -30,7 +30,8 @@ import zmq.asyncio
 
 from runwire_cluster.events import EventStream, RunWriter
 from runwire_cluster.state import ClusterState
-from shared.config import ClusterConfig
+from shared.config import ClusterConfig, settings_from_toml
+from shared.curve import PUBLIC_NAME, SECRET_NAME, CurveAuthenticator, CurveKeys, bind_secured, load_keys, write_keypair
 from shared.events import Event
 from shared.wire import Heartbeat, encode_event_frames, encode_heartbeat_frames
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (the fixtures)
@@ -63,14 +64,15 @@ def make_run(run_id: str, n_logs: int) -> list[Event]:
 class Publisher:
     """A stand-in runner: a PUB socket in the registry; each batch to JetStream first, then on the socket."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, stream: EventStream, runner_id: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, stream: EventStream, runner_id: str,
+                 keys: CurveKeys | None = None) -> None:
         self.stream = stream
         self.runner_id = runner_id
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.sock = ctx.socket(zmq.PUB)
+        self.sock: zmq.Socket[bytes] = (ctx if keys is None else zmq.Context.instance()).socket(zmq.PUB)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.endpoint)
+        bind_secured(self.sock, self.endpoint, "runner.publish", keys)
         self.writers: dict[str, RunWriter] = {}
         self.last: dict[str, int] = {}  # run -> last seq written (what heartbeats claim)
 
@@ -86,22 +88,30 @@ class Publisher:
         self.last[run_id] = events[-1].seq
         if publish:
             for ev in events:
-                await self.sock.send_multipart(encode_event_frames(ev))
+                await self._send(encode_event_frames(ev))
 
     async def heartbeat(self) -> None:
         hb = Heartbeat(runner_id=self.runner_id, timestamp=now_ts(), journal_dir=f"/elsewhere/{self.runner_id}",
                        config_path="/elsewhere/runwire.toml", runs=dict(self.last), interval=0.5)
-        await self.sock.send_multipart(encode_heartbeat_frames(hb))
+        await self._send(encode_heartbeat_frames(hb))
+
+    async def _send(self, frames: list[bytes]) -> None:
+        sent = self.sock.send_multipart(frames)  # a zmq.asyncio socket's returns an awaitable
+        if sent is not None:
+            await sent
 
     def close(self) -> None:
         self.sock.close(linger=0)
 
 
-def gateway_config(tmp: Path, name: str, nats: NatsCluster, pg: Postgres) -> Path:
+def gateway_config(tmp: Path, name: str, nats: NatsCluster, pg: Postgres, keys_dir: Path | None = None) -> Path:
     root = tmp / name
     root.mkdir()
     cluster = (f'\n[cluster]\nnats = {json.dumps(nats.urls)}\nstate = "{pg.url}"\n'
                'stream_max_age = "1h"\nstream_replicas = 3\n')
+    if keys_dir is not None:
+        cluster += (f'[cluster.curve]\npublic_file = "{keys_dir / PUBLIC_NAME}"\n'
+                    f'secret_file = "{keys_dir / SECRET_NAME}"\n')
     path, _ = write_config(root, body=cluster, home=root / "home")
     return path
 
@@ -174,8 +184,9 @@ async def cluster_rig(tmp: Path, nats: NatsCluster, pg: Postgres) -> AsyncIterat
         ctx.destroy(linger=0)
 
 
-def start_gateway(tmp: Path, name: str, nats: NatsCluster, pg: Postgres) -> tuple[Service, str]:
-    path = gateway_config(tmp, name, nats, pg)
+def start_gateway(tmp: Path, name: str, nats: NatsCluster, pg: Postgres,
+                  keys_dir: Path | None = None) -> tuple[Service, str]:
+    path = gateway_config(tmp, name, nats, pg, keys_dir)
     svc = Service("gateway_svc", path, tmp / name).start(timeout=T)
     port = int(svc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)")[1])
     return svc, f"http://127.0.0.1:{port}"
@@ -382,6 +393,51 @@ def msgspec_json(ev: Event) -> bytes:
     import msgspec
 
     return msgspec.json.encode(ev)
+
+
+@pytest.mark.timeout(240)
+async def test_with_curve_keys_the_gateway_subscribes_encrypted(
+        tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    """The cluster's key pair in [cluster.curve]: the stand-in runner's PUB is a CURVE server that
+    accepts only the pair, and the gateway's SUB presents it (a SUB without it gets nothing)."""
+    keys_dir = tmp_path / "keys"
+    write_keypair(keys_dir)
+    path = gateway_config(tmp_path, "probe", nats_cluster, postgres, keys_dir)
+    keys = load_keys(settings_from_toml(path.read_text(), path))
+    assert keys is not None
+    async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
+        with CurveAuthenticator(zmq.Context.instance(), keys):
+            pub = Publisher(ctx, stream, f"runner-curve-{next(_runs)}", keys)
+            await pub.register(state)
+            a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres, keys_dir)
+            plain = ctx.socket(zmq.SUB)  # no keys: the handshake fails, nothing arrives
+            plain.setsockopt(zmq.LINGER, 0)
+            plain.setsockopt(zmq.SUBSCRIBE, b"")
+            plain.connect(pub.endpoint)
+            try:
+                async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+                    await follows(session, url_a, pub.runner_id)
+                    await wait_until("heartbeats over CURVE", lambda: _beat_and_check(session, url_a, pub))
+                    run = new_run_id("curve")
+                    events = make_run(run, 5)
+                    await pub.write(events[:1])
+                    on_a = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events/{run}")
+                    for ev in events[1:]:
+                        await pub.write([ev])
+                    with anyio.fail_after(T):
+                        await on_a.closed.wait()
+                    assert [e["seq"] for e in on_a.events()] == list(range(1, len(events) + 1))
+                    _, filled = await _metric(session, url_a, "gap_events_filled")
+                    # live over CURVE: a SUB that could not connect would have had all of them from the sweep
+                    assert filled is not None and filled < len(events)
+                    assert await plain.poll(200) == 0
+                    tg.cancel_scope.cancel()
+            finally:
+                plain.close(linger=0)
+                pub.close()
+                await state.remove_runner(pub.runner_id)
+                a.stop()
+            assert "Traceback" not in a.output(), a.output()[-4000:]
 
 
 @pytest.mark.timeout(240)
