@@ -1,6 +1,10 @@
 """The gateway as a service (see shared.entry): the hub (ZeroMQ subscriber and journal sweeper) in the
 service's task group, the aiohttp site beside it. On cancel, every open stream is closed with 1001 while
-the hub still runs; then the hub stops. A hub that fails stops the gateway with its cause."""
+the hub still runs; then the hub stops. A hub that fails stops the gateway with its cause.
+
+With `[cluster]` (cluster.py) the gateway first connects to the event stream and loads its run index
+from it (no journal directory is read), and the hub's SUB socket follows the runner registry; the
+Parquet archiver does not run (it reads journals, which this host does not have)."""
 
 from __future__ import annotations
 

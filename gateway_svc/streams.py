@@ -22,6 +22,10 @@
   message with the same data. When the gateway already knows of a hole after the requested position
   (found by an earlier read), the hello says recovered=false with the reason too. Every other error
   frame is followed by a close.
+- Cluster mode (runsource.py): "the journal" above is the event stream (JetStream); `journal_missing`
+  does not occur (every run is in the stream). A stream that does not answer while a client is
+  served closes its WebSocket with 1013 (try again later: it resumes with its cursor, on this
+  gateway or another of the cluster) and ends an SSE stream (it reconnects with Last-Event-ID).
 - Client messages on a WebSocket: `{"type": "ping"}` is answered `{"type": "pong"}`; anything else is
   answered with an error frame `bad_message` and close 4400.
 """
