@@ -8,7 +8,10 @@ them on its own ZeroMQ PUB socket, registered in the runner registry with regist
 - a client of all runs leaves A and resumes on B with A's cursor: recovered, exactly the rest;
 - a publisher that joins the registry after the gateways started is followed (its heartbeats
   reach them), and leaving the registry lets it go;
-- /api/runs lists the runs from JetStream, on a gateway started after they ended too.
+- /api/runs lists the runs from JetStream, on a gateway started after they ended too, and a
+  cursor issued by A before those runs began resumes exactly on that gateway;
+- with [cluster.curve] the SUB socket presents the cluster's key pair;
+- the registry (PostgreSQL) stopped: the last known runners are still followed, /healthz says so.
 """
 
 from __future__ import annotations
@@ -304,6 +307,11 @@ async def test_a_runner_joining_later_is_followed_and_runs_are_listed_from_the_s
                 for base in (url_a, url_b):
                     await follows(session, base, first.runner_id)
                     assert late.runner_id not in (await http_json(session, f"{base}/healthz"))[1]["checks"]["registry"]["runners"]
+                # an all-runs client of A, before any of this test's runs: its cursor will be used on C
+                early = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events")
+                await wait_until("hello on A", lambda: _has_frames(early, 1))
+                early_cursor = early.last_cursor()
+                await early.ws.close()
                 await late.register(state)  # joins after both gateways started
                 for base in (url_a, url_b):
                     await follows(session, base, late.runner_id)
@@ -340,6 +348,16 @@ async def test_a_runner_joining_later_is_followed_and_runs_are_listed_from_the_s
                 assert got[run]["status"] == "success" and got[run]["last_seq"] == len(events)
                 assert got[run]["pipeline"] == "sleepy" and got[run]["trigger"] == "manual"
                 assert got[ended]["status"] == "success" and got[running]["status"] == "running"
+                # A's cursor from before these runs, on C (started after they were written): exactly them
+                resumed = await run_socket(session, tg, f"{url_c.replace('http', 'ws')}/ws/events?cursor={early_cursor}")
+                expected = {run: len(events), ended: len(ended_events), running: len(running_events)}
+                for rid, n in expected.items():
+                    await wait_until(f"C replays {rid}", lambda rid=rid, n=n: _count_run(resumed, rid, n))
+                assert resumed.frames[0]["type"] == "hello" and resumed.frames[0]["recovered"] is True, resumed.frames[0]
+                for rid, n in expected.items():
+                    assert [e["seq"] for e in resumed.events() if e["run_id"] == rid] == list(range(1, n + 1))
+                assert resumed.errors() == []
+                await resumed.ws.close()
                 status, detail = await http_json(session, f"{url_c}/api/runs/{running}")
                 assert status == 200 and detail["last_seq"] == len(running_events)
                 status, page = await http_json(session, f"{url_c}/api/runs/{run}/events?after_seq=3&limit=4")
