@@ -16,12 +16,7 @@ them on its own ZeroMQ PUB socket, registered in the runner registry with regist
 
 from __future__ import annotations
 
-import itertools
 import json
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,183 +24,38 @@ import aiohttp
 import anyio
 import pytest
 import zmq
-import zmq.asyncio
 
-from runwire_cluster.events import EventStream, RunWriter
 from runwire_cluster.state import ClusterState
 from shared.config import ClusterConfig, settings_from_toml
-from shared.curve import PUBLIC_NAME, SECRET_NAME, CurveAuthenticator, CurveKeys, bind_secured, load_keys, write_keypair
-from shared.events import Event
-from shared.wire import Heartbeat, encode_event_frames, encode_heartbeat_frames
+from shared.curve import CurveAuthenticator, load_keys, write_keypair
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (the fixtures)
-from tests.harness import Service, free_port, write_config
-
-_runs = itertools.count(1)
-T = 60.0  # generous: two cores shared with other suites
-
-
-def new_run_id(tag: str) -> str:
-    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    return f"{now}Z-{tag}.{next(_runs)}"  # a dot too: it must survive the subject mapping
-
-
-def now_ts() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def make_run(run_id: str, n_logs: int) -> list[Event]:
-    """queued, start, n_logs logs, success: a whole run."""
-    evs = [Event(run_id=run_id, seq=1, timestamp=now_ts(), stage="pipeline", event="queued", msg="queued",
-                 data={"pipeline": "sleepy", "params": {"seconds": 0.1}, "trigger": "manual"}),
-           Event(run_id=run_id, seq=2, timestamp=now_ts(), stage="pipeline", event="start", msg="started")]
-    for i in range(n_logs):
-        evs.append(Event(run_id=run_id, seq=3 + i, timestamp=now_ts(), stage="nap", event="log", msg=f"line {i}"))
-    evs.append(Event(run_id=run_id, seq=len(evs) + 1, timestamp=now_ts(), stage="pipeline", event="success", msg="done"))
-    return evs
-
-
-class Publisher:
-    """A stand-in runner: a PUB socket in the registry; each batch to JetStream first, then on the socket."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, stream: EventStream, runner_id: str,
-                 keys: CurveKeys | None = None) -> None:
-        self.stream = stream
-        self.runner_id = runner_id
-        self.port = free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.sock: zmq.Socket[bytes] = (ctx if keys is None else zmq.Context.instance()).socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        bind_secured(self.sock, self.endpoint, "runner.publish", keys)
-        self.writers: dict[str, RunWriter] = {}
-        self.last: dict[str, int] = {}  # run -> last seq written (what heartbeats claim)
-
-    async def register(self, state: ClusterState) -> None:
-        await state.register_runner(self.runner_id, self.endpoint, f"tcp://127.0.0.1:{free_port()}", 2)
-
-    async def write(self, events: list[Event], *, publish: bool = True) -> None:
-        run_id = events[0].run_id
-        w = self.writers.get(run_id)
-        if w is None:
-            w = self.writers[run_id] = await self.stream.writer(run_id, new=events[0].seq == 1)
-        await w.append(events)  # acknowledged by a quorum before anything is published
-        self.last[run_id] = events[-1].seq
-        if publish:
-            for ev in events:
-                await self._send(encode_event_frames(ev))
-
-    async def heartbeat(self) -> None:
-        hb = Heartbeat(runner_id=self.runner_id, timestamp=now_ts(), journal_dir=f"/elsewhere/{self.runner_id}",
-                       config_path="/elsewhere/runwire.toml", runs=dict(self.last), interval=0.5)
-        await self._send(encode_heartbeat_frames(hb))
-
-    async def _send(self, frames: list[bytes]) -> None:
-        sent = self.sock.send_multipart(frames)  # a zmq.asyncio socket's returns an awaitable
-        if sent is not None:
-            await sent
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-
-
-def gateway_config(tmp: Path, name: str, nats: NatsCluster, pg: Postgres, keys_dir: Path | None = None) -> Path:
-    root = tmp / name
-    root.mkdir()
-    cluster = (f'\n[cluster]\nnats = {json.dumps(nats.urls)}\nstate = "{pg.url}"\n'
-               'stream_max_age = "1h"\nstream_replicas = 3\n')
-    if keys_dir is not None:
-        cluster += (f'[cluster.curve]\npublic_file = "{keys_dir / PUBLIC_NAME}"\n'
-                    f'secret_file = "{keys_dir / SECRET_NAME}"\n')
-    path, _ = write_config(root, body=cluster, home=root / "home")
-    return path
-
-
-async def http_json(session: aiohttp.ClientSession, url: str) -> Any:
-    async with session.get(url) as resp:
-        return resp.status, await resp.json()
-
-
-async def wait_until(what: str, check: Any, timeout: float = T) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await anyio.sleep(0.1)
-
-
-async def follows(session: aiohttp.ClientSession, base: str, runner_id: str, present: bool = True) -> None:
-    async def check() -> bool:
-        _, body = await http_json(session, f"{base}/healthz")
-        return (runner_id in body["checks"]["registry"]["runners"]) == present
-    await wait_until(f"{base} {'follows' if present else 'lets go of'} {runner_id}", check)
-
-
-async def heard_from(session: aiohttp.ClientSession, base: str, runner_id: str) -> None:
-    async def check() -> bool:
-        _, body = await http_json(session, f"{base}/healthz")
-        return runner_id in body["checks"]["runner"]["runners"]
-    await wait_until(f"{base} hears the heartbeats of {runner_id}", check)
-
-
-class WsReader:
-    """A WebSocket client's frames, read in the background."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self.closed = anyio.Event()
-
-    async def run(self) -> None:
-        async for msg in self.ws:
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                self.frames.append(json.loads(msg.data))
-        self.closed.set()
-
-    def events(self) -> list[dict[str, Any]]:
-        return [ev for f in self.frames if f["type"] == "events" for ev in f["events"]]
-
-    def errors(self) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f["type"] == "error"]
-
-    def last_cursor(self) -> str:
-        return [f for f in self.frames if f["type"] in ("hello", "events")][-1]["cursor"]
-
-
-@asynccontextmanager
-async def cluster_rig(tmp: Path, nats: NatsCluster, pg: Postgres) -> AsyncIterator[tuple[EventStream, ClusterState, zmq.asyncio.Context]]:
-    await nats.ready()
-    cfg = ClusterConfig(nats=nats.urls, state=pg.url, stream_max_age="1h", stream_replicas=3)
-    ctx = zmq.asyncio.Context()
-    try:
-        async with await EventStream.connect(cfg) as stream, await ClusterState.connect(cfg) as state:
-            await stream.ensure()
-            await state.migrate()
-            yield stream, state, ctx
-    finally:
-        ctx.destroy(linger=0)
-
-
-def start_gateway(tmp: Path, name: str, nats: NatsCluster, pg: Postgres,
-                  keys_dir: Path | None = None) -> tuple[Service, str]:
-    path = gateway_config(tmp, name, nats, pg, keys_dir)
-    svc = Service("gateway_svc", path, tmp / name).start(timeout=T)
-    port = int(svc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)")[1])
-    return svc, f"http://127.0.0.1:{port}"
-
-
-async def run_socket(session: aiohttp.ClientSession, tg: Any, url: str) -> WsReader:
-    reader = WsReader(await session.ws_connect(url, max_msg_size=0))
-    tg.start_soon(reader.run)
-    return reader
+from tests.cluster_gateway_rig import (
+    Publisher,
+    T,
+    beat_and_check,
+    cluster_rig,
+    count_run,
+    follows,
+    gateway_config,
+    has_frames,
+    http_json,
+    make_run,
+    metric,
+    msgspec_json,
+    new_run_id,
+    numbers,
+    run_socket,
+    start_gateway,
+    wait_until,
+)
+from tests.harness import Service
 
 
 @pytest.mark.timeout(240)
 async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_resumes_on_the_other(
         tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
-        pub = Publisher(ctx, stream, f"runner-a-{next(_runs)}")
+        pub = Publisher(ctx, stream, f"runner-a-{next(numbers)}")
         await pub.register(state)
         a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres)
         b, url_b = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-b", nats_cluster, postgres)
@@ -214,7 +64,7 @@ async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_res
                 for base in (url_a, url_b):
                     await follows(session, base, pub.runner_id)
                     # the SUB socket is connected when heartbeats come through
-                    await wait_until("heartbeats", lambda base=base: _beat_and_check(session, base, pub))
+                    await wait_until("heartbeats", lambda base=base: beat_and_check(session, base, pub))
 
                 # ---- one run, watched on A and on B; the publisher drops some events and the end
                 run = new_run_id("watched")
@@ -238,17 +88,17 @@ async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_res
                     assert got == [json.loads(msgspec_json(e)) for e in events]
                 for base in (url_a, url_b):
                     # what the publisher never sent came from JetStream (a gap fill, a lost tail)
-                    _, filled = await _metric(session, base, "gap_events_filled")
+                    _, filled = await metric(session, base, "gap_events_filled")
                     assert filled is not None and filled >= len(dropped) + 3
 
                 # ---- all runs: a client on A leaves, resumes on B with A's cursor
                 all_a = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events")
-                await wait_until("hello on A", lambda: _has_frames(all_a, 1))
+                await wait_until("hello on A", lambda: has_frames(all_a, 1))
                 run2 = new_run_id("resumed")
                 events2 = make_run(run2, 30)
                 for ev in events2[:12]:
                     await pub.write([ev])
-                await wait_until("A delivers run 2's first 12", lambda: _count_run(all_a, run2, 12))
+                await wait_until("A delivers run 2's first 12", lambda: count_run(all_a, run2, 12))
                 cursor = all_a.last_cursor()
                 await all_a.ws.close()
                 with anyio.fail_after(T):
@@ -261,7 +111,7 @@ async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_res
                 events3 = make_run(run3, 3)
                 await pub.write(events3[:2])
                 all_b = await run_socket(session, tg, f"{url_b.replace('http', 'ws')}/ws/events?cursor={cursor}")
-                await wait_until("hello on B", lambda: _has_frames(all_b, 1))
+                await wait_until("hello on B", lambda: has_frames(all_b, 1))
                 hello = all_b.frames[0]
                 assert hello["type"] == "hello" and hello["recovered"] is True, hello
                 for ev in events2[20:]:
@@ -269,8 +119,8 @@ async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_res
                 await pub.write(events3[2:])
                 await pub.heartbeat()
                 await wait_until("B delivers the rest of runs 2 and 3",
-                                 lambda: _count_run(all_b, run2, len(events2) - 12, strict=False))
-                await wait_until("B delivers run 3", lambda: _count_run(all_b, run3, len(events3), strict=False))
+                                 lambda: count_run(all_b, run2, len(events2) - 12, strict=False))
+                await wait_until("B delivers run 3", lambda: count_run(all_b, run3, len(events3), strict=False))
                 assert [e["seq"] for e in all_b.events() if e["run_id"] == run2] == list(range(13, len(events2) + 1))
                 assert [e["seq"] for e in all_b.events() if e["run_id"] == run3] == list(range(1, len(events3) + 1))
                 assert all_b.errors() == []
@@ -278,7 +128,7 @@ async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_res
                 cursor_b = all_b.last_cursor()
                 await all_b.ws.close()
                 back_on_a = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events?cursor={cursor_b}")
-                await wait_until("hello on A again", lambda: _has_frames(back_on_a, 1))
+                await wait_until("hello on A again", lambda: has_frames(back_on_a, 1))
                 assert back_on_a.frames[0]["recovered"] is True, back_on_a.frames[0]
                 await back_on_a.ws.close()
                 tg.cancel_scope.cancel()
@@ -296,11 +146,11 @@ async def test_two_gateways_each_deliver_a_run_exactly_and_a_cursor_from_one_res
 async def test_a_runner_joining_later_is_followed_and_runs_are_listed_from_the_stream(
         tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
-        first = Publisher(ctx, stream, f"runner-b-{next(_runs)}")
+        first = Publisher(ctx, stream, f"runner-b-{next(numbers)}")
         await first.register(state)
         a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres)
         b, url_b = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-b", nats_cluster, postgres)
-        late = Publisher(ctx, stream, f"runner-late-{next(_runs)}")
+        late = Publisher(ctx, stream, f"runner-late-{next(numbers)}")
         c: Service | None = None
         try:
             async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
@@ -309,13 +159,13 @@ async def test_a_runner_joining_later_is_followed_and_runs_are_listed_from_the_s
                     assert late.runner_id not in (await http_json(session, f"{base}/healthz"))[1]["checks"]["registry"]["runners"]
                 # an all-runs client of A, before any of this test's runs: its cursor will be used on C
                 early = await run_socket(session, tg, f"{url_a.replace('http', 'ws')}/ws/events")
-                await wait_until("hello on A", lambda: _has_frames(early, 1))
+                await wait_until("hello on A", lambda: has_frames(early, 1))
                 early_cursor = early.last_cursor()
                 await early.ws.close()
                 await late.register(state)  # joins after both gateways started
                 for base in (url_a, url_b):
                     await follows(session, base, late.runner_id)
-                    await wait_until("late heartbeats", lambda base=base: _beat_and_check(session, base, late))
+                    await wait_until("late heartbeats", lambda base=base: beat_and_check(session, base, late))
                 # a run of the late runner, watched on B from its start: live from the late publisher
                 run = new_run_id("late")
                 events = make_run(run, 10)
@@ -352,7 +202,7 @@ async def test_a_runner_joining_later_is_followed_and_runs_are_listed_from_the_s
                 resumed = await run_socket(session, tg, f"{url_c.replace('http', 'ws')}/ws/events?cursor={early_cursor}")
                 expected = {run: len(events), ended: len(ended_events), running: len(running_events)}
                 for rid, n in expected.items():
-                    await wait_until(f"C replays {rid}", lambda rid=rid, n=n: _count_run(resumed, rid, n))
+                    await wait_until(f"C replays {rid}", lambda rid=rid, n=n: count_run(resumed, rid, n))
                 assert resumed.frames[0]["type"] == "hello" and resumed.frames[0]["recovered"] is True, resumed.frames[0]
                 for rid, n in expected.items():
                     assert [e["seq"] for e in resumed.events() if e["run_id"] == rid] == list(range(1, n + 1))
@@ -381,38 +231,6 @@ async def test_a_runner_joining_later_is_followed_and_runs_are_listed_from_the_s
             assert "Traceback" not in svc.output(), svc.output()[-4000:]
 
 
-async def _beat_and_check(session: aiohttp.ClientSession, base: str, pub: Publisher) -> bool:
-    await pub.heartbeat()
-    _, body = await http_json(session, f"{base}/healthz")
-    return pub.runner_id in body["checks"]["runner"]["runners"]
-
-
-async def _has_frames(reader: WsReader, n: int) -> bool:
-    return len(reader.frames) >= n
-
-
-async def _count_run(reader: WsReader, run_id: str, n: int, strict: bool = True) -> bool:
-    k = sum(1 for e in reader.events() if e["run_id"] == run_id)
-    if strict:
-        assert k <= n, f"more than {n} events of {run_id}"
-    return k >= n
-
-
-async def _metric(session: aiohttp.ClientSession, base: str, name: str) -> tuple[int, float | None]:
-    async with session.get(f"{base}/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith(name) or line.startswith(f"runwire_gateway_{name}"):
-            return resp.status, float(line.split()[-1])
-    return resp.status, None
-
-
-def msgspec_json(ev: Event) -> bytes:
-    import msgspec
-
-    return msgspec.json.encode(ev)
-
-
 @pytest.mark.timeout(240)
 async def test_with_curve_keys_the_gateway_subscribes_encrypted(
         tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
@@ -425,7 +243,7 @@ async def test_with_curve_keys_the_gateway_subscribes_encrypted(
     assert keys is not None
     async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
         with CurveAuthenticator(zmq.Context.instance(), keys):
-            pub = Publisher(ctx, stream, f"runner-curve-{next(_runs)}", keys)
+            pub = Publisher(ctx, stream, f"runner-curve-{next(numbers)}", keys)
             await pub.register(state)
             a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres, keys_dir)
             plain = ctx.socket(zmq.SUB)  # no keys: the handshake fails, nothing arrives
@@ -435,7 +253,7 @@ async def test_with_curve_keys_the_gateway_subscribes_encrypted(
             try:
                 async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
                     await follows(session, url_a, pub.runner_id)
-                    await wait_until("heartbeats over CURVE", lambda: _beat_and_check(session, url_a, pub))
+                    await wait_until("heartbeats over CURVE", lambda: beat_and_check(session, url_a, pub))
                     run = new_run_id("curve")
                     events = make_run(run, 5)
                     await pub.write(events[:1])
@@ -445,7 +263,7 @@ async def test_with_curve_keys_the_gateway_subscribes_encrypted(
                     with anyio.fail_after(T):
                         await on_a.closed.wait()
                     assert [e["seq"] for e in on_a.events()] == list(range(1, len(events) + 1))
-                    _, filled = await _metric(session, url_a, "gap_events_filled")
+                    _, filled = await metric(session, url_a, "gap_events_filled")
                     # live over CURVE: a SUB that could not connect would have had all of them from the sweep
                     assert filled is not None and filled < len(events)
                     assert await plain.poll(200) == 0
@@ -463,9 +281,9 @@ async def test_the_registry_away_keeps_the_last_known_runners_and_says_so(
         tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     """Last in the module: it stops the module's PostgreSQL for a while."""
     async with cluster_rig(tmp_path, nats_cluster, postgres) as (stream, state, ctx):
-        pub = Publisher(ctx, stream, f"runner-c-{next(_runs)}")
+        pub = Publisher(ctx, stream, f"runner-c-{next(numbers)}")
         await pub.register(state)
-        bad = f"runner-bad-{next(_runs)}"
+        bad = f"runner-bad-{next(numbers)}"
         await state.register_runner(bad, "udp://nowhere:1", "tcp://127.0.0.1:1", 1)  # hostile registry content
         a, url_a = await anyio.to_thread.run_sync(start_gateway, tmp_path, "gw-a", nats_cluster, postgres)
         try:
@@ -473,7 +291,7 @@ async def test_the_registry_away_keeps_the_last_known_runners_and_says_so(
                 await follows(session, url_a, pub.runner_id)
                 _, health = await http_json(session, f"{url_a}/healthz")
                 assert bad in health["checks"]["registry"]["refused"] and bad not in health["checks"]["registry"]["runners"]
-                await wait_until("heartbeats", lambda: _beat_and_check(session, url_a, pub))
+                await wait_until("heartbeats", lambda: beat_and_check(session, url_a, pub))
                 await anyio.to_thread.run_sync(postgres.stop)
 
                 async def registry_down() -> Any:
@@ -495,7 +313,7 @@ async def test_the_registry_away_keeps_the_last_known_runners_and_says_so(
                 with anyio.fail_after(T):
                     await on_a.closed.wait()
                 assert [e["seq"] for e in on_a.events()] == list(range(1, len(events) + 1))
-                _, filled = await _metric(session, url_a, "gap_events_filled")
+                _, filled = await metric(session, url_a, "gap_events_filled")
                 await anyio.to_thread.run_sync(postgres.start)
 
                 async def registry_back() -> bool:
