@@ -89,14 +89,12 @@ from shared.httpapi import (
     SchedulesPage,
 )
 from shared.ids import check_run_id
-from shared.journal import JournalReader, journal_path
 from shared.params import resolve_params
 from shared.runstate import RUN_STATUSES, RunState, StageState
 
 from .errors import HttpError
 from .keys import HUB, INDEX, SETTINGS, ZMQ
 from .params import flag_param, int_param, json_body
-from .runindex import fold_journal
 
 if TYPE_CHECKING:
     from .cluster_routes import ClusterRoutes
@@ -135,6 +133,11 @@ async def _scheduler_aside(request: web.Request, req: Request[R]) -> R | None:
     except RunwireError as e:
         log.debug("scheduler aside %s: %s", type(req).__name__, e)
         return None
+
+
+def _where(request: web.Request) -> str:
+    """Where runs are read, for a 404: the journal directory, or the event stream (cluster mode)."""
+    return str(request.app[SETTINGS].journal_dir) if request.app[HUB].source.local else "the event stream"
 
 
 def _view(st: RunState) -> RunView:
@@ -197,11 +200,12 @@ async def list_runs(request: web.Request) -> web.Response:
 async def get_run(request: web.Request) -> web.Response:
     run_id = check_run_id(request.match_info["run_id"])
     settings, index = request.app[SETTINGS], request.app[INDEX]
+    source = request.app[HUB].source
     state = index.cached_detail(run_id)
     if state is None:
-        state = await anyio.to_thread.run_sync(fold_journal, settings.journal_dir, run_id)
+        state = await source.fold(run_id)
         if state is None:
-            raise HttpError(404, "not_found", f"no run {run_id} in {settings.journal_dir}")
+            raise HttpError(404, "not_found", f"no run {run_id} in {_where(request)}")
         index.remember_detail(state)
     page = _page(settings, state)
     page.reruns = index.reruns_of(run_id)
@@ -216,12 +220,10 @@ async def run_events(request: web.Request) -> web.Response:
     run_id = check_run_id(request.match_info["run_id"])
     after_seq = int_param(request, "after_seq", default=0, lo=0, hi=MAX_SEQ)
     limit = int_param(request, "limit", default=1000, lo=1, hi=10_000)
-    settings = request.app[SETTINGS]
-    path = journal_path(settings.journal_dir, run_id)
-    if not path.exists():
-        raise HttpError(404, "not_found", f"no run {run_id} in {settings.journal_dir}")
-    reader = JournalReader(path, run_id)
-    events = await anyio.to_thread.run_sync(reader.read, after_seq, limit + 1)
+    source = request.app[HUB].source
+    if not await source.exists(run_id):
+        raise HttpError(404, "not_found", f"no run {run_id} in {_where(request)}")
+    events = await source.page(run_id, after_seq, limit + 1)
     more = len(events) > limit
     events = events[:limit]
     next_after = events[-1].seq if events else after_seq

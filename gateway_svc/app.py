@@ -10,6 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from shared.config import Settings
+from shared.curve import load_keys
 
 from . import api, backfill_api, health, history_api, streams
 from .archiver import Archiver
@@ -57,8 +58,10 @@ def make_app(settings: Settings) -> web.Application:
     app[STATS] = stats
     app[INDEX] = index
     app[HUB] = hub
+    hub.keys = load_keys(settings)  # CURVE for the SUB socket: None without [cluster.curve]
     archiver = Archiver(settings)  # runs in the service's task group beside the hub (service.py)
-    hub.run_end_listeners.append(archiver.run_ended)
+    if settings.config.cluster is None:  # cluster mode: no journals on this host to archive from
+        hub.run_end_listeners.append(archiver.run_ended)
     app[ARCHIVER] = archiver
     app[CLIENTS] = set()
     app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()])

@@ -15,10 +15,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.control import Identity
 from shared.errors import RunwireError
-from shared.httpapi import Health, HealthCheck, HealthChecks, HealthError, RunnerHealth
+from shared.httpapi import (
+    EventStreamHealth,
+    Health,
+    HealthChecks,
+    HealthError,
+    JournalDirHealth,
+    RegistryHealth,
+    RunnerHealth,
+    RunnersHealth,
+    SchedulerHealth,
+)
 
 from .api import scheduler_call
-from .keys import HUB, REGISTRY, SETTINGS
+from .keys import CLUSTER_HEALTH, HUB, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +47,20 @@ def _mismatch(who: str, theirs: str, ours: Path) -> str:
             "point every service at one config/RUNWIRE_HOME")
 
 
-async def _check_scheduler(request: web.Request, journal_dir: Path) -> HealthCheck:
-    endpoint = request.app[SETTINGS].config.scheduler.control
+async def _check_scheduler(request: web.Request, journal_dir: Path) -> SchedulerHealth:
+    settings = request.app[SETTINGS]
+    endpoint = settings.config.scheduler.control
     try:
         info = await scheduler_call(request, Identity(), IDENTITY_TIMEOUT)
     except RunwireError as e:
-        return HealthCheck(ok=False, endpoint=endpoint, detail=f"scheduler not reachable on {endpoint}: {e}")
+        return SchedulerHealth(ok=False, endpoint=endpoint, detail=f"scheduler not reachable on {endpoint}: {e}")
     theirs = info.journal_dir
-    if not _same_dir(theirs, journal_dir):
-        return HealthCheck(ok=False, endpoint=endpoint, journal_dir=theirs, detail=_mismatch("the scheduler", theirs, journal_dir))
-    return HealthCheck(ok=True, endpoint=endpoint, journal_dir=theirs, pid=info.pid, detail=f"scheduler answers on {endpoint}")
+    if settings.config.cluster is None and not _same_dir(theirs, journal_dir):
+        return SchedulerHealth(ok=False, endpoint=endpoint, journal_dir=theirs, detail=_mismatch("the scheduler", theirs, journal_dir))
+    return SchedulerHealth(ok=True, endpoint=endpoint, journal_dir=theirs, pid=info.pid, detail=f"scheduler answers on {endpoint}")
 
 
-def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[HealthCheck, list[str]]:
+def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[RunnersHealth, list[str]]:
     """The runner check, from heartbeats; plus mismatches any publisher (the scheduler too) reports."""
     settings = request.app[SETTINGS]
     stale_after = settings.config.gateway.runner_stale_after
@@ -58,11 +69,12 @@ def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[HealthCh
     runners: dict[str, RunnerHealth] = {}
     mismatches: list[str] = []
     stopped: list[str] = []
+    cluster = settings.config.cluster is not None  # each host has its own journal directory
     for pid, seen in hub.publishers.items():
         age = now - seen.at
         # a publisher whose last heartbeat said it was stopping is gone now, not merely late
         fresh = age <= stale_after and not seen.hb.stopping
-        same = _same_dir(seen.hb.journal_dir, journal_dir)
+        same = cluster or _same_dir(seen.hb.journal_dir, journal_dir)
         if fresh and not same:
             mismatches.append(_mismatch(f"{seen.hb.service} {pid}", seen.hb.journal_dir, journal_dir))
         if seen.hb.service != "scheduler":
@@ -77,50 +89,62 @@ def _check_publishers(request: web.Request, journal_dir: Path) -> tuple[HealthCh
     fresh_ok = [pid for pid, r in runners.items() if r.fresh and r.same_journal_dir]
     endpoints = ", ".join(settings.config.gateway.subscribe)
     if fresh_ok:
-        check = HealthCheck(ok=True, runners=runners, detail=f"runner heartbeat from {', '.join(sorted(fresh_ok))}")
+        check = RunnersHealth(ok=True, runners=runners, detail=f"runner heartbeat from {', '.join(sorted(fresh_ok))}")
     elif any(r.fresh for r in runners.values()):
         bad = [m for m in mismatches if "runner" in m] or mismatches
-        check = HealthCheck(ok=False, runners=runners, detail="; ".join(bad))
+        check = RunnersHealth(ok=False, runners=runners, detail="; ".join(bad))
     elif stopped:
-        check = HealthCheck(ok=False, runners=runners, detail="; ".join(sorted(stopped)))
+        check = RunnersHealth(ok=False, runners=runners, detail="; ".join(sorted(stopped)))
     else:
-        check = HealthCheck(ok=False, runners=runners,
-                            detail=f"runner not reachable: no runner heartbeat within {stale_after:g}s on {endpoints}")
+        check = RunnersHealth(ok=False, runners=runners,
+                              detail=f"runner not reachable: no runner heartbeat within {stale_after:g}s on {endpoints}")
     return check, mismatches
 
 
-def _check_journal_dir(journal_dir: Path) -> HealthCheck:
+def _check_journal_dir(journal_dir: Path) -> JournalDirHealth:
     path = str(journal_dir)
     if not journal_dir.is_dir():
-        return HealthCheck(ok=False, path=path, detail=f"journal directory {journal_dir} does not exist")
+        return JournalDirHealth(ok=False, path=path, detail=f"journal directory {journal_dir} does not exist")
     if not os.access(journal_dir, os.R_OK | os.X_OK):
-        return HealthCheck(ok=False, path=path, detail=f"journal directory {journal_dir} is not readable")
-    return HealthCheck(ok=True, path=path, detail=f"reading journals in {journal_dir}")
+        return JournalDirHealth(ok=False, path=path, detail=f"journal directory {journal_dir} is not readable")
+    return JournalDirHealth(ok=True, path=path, detail=f"reading journals in {journal_dir}")
 
 
 async def healthz(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     journal_dir = settings.journal_dir
-    scheduler: list[HealthCheck] = []
+    scheduler: list[SchedulerHealth] = []
 
     async def check_scheduler() -> None:
         scheduler.append(await _check_scheduler(request, journal_dir))
 
+    cluster = request.app.get(CLUSTER_HEALTH)
+    journal_check: JournalDirHealth | None = None
+    event_stream: EventStreamHealth | None = None
+    registry: RegistryHealth | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(check_scheduler)
-        journal_check = await anyio.to_thread.run_sync(_check_journal_dir, journal_dir)
         runner_check, mismatches = _check_publishers(request, journal_dir)
-    checks = HealthChecks(scheduler=scheduler[0], runner=runner_check, journal_dir=journal_check)
+        if cluster is None:
+            journal_check = await anyio.to_thread.run_sync(_check_journal_dir, journal_dir)
+        else:
+            # the gateway's host has no journals: its source is the event stream; the registry (PostgreSQL)
+            # away is shown but does not fail the check (the last known runners are still followed)
+            event_stream, registry = cluster()
+    checks = HealthChecks(scheduler=scheduler[0], runner=runner_check, journal_dir=journal_check,
+                          event_stream=event_stream, registry=registry)
     if mismatches and checks.scheduler.ok:
         sched = [m for m in mismatches if "scheduler" in m]
         if sched:
             checks.scheduler = msgspec.structs.replace(checks.scheduler, ok=False, detail=sched[0])
-    named = {"scheduler": checks.scheduler, "runner": checks.runner, "journal_dir": checks.journal_dir}
-    failed = [name for name, check in named.items() if not check.ok]
-    error = (HealthError(code="unhealthy", message="; ".join(f"{name}: {named[name].detail}" for name in failed))
+    present = {name: check for name in HealthChecks.__struct_fields__ if (check := getattr(checks, name)) is not None}
+    required = ("scheduler", "runner", "journal_dir") if cluster is None else ("scheduler", "runner", "event_stream")
+    failed = [name for name in required if not present[name].ok]
+    degraded = [name for name, check in present.items() if name not in required and not check.ok]
+    error = (HealthError(code="unhealthy", message="; ".join(f"{name}: {present[name].detail}" for name in failed))
              if failed else None)
     body = Health(status="fail" if failed else "ok", journal_dir=str(journal_dir), config_path=str(settings.path),
-                  checks=checks, failed=failed, error=error)
+                  checks=checks, failed=failed, degraded=degraded, error=error)
     return web.Response(body=msgspec.json.encode(body), status=503 if failed else 200, content_type="application/json")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from shared.config import Settings
+from shared.curve import CurveKeys, secure_client
 from shared.errors import ProtocolError
 from shared.ids import is_valid_run_id
 from shared.wire import (
@@ -34,6 +35,7 @@ from .cursor import MARGIN_S, encode_cursor, journal_dir_tag
 from .fanout import Fanout, Receiver
 from .metrics import GatewayStats
 from .runindex import RunEntry, RunIndex
+from .runsource import JournalSource, RunSource
 from .sequencer import SeenHeartbeat, Sequencer
 from .subscription import Subscription
 
@@ -45,16 +47,23 @@ SWEEP_INTERVAL = 1.0  # seconds between journal-directory sweeps (new runs, tail
 
 
 class Hub:
-    def __init__(self, settings: Settings, stats: GatewayStats, index: RunIndex) -> None:
+    def __init__(self, settings: Settings, stats: GatewayStats, index: RunIndex, source: RunSource | None = None) -> None:
         self.cfg = settings.config.gateway
         self.journal_dir: Path = settings.journal_dir
-        self.tag = b""  # set by prepare(), once the directory exists (the tag includes its inode)
+        self.source: RunSource = source if source is not None else JournalSource(self.journal_dir)
+        # set by prepare(), once the directory exists (the tag includes its inode); in cluster mode by
+        # the service, from the event stream (cursor.cluster_tag)
+        self.tag = b""
         self.stats = stats
         self.index = index
         self.fanout = Fanout(stats, self.live_cursor)
-        self.sequencer = Sequencer(self.journal_dir, self.cfg, stats, index, self.fanout)
+        self.sequencer = Sequencer(self.journal_dir, self.cfg, stats, index, self.fanout, self.source)
         self._d_cache: tuple[tuple[int, int, int], list[str]] | None = None
         self._subscription: Subscription | None = None
+        self.keys: CurveKeys | None = None  # CURVE client keys for the SUB socket (cluster mode)
+        self.follow: Callable[[Subscription], Coroutine[Any, Any, None]] | None = None  # cluster mode: the registry follower
+        self.connected: set[str] = set()  # endpoints the SUB socket is connected to
+        self.sweep_interval = SWEEP_INTERVAL
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -70,6 +79,9 @@ class Hub:
         """Subscribe and sweep until cancelled; `started` once the subscriber is connected."""
         async with anyio.create_task_group() as tg:
             await tg.start(self._subscriber, ctx)
+            if self.follow is not None:
+                assert self._subscription is not None
+                tg.start_soon(self.follow, self._subscription)
             tg.start_soon(self._sweeper)
             tg.start_soon(self.fanout.ticker)
             tg.start_soon(self.fanout.watchdog)
@@ -81,11 +93,15 @@ class Hub:
         lock = self.sequencer.lock
         try:
             configure_socket(sock, rcvhwm=RCVHWM)
+            secure_client(sock, self.keys)  # before any connect: CURVE applies to connections made after
             for endpoint in self.cfg.subscribe:
+                if endpoint in self.connected:
+                    continue
                 try:
                     sock.connect(endpoint)
                 except zmq.ZMQError as e:
                     raise OSError(f"gateway.subscribe: cannot connect SUB to {endpoint!r}: {e}") from e
+                self.connected.add(endpoint)
                 log.info("subscribed to events and heartbeats on %s", endpoint)
             sock.setsockopt(zmq.SUBSCRIBE, EVENT_TOPIC_PREFIX)
             sock.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC_PREFIX)
@@ -97,11 +113,12 @@ class Hub:
                     await self._process(msgs)
         finally:
             self._subscription = None
+            self.connected.clear()
             sub.close()
 
     async def _sweeper(self) -> None:
         while True:
-            await anyio.sleep(SWEEP_INTERVAL)
+            await anyio.sleep(self.sweep_interval)
             if self._subscription is not None:
                 self._subscription.check()
             await self.sequencer.sweep()

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .fanout import Receiver
+    from .runsource import RunSource
 
 
 class HubView(Protocol):
-    tag: bytes  # the journal directory's name in cursors
+    tag: bytes  # the journal directory's (or the cluster's) name in cursors
     journal_dir: Path
+    source: RunSource  # where replays read (the journal, or the event stream in cluster mode)
 
     def frontier(self, run_id: str) -> int:
         """The last seq of the run delivered to clients (0: none, or unknown run)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zmq.asyncio
@@ -9,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from shared.config import Settings
+from shared.httpapi import EventStreamHealth, RegistryHealth
 
 from .metrics import GatewayStats
 from .runindex import RunIndex
@@ -26,3 +28,5 @@ ZMQ: web.AppKey[zmq.asyncio.Context] = web.AppKey("zmq")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 CLIENTS: web.AppKey["set[StreamClient]"] = web.AppKey("clients")
 ARCHIVER: web.AppKey["Archiver"] = web.AppKey("archiver")
+# cluster mode only: the checks /healthz adds (the event stream, the runner registry)
+CLUSTER_HEALTH: web.AppKey["Callable[[], tuple[EventStreamHealth, RegistryHealth]]"] = web.AppKey("cluster_health")

@@ -1,4 +1,5 @@
-"""Replay: a client's catch-up from a position in the journal, joined to the live path without gap or
+"""Replay: a client's catch-up from a position in the run source (runsource.py: the journal, or the
+event stream in cluster mode; "the journal" below means either), joined to the live path without gap or
 duplicate.
 
 Joining: the client registers with the hub first (from then on every delivery reaches it), replays
@@ -22,20 +23,17 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import anyio
-import msgspec
 
-from shared.events import Event
-from shared.journal import JournalReader, journal_path
 from shared.protocol import array_frame, events_frame
 
 from .batch import Batch
 from .cursor import MARGIN_S, encode_cursor
 from .hubview import HubView
 from .metrics import GatewayStats
+from .runsource import Hole, PieceReader
 
 log = logging.getLogger(__name__)
 
-REPLAY_CHUNK = 1 << 20
 AHEAD_POLL = 0.05  # seconds between looks at the hub when a cursor is ahead of it
 
 
@@ -229,24 +227,20 @@ class Replay:
             return pending
 
     async def _replay_run(self, run_id: str, after: int, out: Sender) -> None:
-        reader = JournalReader(journal_path(self.hub.journal_dir, run_id), run_id)
-        offset = await anyio.to_thread.run_sync(reader.offset_after, after)
+        reader = self.hub.source.reader(run_id, after)
+        try:
+            await self._replay_from(reader, run_id, after, out)
+        finally:
+            await reader.aclose()
+
+    async def _replay_from(self, reader: PieceReader, run_id: str, after: int, out: Sender) -> None:
         sent = self.pos.sent
         while not out.closing:
             seq = sent.get(run_id, after)
             limit = self.hub.frontier(run_id)  # read before the chunk: it only grows meanwhile
             if seq >= limit:
                 return
-            pieces, nxt, truncated = await anyio.to_thread.run_sync(read_encoded, reader, offset, seq, limit)
-            if not pieces:
-                if nxt == offset:
-                    # the journal ends, yet the hub delivered up to `limit` (every delivery is journaled
-                    # first, so those lines are unreadable or elsewhere): a hole, said out loud
-                    await self._journal_gap(run_id, seq + 1, limit, out)
-                    return
-                offset = nxt
-                continue
-            offset = nxt
+            pieces, stop = await reader.step(seq, limit)
             ended = False
             for piece in pieces:
                 if isinstance(piece, Hole):
@@ -260,7 +254,7 @@ class Replay:
                 cursor = self.cursor()
                 await out.send_events(array_frame(data, cursor), len(events), cursor)
                 self.stats.replay_events += len(events)
-            if ended or truncated:
+            if ended or stop:
                 return  # what lies beyond the hub's frontier comes live (or from a fresh replay)
 
     async def _journal_gap(self, run_id: str, lo: int, hi: int, out: Sender) -> None:
@@ -269,48 +263,3 @@ class Replay:
         self.hub.note_gap(run_id, lo, hi)
         self.pos.sent[run_id] = max(self.pos.sent.get(run_id, 0), hi)
         await out.send_notice(self.hub.gap_frame(run_id, lo, hi))
-
-
-class Hole:
-    """Seqs lo..hi that a journal chunk lacks."""
-
-    __slots__ = ("hi", "lo")
-
-    def __init__(self, lo: int, hi: int) -> None:
-        self.lo = lo
-        self.hi = hi
-
-
-Pieces = list["tuple[list[Event], bytes] | Hole"]
-
-
-def read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[Pieces, int, bool]:
-    """Events after `after` up to seq `limit` from a journal chunk, decoded (to check them) and encoded
-    back as JSON arrays, in a worker thread: runs of consecutive seqs as (events, array), and each hole
-    between them as (first, last) missing seq; the offset to read on; whether the limit cut the chunk
-    (then the offset is not to be used: events past the limit lie before it)."""
-    events, nxt = reader.read_chunk(offset, after, REPLAY_CHUNK)
-    truncated = False
-    if events and events[-1].seq > limit:
-        events = [e for e in events if e.seq <= limit]
-        truncated = True
-    if not truncated and events and events[-1].seq - after == len(events):
-        return [(events, msgspec.json.encode(events))], nxt, truncated  # the usual case: no hole
-    pieces: Pieces = []
-    run: list[Event] = []
-    prev = after
-    for ev in events:
-        if ev.seq <= prev:
-            continue  # out of order (a damaged journal): never send a seq twice
-        if ev.seq != prev + 1:
-            if run:
-                pieces.append((run, msgspec.json.encode(run)))
-                run = []
-            pieces.append(Hole(prev + 1, ev.seq - 1))
-        run.append(ev)
-        prev = ev.seq
-    if run:
-        pieces.append((run, msgspec.json.encode(run)))
-    if truncated and prev < limit:
-        pieces.append(Hole(prev + 1, limit))  # the journal's next line is past the limit: these are not in it
-    return pieces, nxt, truncated

@@ -130,6 +130,14 @@ class RunIndex:
         self._discoveries += 1
         return self._discoveries
 
+    def next_discovery(self) -> int:
+        """The number of the next run learnt of (for an entry built elsewhere, then `add`ed)."""
+        return self._next_discovery()
+
+    def add(self, entry: RunEntry) -> None:
+        """An entry scanned from another source (cluster mode's event stream), numbered by next_discovery."""
+        self._add(entry)
+
     @property
     def discoveries(self) -> int:
         return self._discoveries

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,15 +24,17 @@ from typing import Protocol
 import anyio
 
 from shared.config import GatewayConfig
+from shared.errors import JournalError, ServiceUnavailable
 from shared.events import Event
 from shared.ids import is_valid_run_id
-from shared.journal import JournalReader, journal_path, list_run_ids
+from shared.journal import journal_path
 from shared.protocol import encode_frame, gap_notice
 from shared.wire import Heartbeat
 
 from .batch import Notice
 from .metrics import GatewayStats
-from .runindex import RunEntry, RunIndex, dir_mtime_ns
+from .runindex import RunEntry, RunIndex
+from .runsource import JournalSource, RunSource
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,9 @@ class SeenHeartbeat:
 
 class Sequencer:
     def __init__(self, journal_dir: Path, cfg: GatewayConfig, stats: GatewayStats, index: RunIndex,
-                 out: Delivery) -> None:
+                 out: Delivery, source: RunSource | None = None) -> None:
         self.journal_dir = journal_dir
+        self.source: RunSource = source if source is not None else JournalSource(journal_dir)
         self.cfg = cfg
         self.stats = stats
         self.index = index
@@ -72,7 +76,6 @@ class Sequencer:
         self.ended_count = 0  # runs ended since start (cursors' cache key)
         self.run_end_listeners: list[Callable[[str], None]] = []  # called with each run id that ends
         self._warned: dict[str, float] = {}
-        self._dir_mtime = -2
 
     # ------------------------------------------------------------------ input (call under `lock`)
 
@@ -85,17 +88,19 @@ class Sequencer:
             self.stats.duplicates_dropped += 1
             return
         if ev.seq > entry.frontier + 1:
-            await self.fill(entry, ev.seq - 1, f"seq gap before {ev.seq}")
+            if not await self.fill(entry, ev.seq - 1, f"seq gap before {ev.seq}"):
+                return  # the source is away: the event waits in it (a later fill delivers it, in order)
             if ev.seq <= entry.frontier:
                 return  # the journal had it too
             if ev.seq > entry.frontier + 1:
                 missing = ev.seq - entry.frontier - 1
                 self.stats.gap_events_unfilled += missing
+                hint = ("is the gateway reading the runner's journal directory? see /healthz" if self.source.local
+                        else "past the stream's retention?")
                 self.warn(
                     ev.run_id,
-                    f"run {ev.run_id}: events {entry.frontier + 1}..{ev.seq - 1} are not in the journal "
-                    f"{journal_path(self.journal_dir, ev.run_id)} (is the gateway reading the runner's journal "
-                    "directory? see /healthz); delivering the live events without them",
+                    f"run {ev.run_id}: events {entry.frontier + 1}..{ev.seq - 1} are not in "
+                    f"{self.source.describe(ev.run_id)} ({hint}); delivering the live events without them",
                 )
                 self._hole(entry, entry.frontier + 1, ev.seq - 1)
         self._deliver(entry, ev)
@@ -113,12 +118,10 @@ class Sequencer:
                 before = entry.frontier
                 await self.fill(entry, last, f"lost tail: heartbeat of {hb.runner_id} says seq {last}")
                 if entry.frontier < last:
-                    self.warn(
-                        run_id,
-                        f"run {run_id}: {hb.runner_id} reports seq {last} but the journal "
-                        f"{journal_path(self.journal_dir, run_id)} ends at {entry.frontier} (journal directory "
-                        f"mismatch? {hb.runner_id} writes to {hb.journal_dir})",
-                    )
+                    hint = (f"journal directory mismatch? {hb.runner_id} writes to {hb.journal_dir}" if self.source.local
+                            else "the stream lags its writer?")
+                    self.warn(run_id, f"run {run_id}: {hb.runner_id} reports seq {last} but "
+                                      f"{self.source.describe(run_id)} ends at {entry.frontier} ({hint})")
                 elif before < entry.frontier:
                     self.stats.lost_tails_filled += 1
 
@@ -127,29 +130,39 @@ class Sequencer:
         log.debug("run %s: first seen; delivering it from its first event", run_id)
         return self.index.new_entry(run_id)
 
-    async def fill(self, entry: RunEntry, upto: int | None, why: str) -> None:
-        """Deliver the run's journal events after its frontier, through `upto` (None: to the end)."""
-        reader = JournalReader(journal_path(self.journal_dir, entry.run_id), entry.run_id)
-        offset = await anyio.to_thread.run_sync(reader.offset_after, entry.frontier)
+    async def fill(self, entry: RunEntry, upto: int | None, why: str) -> bool:
+        """Deliver the run's events in the source after its frontier, through `upto` (None: to the end).
+        False when the source cannot be read now (the event stream unavailable): nothing was skipped,
+        the caller tries again later. A chunk the source cannot decode is logged; what it held is a hole."""
         filled = 0
-        while not entry.ended and (upto is None or entry.frontier < upto):
-            events, nxt = await anyio.to_thread.run_sync(reader.read_chunk, offset, entry.frontier)
-            if nxt == offset:
-                break
-            offset = nxt
-            for ev in events:
-                if ev.seq <= entry.frontier:
-                    continue
-                if ev.seq != entry.frontier + 1:
-                    self.stats.gap_events_unfilled += ev.seq - entry.frontier - 1
-                    self.warn(entry.run_id, f"run {entry.run_id}: journal lacks seq {entry.frontier + 1}..{ev.seq - 1} (corrupt lines?)")
-                    self._hole(entry, entry.frontier + 1, ev.seq - 1)
-                self._deliver(entry, ev)
-                filled += 1
+        ok = True
+        try:
+            async with aclosing(self.source.events_after(entry.run_id, entry.frontier)) as chunks:
+                async for events in chunks:
+                    for ev in events:
+                        if ev.seq <= entry.frontier:
+                            continue
+                        if ev.seq != entry.frontier + 1:
+                            self.stats.gap_events_unfilled += ev.seq - entry.frontier - 1
+                            self.warn(entry.run_id, f"run {entry.run_id}: {self.source.describe(entry.run_id)} lacks seq "
+                                                    f"{entry.frontier + 1}..{ev.seq - 1} (corrupt lines?)")
+                            self._hole(entry, entry.frontier + 1, ev.seq - 1)
+                        self._deliver(entry, ev)
+                        filled += 1
+                    if entry.ended or (upto is not None and entry.frontier >= upto):
+                        break
+        except ServiceUnavailable as e:
+            ok = False
+            self.warn(f"source/{entry.run_id}", f"run {entry.run_id}: cannot read {self.source.describe(entry.run_id)} "
+                                                f"({why}): {e}; trying again with the run's next message or sweep")
+        except JournalError as e:
+            self.warn(f"source/{entry.run_id}", f"run {entry.run_id}: {e} ({why})")
         if filled:
             self.stats.gaps_filled += 1
             self.stats.gap_events_filled += filled
-            log.info("run %s: %d event(s) filled from the journal (%s)", entry.run_id, filled, why)
+            log.info("run %s: %d event(s) filled from %s (%s)", entry.run_id, filled,
+                     "the journal" if self.source.local else "the event stream", why)
+        return ok
 
     def _deliver(self, entry: RunEntry, ev: Event) -> None:
         self.index.apply(entry, ev)
@@ -166,38 +179,14 @@ class Sequencer:
         self.note_gap(entry.run_id, lo, hi)
         self.out.notice(Notice(entry.run_id, self.gap_frame(entry.run_id, lo, hi)))
 
-    # ------------------------------------------------------------------ the journal directory
+    # ------------------------------------------------------------------ the source's safety net
 
     async def sweep(self) -> None:
-        """Safety net for what no message announced: journals created while their `queued` was lost,
-        and tails of runs that no publisher's heartbeat claims (e.g. a terminal event that was dropped
-        after its writer let go of the journal)."""
-        mtime = dir_mtime_ns(self.journal_dir)
-        if mtime != self._dir_mtime:
-            self._dir_mtime = mtime
-            names = await anyio.to_thread.run_sync(list_run_ids, self.journal_dir)
-            gone = self.index.forget_removed(set(names))
-            if gone:
-                log.info("%d ended run(s) whose journals were removed are no longer listed (e.g. %s)", len(gone), gone[0])
-            for run_id in [rid for rid in names if rid not in self.index.runs]:
-                async with self.lock:
-                    if run_id not in self.index.runs:
-                        await self.fill(self.discover(run_id), None, "found in the journal directory")
-                        self.out.settle()
-        claimed = self.claimed_runs()
-        for entry in list(self.index.active.values()):
-            if entry.run_id in claimed:
-                continue
-            try:
-                size = journal_path(self.journal_dir, entry.run_id).stat().st_size
-            except FileNotFoundError:
-                continue  # a journal removed by hand: nothing more can come from it
-            if size == entry.size_seen:
-                continue
-            entry.size_seen = size
-            async with self.lock:
-                await self.fill(entry, None, "journal sweep (no publisher claims the run)")
-                self.out.settle()
+        """The source's sweep (runs and tails no live message announced)."""
+        await self.source.sweep(self)
+
+    def settle(self) -> None:
+        self.out.settle()
 
     def claimed_runs(self) -> set[str]:
         """Runs that a publisher with a fresh heartbeat lists (owned now, or ended in the last
@@ -217,7 +206,7 @@ class Sequencer:
         entry = self.index.get(run_id)
         if entry is not None:
             return entry
-        if not journal_path(self.journal_dir, run_id).exists():
+        if not await self.source.exists(run_id):
             return None
         async with self.lock:
             entry = self.index.get(run_id)
@@ -230,7 +219,10 @@ class Sequencer:
     def journal_missing(self, run_id: str) -> str | None:
         """None if the run's journal exists in our directory; else why not, naming the file and the
         publishers that write elsewhere. (Runs are learnt of from PUB events and heartbeats too, so a
-        run's journal can be in another directory: seed 000's mismatch.)"""
+        run's journal can be in another directory: seed 000's mismatch.) In cluster mode every run is
+        in the event stream: None."""
+        if not self.source.local:
+            return None
         path = journal_path(self.journal_dir, run_id)
         if path.exists():
             return None
@@ -266,6 +258,10 @@ class Sequencer:
 
     def gap_frame(self, run_id: str, lo: int, hi: int) -> bytes:
         """The `journal_gap` frame (the one error frame after which the stream goes on)."""
+        if not self.source.local:
+            message = (f"events {lo}..{hi} of run {run_id} are missing from {self.source.describe(run_id)} "
+                       "(past its retention, `cluster.stream_max_age`?)")
+            return encode_frame(gap_notice(run_id, lo, hi, message))
         path = journal_path(self.journal_dir, run_id)
         why = ("corrupt line skipped; see the gateway log" if path.exists()
                else "the file does not exist: journal directory mismatch? see /healthz")

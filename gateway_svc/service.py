@@ -1,10 +1,15 @@
 """The gateway as a service (see shared.entry): the hub (ZeroMQ subscriber and journal sweeper) in the
 service's task group, the aiohttp site beside it. On cancel, every open stream is closed with 1001 while
-the hub still runs; then the hub stops. A hub that fails stops the gateway with its cause."""
+the hub still runs; then the hub stops. A hub that fails stops the gateway with its cause.
+
+With `[cluster]` (cluster.py) the gateway first connects to the event stream and loads its run index
+from it (no journal directory is read), and the hub's SUB socket follows the runner registry; the
+Parquet archiver does not run (it reads journals, which this host does not have)."""
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 import anyio
 import zmq.asyncio
@@ -16,7 +21,7 @@ from shared.errors import BindError
 
 from .app import make_app
 from .errors import JsonErrorAppRunner
-from .keys import ARCHIVER, HUB, ZMQ
+from .keys import ARCHIVER, CLUSTER_HEALTH, HUB, ZMQ
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,22 @@ class GatewayService:
         log.info("config %s", s.path)
         log.info("journal directory %s", s.journal_dir)
         hub = app[HUB]
-        count = await anyio.to_thread.run_sync(hub.prepare)
-        log.info("indexed %d run(s) from %s", count, s.journal_dir)
+        cluster: AbstractAsyncContextManager[object]
+        if s.config.cluster is None:
+            count = await anyio.to_thread.run_sync(hub.prepare)
+            log.info("indexed %d run(s) from %s", count, s.journal_dir)
+            cluster = nullcontext()
+        else:
+            from .cluster import ClusterGateway  # cluster mode only: nothing of NATS/PostgreSQL is loaded without it
+
+            cluster = link = ClusterGateway(s, hub)
+            app[CLUSTER_HEALTH] = link.health
+        async with cluster:
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
+        s, app = self.settings, self.app
+        hub = app[HUB]
         ctx = app[ZMQ] = zmq.asyncio.Context()
         hub_scope = anyio.CancelScope(shield=True)  # stopped by us, after the streams are closed
 
@@ -56,7 +75,8 @@ class GatewayService:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(run_hub)
-                await tg.start(app[ARCHIVER].run)  # it retries its own failures; one that ends it stops us
+                if s.config.cluster is None:  # cluster mode: no journals here to archive (not built yet)
+                    await tg.start(app[ARCHIVER].run)  # it retries its own failures; one that ends it stops us
                 runner = JsonErrorAppRunner(app, handle_signals=False, access_log=None,
                                             shutdown_timeout=self.shutdown_timeout)
                 await runner.setup()

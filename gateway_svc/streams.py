@@ -22,6 +22,10 @@
   message with the same data. When the gateway already knows of a hole after the requested position
   (found by an earlier read), the hello says recovered=false with the reason too. Every other error
   frame is followed by a close.
+- Cluster mode (runsource.py): "the journal" above is the event stream (JetStream); `journal_missing`
+  does not occur (every run is in the stream). A stream that does not answer while a client is
+  served closes its WebSocket with 1013 (try again later: it resumes with its cursor, on this
+  gateway or another of the cluster) and ends an SSE stream (it reconnects with Last-Event-ID).
 - Client messages on a WebSocket: `{"type": "ping"}` is answered `{"type": "pong"}`; anything else is
   answered with an error frame `bad_message` and close 4400.
 """
@@ -35,8 +39,8 @@ import anyio
 import msgspec
 from aiohttp import WSMsgType, web
 
+from shared.errors import ServiceUnavailable
 from shared.ids import check_run_id
-from shared.journal import JournalReader, journal_path
 from shared.protocol import SSE_RETRY, CloseReason, ErrorCode, ErrorFrame, Hello, Pong
 from shared.values import MAX_DEPTH, decode_json_object
 
@@ -50,6 +54,7 @@ from .transports import WS_CLOSE_MAX, WS_CLOSE_TIMEOUT, SseTransport, WsTranspor
 log = logging.getLogger(__name__)
 
 UNKNOWN_RUN_WAIT = 3.0
+UNAVAILABLE_CLOSE = 1013  # try again later (a close clients resume after): the event stream does not answer
 MAX_CLIENT_MESSAGE = 4096  # a longer client message gets an error frame and 4400
 # what aiohttp reads into memory at all: beyond it, aiohttp itself closes with 1009 (no error frame)
 MAX_CLIENT_FRAME = 64 * 1024
@@ -62,14 +67,12 @@ def _holes_reason(hub: Hub, run_id: str, after: int) -> str | None:
     if not holes:
         return None
     shown = ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5]) + (" ..." if len(holes) > 5 else "")
-    return (f"events {shown} of run {run_id} are missing from the journal {journal_path(hub.journal_dir, run_id)}; "
+    return (f"events {shown} of run {run_id} are missing from {hub.source.describe(run_id)}; "
             "a journal_gap error frame marks each hole and the stream goes on after it")
 
 
 async def _journal_last_seq(hub: Hub, run_id: str) -> int:
-    reader = JournalReader(journal_path(hub.journal_dir, run_id), run_id)
-    last = await anyio.to_thread.run_sync(reader.last_event)
-    return last.seq if last is not None else 0
+    return await hub.source.last_seq(run_id)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -83,7 +86,8 @@ async def _serve_run(hub: Hub, client: StreamClient, run_id: str, after_seq: int
         while (entry := await hub.ensure_run(run_id)) is None:  # noqa: ASYNC110
             await anyio.sleep(0.1)
     if entry is None:
-        await client.transport.send_frame(ErrorFrame(ErrorCode.UNKNOWN_RUN, f"no run {run_id} in {hub.journal_dir}"))
+        where = hub.journal_dir if hub.source.local else "the event stream"
+        await client.transport.send_frame(ErrorFrame(ErrorCode.UNKNOWN_RUN, f"no run {run_id} in {where}"))
         await client.transport.close(CloseReason.UNKNOWN_RUN)
         return
     missing = hub.journal_missing(run_id)
@@ -219,6 +223,12 @@ async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: Strea
                 await serve()
             except ClientGone:
                 pass  # the client left or was closed (4008); the connection counters say so
+            except ServiceUnavailable as e:
+                # cluster mode: the event stream does not answer; the client resumes with its cursor
+                log.warning("%s client: %s; closing it with 1013 (try again later)", kind, e)
+                client.request_close(CloseReason.SHUTTING_DOWN)
+                with anyio.move_on_after(WS_CLOSE_TIMEOUT):
+                    await ws.close(code=UNAVAILABLE_CLOSE, message=b"event stream unavailable")
             tg.cancel_scope.cancel()
     finally:
         hub.unregister(client)
@@ -277,6 +287,9 @@ async def sse_events(request: web.Request) -> web.StreamResponse:
         await _serve_all(hub, client, cursor_text)
     except (ClientGone, ConnectionError):
         pass  # the client left or was closed as slow; the connection counters say so
+    except ServiceUnavailable as e:
+        # cluster mode: the event stream does not answer; the client reconnects with Last-Event-ID
+        log.warning("sse client: %s; ending the stream", e)
     finally:
         hub.unregister(client)
         app[CLIENTS].discard(client)

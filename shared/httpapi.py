@@ -99,21 +99,50 @@ class RunnerHealth(msgspec.Struct, kw_only=True):
 
 
 class HealthCheck(msgspec.Struct, kw_only=True):
-    """One check of /healthz: ok, why (in words), and what it looked at (null where it does not apply)."""
+    """One check of /healthz: ok, and why in words; each kind adds what it looked at."""
 
     ok: bool
     detail: str
-    endpoint: str | None = None  # scheduler: its control endpoint
-    journal_dir: str | None = None  # scheduler: the journal directory it writes
-    pid: int | None = None  # scheduler: its process id
-    path: str | None = None  # journal_dir: the directory the gateway reads
-    runners: dict[str, RunnerHealth] | None = None  # runner: every runner heard, by id
+
+
+class SchedulerHealth(HealthCheck, kw_only=True):
+    endpoint: str  # its control endpoint (in cluster mode: the leader's)
+    journal_dir: str | None = None  # the journal directory it writes (None: it did not answer)
+    pid: int | None = None
+
+
+class RunnersHealth(HealthCheck, kw_only=True):
+    runners: dict[str, RunnerHealth]  # every runner heard, by id
+
+
+class JournalDirHealth(HealthCheck, kw_only=True):
+    path: str  # the directory the gateway reads
+
+
+class EventStreamHealth(HealthCheck, kw_only=True):
+    """Cluster mode: the gateway's connection to NATS JetStream (its source of replays and gap fills)."""
+
+    servers: list[str]
+    connected_to: str | None  # host:port of the server it is connected to
+
+
+class RegistryHealth(HealthCheck, kw_only=True):
+    """Cluster mode: the runner registry (PostgreSQL) the gateway follows; away, the last known runners
+    are still followed, so it never fails /healthz (it is listed in `degraded`)."""
+
+    where: str
+    runners: dict[str, str]  # runner id -> the PUB endpoint followed
+    refused: dict[str, str]  # runner id -> why its endpoint is not followed
+    polls: int
+    last_ok_age_s: float | None  # seconds since the registry last answered
 
 
 class HealthChecks(msgspec.Struct, kw_only=True):
-    scheduler: HealthCheck
-    runner: HealthCheck
-    journal_dir: HealthCheck
+    scheduler: SchedulerHealth
+    runner: RunnersHealth
+    journal_dir: JournalDirHealth | None = None  # single-host mode (in cluster mode the host has no journals)
+    event_stream: EventStreamHealth | None = None  # cluster mode
+    registry: RegistryHealth | None = None  # cluster mode
 
 
 class HealthError(msgspec.Struct, kw_only=True):
@@ -128,5 +157,6 @@ class Health(msgspec.Struct, kw_only=True):
     journal_dir: str
     config_path: str
     checks: HealthChecks
-    failed: list[str]  # names of the failed checks ("scheduler", "runner", "journal_dir")
+    failed: list[str]  # names of the failed checks ("scheduler", "runner", "journal_dir" or "event_stream")
+    degraded: list[str]  # checks that fail without failing /healthz ("registry")
     error: HealthError | None

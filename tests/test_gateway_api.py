@@ -16,7 +16,7 @@ import anyio
 import msgspec
 
 from gateway_svc.keys import HUB
-from shared.httpapi import Health, HealthCheck
+from shared.httpapi import Health, JournalDirHealth
 from shared.ids import new_run_id
 from shared.journal import journal_path
 from tests.harness import Service
@@ -162,7 +162,8 @@ async def test_healthz_names_a_down_scheduler_and_a_journal_directory_mismatch(t
                 # the answer is the Health Struct, every key present (a renamed field fails here)
                 health = msgspec.convert(body, Health)
                 assert set(body) == set(Health.__struct_fields__) and health.checks.runner.runners == {}
-                assert set(body["checks"]["journal_dir"]) == set(HealthCheck.__struct_fields__)
+                assert set(body["checks"]["journal_dir"]) == set(JournalDirHealth.__struct_fields__)
+                assert body["checks"]["event_stream"] is None and body["degraded"] == []  # single-host mode
             # the runner heartbeats with the same directory: only the scheduler fails
             with anyio.fail_after(10):
                 while "r1" not in gw.app[HUB].publishers:

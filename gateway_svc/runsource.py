@@ -1,0 +1,239 @@
+"""Where the gateway reads a run's events besides the live path: the "run source". Single-host mode
+reads the local journal directory (`JournalSource`, here: the code paths of before, unchanged);
+cluster mode reads the JetStream event stream (`streamsource.StreamSource`, loaded only with
+`[cluster]`). The sequencer fills gaps and lost tails from it, replays read from it, and the HTTP
+routes page and fold runs from it; none of them knows which one it is.
+
+A source answers, per run: does it exist, its last seq, its events after a seq (in chunks, in order;
+a jump in seqs is a hole the source cannot fill), a replay reader that stops at a limit (`step`), and
+its sweep: the safety net for runs and tails no live message announced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+import msgspec
+
+from shared.events import Event
+from shared.journal import JournalReader, journal_path, list_run_ids
+from shared.runstate import RunState
+
+from .runindex import RunEntry, RunIndex, dir_mtime_ns, fold_journal
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 1 << 20
+
+
+class Hole:
+    """Seqs lo..hi that a source lacks."""
+
+    __slots__ = ("hi", "lo")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo = lo
+        self.hi = hi
+
+
+Pieces = list["tuple[list[Event], bytes] | Hole"]
+
+
+def to_pieces(events: list[Event], after: int, limit: int, truncated: bool) -> Pieces:
+    """Events after `after` (none past `limit`), encoded as JSON arrays: runs of consecutive seqs as
+    (events, array), and each hole between them; with `truncated` (the source holds more past the
+    limit), a hole up to the limit if the events stop short of it."""
+    if not truncated and events and events[-1].seq - after == len(events) and events[0].seq == after + 1:
+        return [(events, msgspec.json.encode(events))]  # the usual case: no hole
+    pieces: Pieces = []
+    run: list[Event] = []
+    prev = after
+    for ev in events:
+        if ev.seq <= prev:
+            continue  # out of order (a damaged journal): never send a seq twice
+        if ev.seq != prev + 1:
+            if run:
+                pieces.append((run, msgspec.json.encode(run)))
+                run = []
+            pieces.append(Hole(prev + 1, ev.seq - 1))
+        run.append(ev)
+        prev = ev.seq
+    if run:
+        pieces.append((run, msgspec.json.encode(run)))
+    if truncated and prev < limit:
+        pieces.append(Hole(prev + 1, limit))  # the source's next event is past the limit: these are not in it
+    return pieces
+
+
+def read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[Pieces, int, bool]:
+    """Events after `after` up to seq `limit` from a journal chunk, decoded (to check them) and encoded
+    back as JSON arrays, in a worker thread (see to_pieces); the offset to read on; whether the limit
+    cut the chunk (then the offset is not to be used: events past the limit lie before it)."""
+    events, nxt = reader.read_chunk(offset, after, REPLAY_CHUNK)
+    truncated = False
+    if events and events[-1].seq > limit:
+        events = [e for e in events if e.seq <= limit]
+        truncated = True
+    return to_pieces(events, after, limit, truncated), nxt, truncated
+
+
+class PieceReader(Protocol):
+    """One replay's reading of one run."""
+
+    async def step(self, after: int, limit: int) -> tuple[Pieces, bool]:
+        """The next events after `after` up to seq `limit` (after < limit), as pieces; never empty (a
+        source that has nothing more up to the limit answers a hole). The flag: stop reading (the
+        limit cut the events, or the hole reaches it)."""
+
+    async def aclose(self) -> None: ...
+
+
+class SweepTarget(Protocol):
+    """What a source's sweep acts on (the sequencer)."""
+
+    index: RunIndex
+    lock: anyio.Lock
+
+    def discover(self, run_id: str) -> RunEntry: ...
+
+    async def fill(self, entry: RunEntry, upto: int | None, why: str) -> bool: ...
+
+    def claimed_runs(self) -> set[str]: ...
+
+    def settle(self) -> None: ...
+
+
+class RunSource(Protocol):
+    local: bool  # the runs' journals are in this host's journal directory
+
+    def describe(self, run_id: str) -> str:
+        """Where the run's events are, for messages: 'the journal <path>', 'the event stream ...'."""
+
+    async def exists(self, run_id: str) -> bool: ...
+
+    async def last_seq(self, run_id: str) -> int:
+        """The run's last seq in the source (0: none)."""
+
+    def events_after(self, run_id: str, after: int) -> AsyncGenerator[list[Event], None]:
+        """The run's events after seq `after`, in chunks, in order (use with contextlib.aclosing)."""
+
+    async def page(self, run_id: str, after: int, limit: int) -> list[Event]: ...
+
+    async def fold(self, run_id: str) -> RunState | None:
+        """The run's full state, or None if the source has no such run."""
+
+    def reader(self, run_id: str, after: int) -> PieceReader: ...
+
+    async def sweep(self, target: SweepTarget) -> None: ...
+
+
+# ---------------------------------------------------------------------------- the local journal
+
+
+class JournalPieces:
+    __slots__ = ("offset", "reader")
+
+    def __init__(self, reader: JournalReader) -> None:
+        self.reader = reader
+        self.offset: int | None = None
+
+    async def step(self, after: int, limit: int) -> tuple[Pieces, bool]:
+        reader = self.reader
+        if self.offset is None:
+            self.offset = await anyio.to_thread.run_sync(reader.offset_after, after)
+        while True:
+            pieces, nxt, truncated = await anyio.to_thread.run_sync(read_encoded, reader, self.offset, after, limit)
+            if not pieces:
+                if nxt == self.offset:
+                    # the journal ends, yet the hub delivered up to `limit` (every delivery is journaled
+                    # first, so those lines are unreadable or elsewhere): a hole, said out loud
+                    return [Hole(after + 1, limit)], True
+                self.offset = nxt
+                continue
+            self.offset = nxt
+            return pieces, truncated
+
+    async def aclose(self) -> None:
+        return None
+
+
+class JournalSource:
+    """The journal directory of this host (single-host mode)."""
+
+    local = True
+
+    def __init__(self, journal_dir: Path) -> None:
+        self.journal_dir = journal_dir
+        self._dir_mtime = -2
+
+    def describe(self, run_id: str) -> str:
+        return f"the journal {journal_path(self.journal_dir, run_id)}"
+
+    def path(self, run_id: str) -> Path:
+        return journal_path(self.journal_dir, run_id)
+
+    async def exists(self, run_id: str) -> bool:
+        return journal_path(self.journal_dir, run_id).exists()
+
+    async def last_seq(self, run_id: str) -> int:
+        reader = JournalReader(journal_path(self.journal_dir, run_id), run_id)
+        last = await anyio.to_thread.run_sync(reader.last_event)
+        return last.seq if last is not None else 0
+
+    async def events_after(self, run_id: str, after: int) -> AsyncGenerator[list[Event], None]:
+        reader = JournalReader(journal_path(self.journal_dir, run_id), run_id)
+        offset = await anyio.to_thread.run_sync(reader.offset_after, after)
+        while True:
+            events, nxt = await anyio.to_thread.run_sync(reader.read_chunk, offset, after)
+            if nxt == offset:
+                return
+            offset = nxt
+            if events:
+                after = max(after, events[-1].seq)
+                yield events
+
+    async def page(self, run_id: str, after: int, limit: int) -> list[Event]:
+        reader = JournalReader(journal_path(self.journal_dir, run_id), run_id)
+        return await anyio.to_thread.run_sync(reader.read, after, limit)
+
+    async def fold(self, run_id: str) -> RunState | None:
+        return await anyio.to_thread.run_sync(fold_journal, self.journal_dir, run_id)
+
+    def reader(self, run_id: str, after: int) -> PieceReader:
+        return JournalPieces(JournalReader(journal_path(self.journal_dir, run_id), run_id))
+
+    async def sweep(self, target: SweepTarget) -> None:
+        """Safety net for what no message announced: journals created while their `queued` was lost,
+        and tails of runs that no publisher's heartbeat claims (e.g. a terminal event that was dropped
+        after its writer let go of the journal)."""
+        index = target.index
+        mtime = dir_mtime_ns(self.journal_dir)
+        if mtime != self._dir_mtime:
+            self._dir_mtime = mtime
+            names = await anyio.to_thread.run_sync(list_run_ids, self.journal_dir)
+            gone = index.forget_removed(set(names))
+            if gone:
+                log.info("%d ended run(s) whose journals were removed are no longer listed (e.g. %s)", len(gone), gone[0])
+            for run_id in [rid for rid in names if rid not in index.runs]:
+                async with target.lock:
+                    if run_id not in index.runs:
+                        await target.fill(target.discover(run_id), None, "found in the journal directory")
+                        target.settle()
+        claimed = target.claimed_runs()
+        for entry in list(index.active.values()):
+            if entry.run_id in claimed:
+                continue
+            try:
+                size = journal_path(self.journal_dir, entry.run_id).stat().st_size
+            except FileNotFoundError:
+                continue  # a journal removed by hand: nothing more can come from it
+            if size == entry.size_seen:
+                continue
+            entry.size_seen = size
+            async with target.lock:
+                await target.fill(entry, None, "journal sweep (no publisher claims the run)")
+                target.settle()
