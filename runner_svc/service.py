@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import socket
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -28,7 +30,7 @@ from shared.dispatch import (
     encode as encode_dispatch,
     from_scheduler_decoder,
 )
-from shared.errors import BadParams, JournalError, RunwireError, UnknownPipeline
+from shared.errors import BadParams, JournalError, RunwireError, ServiceUnavailable, UnknownPipeline
 from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id
 from shared.journal import JournalWriter, stats_fields as journal_stats_fields
@@ -42,6 +44,9 @@ from .execute import RunExecution
 from .publish import Publisher, RunJournal
 from .recovery import recover_interrupted_runs
 from .report import RunReport, write_report
+
+if TYPE_CHECKING:
+    from .clusterlink import ClusterLink
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ class RunnerService:
         self.recently_ended = RecentlyEnded(path=settings.state_dir / f"recently-ended.runner.{self.runner_id}.json")
         self.shutting_down = False
         self.publisher: Publisher | None = None
+        self.link: ClusterLink | None = None  # cluster mode: the event stream and the runner registry
         self._dispatch: zmq.asyncio.Socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.dispatch_dropped = 0
@@ -99,7 +105,13 @@ class RunnerService:
         await anyio.to_thread.run_sync(lambda: s.journal_dir.mkdir(parents=True, exist_ok=True))
         ctx = zmq.asyncio.Context()
         try:
-            async with anyio.create_task_group() as tg:
+            async with AsyncExitStack() as stack:
+                if s.config.cluster is not None:  # nothing of cluster mode is imported without it
+                    from .clusterlink import ClusterLink
+
+                    # entered first, left last: the stream stays open until every run has ended
+                    self.link = await stack.enter_async_context(ClusterLink(s, self.runner_id))
+                tg = await stack.enter_async_context(anyio.create_task_group())
                 self._tg = tg
                 self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path)
                 log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
@@ -116,6 +128,8 @@ class RunnerService:
                 for r in recovered:  # the scheduler learns of each as an ordinary end
                     await self._send(RunFinished(runner_id=self.runner_id, run_id=r.run_id, attempt=r.attempt, outcome="failure"))
                 tg.start_soon(self._heartbeat_loop)
+                if self.link is not None:
+                    tg.start_soon(self.link.registry_loop)
                 task_status.started()
         finally:
             if self.publisher is not None:
@@ -131,6 +145,8 @@ class RunnerService:
         log.info("cancelling %d active run(s) before stopping", len(self.runs))
         self.shutting_down = True
         await self._cancel_all(SHUTDOWN_REASON)
+        if self.link is not None:
+            self.link.stopping = True  # a run still waiting for the event stream gives up at its next try
 
     async def _cancel_all(self, reason: str) -> None:
         runs = list(self.runs.values())
@@ -266,16 +282,29 @@ class RunnerService:
             return await self._reject(msg, f"{e} (runner config {s.path})")
         except RunwireError as e:  # an invalid run id: the reason goes back to the scheduler
             return await self._reject(msg, str(e))
+        link = self.link
         try:
-            writer = await anyio.to_thread.run_sync(  # open, lock and repair: file work, off the loop
-                JournalWriter.open, s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
+            if link is None:
+                writer = await anyio.to_thread.run_sync(  # open, lock and repair: file work, off the loop
+                    JournalWriter.open, s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
+            else:
+                writer = await anyio.to_thread.run_sync(link.open_journal, s.journal_dir, msg.run_id, s.tz)
         except JournalError as e:
             return await self._reject(msg, str(e))
+        stream = None
+        if link is not None:
+            try:
+                stream = await link.take_over(writer)  # the stream's events into the journal, and its fence
+            except (JournalError, ServiceUnavailable) as e:
+                if writer.last_seq == 0:  # made just now, and nothing to put in it: not left behind
+                    writer.path.unlink(missing_ok=True)
+                writer.close()
+                return await self._reject(msg, str(e))
         if writer.ended:
             writer.close()
             return await self._reject(msg, f"run {msg.run_id} has already ended (journal {writer.path})")
         assert self.publisher is not None
-        journal = RunJournal(writer, self.publisher)
+        journal = RunJournal(writer, self.publisher, stream)
         try:
             ev = await journal.emit(
                 PIPELINE_STAGE, "start", f"{msg.pipeline} started on runner {self.runner_id} (attempt {msg.attempt})",

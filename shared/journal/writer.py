@@ -192,6 +192,29 @@ class JournalWriter:
         self.ended = ended
         return events
 
+    def append_copied(self, events: Sequence[Event]) -> None:
+        """Write events another writer journaled elsewhere (cluster mode: the scheduler's `queued`, read
+        from the event stream) as they are: seqs and timestamps unchanged, one write. They must be this
+        run's and continue this journal (seq last + 1, consecutive); nothing after a terminal one."""
+        if self._fd is None:
+            raise JournalError(f"journal {self.path} is closed")
+        if not events:
+            return
+        seq, ended = self.last_seq, self.ended
+        for ev in events:
+            if ev.run_id != self.run_id or ev.seq != seq + 1 or ended:
+                raise JournalError(f"journal {self.path}: copied event {ev.run_id} seq {ev.seq} does not continue "
+                                   f"run {self.run_id} at seq {seq}{' (after its terminal event)' if ended else ''}; "
+                                   "none of them written")
+            if not is_valid_stage_name(ev.stage):
+                raise JournalError(f"journal {self.path}: copied event seq {ev.seq} has an invalid stage name {ev.stage!r}")
+            seq, ended = ev.seq, ev.is_terminal
+        self._write(_encode_lines(list(events)))
+        if not self.owns_path():
+            self.fenced = True
+            raise JournalFenced(f"run {self.run_id}: {self.path} no longer names the file this writer holds (fenced)")
+        self.last_seq, self.ended = seq, ended
+
     def _check_stage(self, stage: str) -> None:
         if not is_valid_stage_name(stage):
             raise JournalError(f"invalid stage name {stage!r} for run {self.run_id}: no '/', 1-128 chars")

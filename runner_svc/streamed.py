@@ -1,0 +1,131 @@
+"""Cluster mode's side of a run (loaded only with `[cluster]`): taking a run over from the event
+stream (the local journal gets what the stream has and it lacks, e.g. the `queued` the scheduler
+wrote on another host) and `StreamAppender`, through which RunJournal appends each batch to the
+stream, awaiting JetStream's quorum ack, before it publishes it.
+
+While JetStream has no quorum (a leader killed, a partition) an append pauses and is tried again
+until it lands, the run's stages held up behind it; msg ids make the retries idempotent, and a
+chunk cut off (cancelled) is sent again exactly as it was first tried, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import anyio
+
+from runwire_cluster.events import EventStream, RunWriter
+from shared.errors import JournalError, ServiceUnavailable
+from shared.events import Event, event_to_json_line
+from shared.journal import Durability, JournalReader, JournalWriter, journal_path
+
+log = logging.getLogger(__name__)
+
+RETRY_PAUSE_S = 1.0  # between two appends that found no quorum (each already tried for RunWriter.retry_for)
+
+
+class StreamAppender:
+    """One run's appends to the event stream, in seq order (RunJournal serialises the calls).
+    `give_up()` true: the runner is stopping: stop retrying, raise ServiceUnavailable."""
+
+    def __init__(self, writer: RunWriter, give_up: Callable[[], bool] = lambda: False) -> None:
+        self.writer = writer
+        self.give_up = give_up
+        self._cut_off_end = 0  # the last seq of a chunk whose append was cancelled before its ack
+        self.paused = 0  # appends that found no quorum and were tried again
+
+    @property
+    def pending_end(self) -> int:
+        return self._cut_off_end if self._cut_off_end > self.writer.last_seq else 0
+
+    async def append(self, events: Sequence[Event]) -> None:
+        """Append consecutive events; those the stream already acknowledged (a cut-off append's first
+        messages) are skipped. A chunk cut off before is sent again first, as it was."""
+        w = self.writer
+        if not events:
+            return
+        skip = w.last_seq + 1 - events[0].seq
+        if skip < 0:
+            raise JournalError(f"event stream: run {w.run_id}: events from seq {events[0].seq} given, but the "
+                               f"stream has up to seq {w.last_seq}: a gap")
+        todo = list(events[skip:])
+        while todo:
+            end = self.pending_end or todo[-1].seq
+            chunk = todo[: end - todo[0].seq + 1]
+            self._cut_off_end = chunk[-1].seq  # cleared once acknowledged; a cancel leaves it set
+            await self._send(chunk)
+            self._cut_off_end = 0
+            todo = todo[len(chunk):]
+
+    async def _send(self, chunk: list[Event]) -> None:
+        w = self.writer
+        lines = [event_to_json_line(ev) for ev in chunk]
+        since: float | None = None
+        while True:
+            done = w.last_seq + 1 - chunk[0].seq  # messages of the chunk acknowledged in an earlier try
+            try:
+                await w.append_lines(chunk[done].seq, lines[done:])
+            except ServiceUnavailable as e:
+                if self.give_up():
+                    raise
+                self.paused += 1
+                since = since or time.monotonic()
+                log.error("run %s: event stream unavailable for %.0fs: publishing paused at seq %d, trying again "
+                          "(nothing is lost: the events are in the local journal): %s",
+                          w.run_id, time.monotonic() - since, chunk[done].seq, e)
+                await anyio.sleep(RETRY_PAUSE_S)
+                continue
+            if since is not None:
+                log.warning("run %s: event stream back after %.1fs: publishing resumed at seq %d", w.run_id,
+                            time.monotonic() - since, chunk[done].seq)
+            return
+
+
+def open_local_journal(journal_dir: Path, run_id: str, tz: ZoneInfo, durability: Durability,
+                       group_commit_ms: float) -> JournalWriter:
+    """The run's local journal, made empty if this host has none yet (file work: call off the loop)."""
+    if journal_path(journal_dir, run_id).exists():
+        return JournalWriter.open(journal_dir, run_id, tz, durability, group_commit_ms)
+    return JournalWriter.create(journal_dir, run_id, tz, durability, group_commit_ms)
+
+
+def _copy_in(writer: JournalWriter, events: list[Event]) -> None:
+    writer.append_copied(events)
+    writer.sync()  # the copy is what the run continues from: as durable as begin_run's queued
+
+
+def _local_after(writer: JournalWriter, after_seq: int) -> list[Event]:
+    return JournalReader(writer.path, writer.run_id).read(after_seq)
+
+
+async def take_over_run(stream: EventStream, writer: JournalWriter) -> RunWriter:
+    """Bring the run's local journal and its event stream to the same last seq, and return the
+    stream's writer for the run (fenced from the stream's last chunk).
+
+    The stream ahead (the scheduler's `queued` written on another host): its events are copied into
+    the journal, seqs unchanged. The journal ahead (this runner journaled events whose append it never
+    saw acknowledged, then stopped): those were never published; they are appended now. A run with
+    nothing in the stream was not queued in the cluster: JournalError."""
+    run_id = writer.run_id
+    rw = await stream.writer(run_id)  # ServiceUnavailable: the caller rejects the run
+    if rw.last_seq == 0:
+        raise JournalError(f"run {run_id} has no events in the event stream {stream.name}: in cluster mode the "
+                           "scheduler appends its `queued` event there before dispatching the run")
+    if rw.last_seq > writer.last_seq:
+        missing = await stream.read(run_id, after_seq=writer.last_seq)
+        if not missing or missing[-1].seq < rw.last_seq:
+            raise ServiceUnavailable(f"event stream {stream.name}: run {run_id}: read back up to seq "
+                                     f"{missing[-1].seq if missing else writer.last_seq}, not {rw.last_seq}")
+        await anyio.to_thread.run_sync(_copy_in, writer, missing)
+        log.info("run %s: %d event(s) of the event stream (seq %d..%d) copied into the local journal %s", run_id,
+                 len(missing), missing[0].seq, missing[-1].seq, writer.path)
+    elif writer.last_seq > rw.last_seq:
+        ahead = await anyio.to_thread.run_sync(_local_after, writer, rw.last_seq)
+        await StreamAppender(rw).append(ahead)
+        log.warning("run %s: %d event(s) journaled here but not in the event stream (seq %d..%d) appended to it",
+                    run_id, len(ahead), rw.last_seq + 1, writer.last_seq)
+    return rw
