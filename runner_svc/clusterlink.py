@@ -166,5 +166,5 @@ class ClusterLink:
     async def take_over(self, writer: JournalWriter) -> StreamAppender:
         """The run's appender to the event stream, its local journal brought level with the stream."""
         assert self.stream is not None
-        rw = await take_over_run(self.stream, writer)
+        rw = await take_over_run(self.stream, writer, f"runner.{self.runner_id}")
         return StreamAppender(rw, give_up=lambda: self.stopping)

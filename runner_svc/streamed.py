@@ -102,30 +102,39 @@ def _local_after(writer: JournalWriter, after_seq: int) -> list[Event]:
     return JournalReader(writer.path, writer.run_id).read(after_seq)
 
 
-async def take_over_run(stream: EventStream, writer: JournalWriter) -> RunWriter:
+async def take_over_run(stream: EventStream, writer: JournalWriter, writer_id: str) -> RunWriter:
     """Bring the run's local journal and its event stream to the same last seq, and return the
     stream's writer for the run (fenced from the stream's last chunk).
 
     The stream ahead (the scheduler's `queued` written on another host): its events are copied into
     the journal, seqs unchanged. The journal ahead (this runner journaled events whose append it never
-    saw acknowledged, then stopped): those were never published; they are appended now. A run with
-    nothing in the stream was not queued in the cluster: JournalError."""
+    saw acknowledged, then stopped): those were never published; they are appended now, if the journal
+    agrees with the stream's last event. JournalError: nothing in the stream (the run was not queued
+    in the cluster), the run ended there, or the journal differs from it (another writer's)."""
     run_id = writer.run_id
-    rw = await stream.writer(run_id)  # ServiceUnavailable: the caller rejects the run
+    rw = await stream.writer(run_id, writer_id=writer_id)  # ServiceUnavailable: the caller rejects the run
     if rw.last_seq == 0:
         raise JournalError(f"run {run_id} has no events in the event stream {stream.name}: in cluster mode the "
                            "scheduler appends its `queued` event there before dispatching the run")
+    after = min(writer.last_seq, rw.last_seq - 1)  # the stream's last event, and what the journal lacks
+    tail = await stream.read(run_id, after_seq=after)
+    if not tail or tail[-1].seq < rw.last_seq:
+        raise ServiceUnavailable(f"event stream {stream.name}: run {run_id}: read back up to seq "
+                                 f"{tail[-1].seq if tail else after}, not {rw.last_seq}")
+    last = tail[-1]
+    if last.is_terminal:
+        raise JournalError(f"run {run_id} has already ended in the event stream ({last.event} at seq {last.seq}: "
+                           f"{last.msg})")
     if rw.last_seq > writer.last_seq:
-        missing = await stream.read(run_id, after_seq=writer.last_seq)
-        if not missing or missing[-1].seq < rw.last_seq:
-            raise ServiceUnavailable(f"event stream {stream.name}: run {run_id}: read back up to seq "
-                                     f"{missing[-1].seq if missing else writer.last_seq}, not {rw.last_seq}")
-        await anyio.to_thread.run_sync(_copy_in, writer, missing)
+        await anyio.to_thread.run_sync(_copy_in, writer, tail)
         log.info("run %s: %d event(s) of the event stream (seq %d..%d) copied into the local journal %s", run_id,
-                 len(missing), missing[0].seq, missing[-1].seq, writer.path)
+                 len(tail), tail[0].seq, last.seq, writer.path)
     elif writer.last_seq > rw.last_seq:
-        ahead = await anyio.to_thread.run_sync(_local_after, writer, rw.last_seq)
-        await StreamAppender(rw).append(ahead)
+        local = await anyio.to_thread.run_sync(_local_after, writer, rw.last_seq - 1)
+        if not local or local[0] != last:
+            raise JournalError(f"run {run_id}: the local journal {writer.path} differs from the event stream at seq "
+                               f"{last.seq} (another writer appended there): the run is not this runner's any more")
+        await StreamAppender(rw).append(local[1:])
         log.warning("run %s: %d event(s) journaled here but not in the event stream (seq %d..%d) appended to it",
-                    run_id, len(ahead), rw.last_seq + 1, writer.last_seq)
+                    run_id, len(local) - 1, rw.last_seq - len(local) + 2, rw.last_seq)
     return rw

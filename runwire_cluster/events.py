@@ -4,9 +4,12 @@ a run's journal lines appended in chunks, each chunk once, each writer fenced, r
 - Subject `runwire.ev.<run_id>`, with the run id's dots written `~` (a dot would split the subject
   into tokens, and `a..b`, a valid run id, would be an invalid subject).
 - One message per chunk of consecutive journal lines, the payload exactly those lines (the journal
-  format, so the reader uses shared.events' decoder). Its message id `<run_id>:<first>-<last>` makes a
-  retried publish a duplicate the server drops (within DUPLICATE_WINDOW_S; past it the writer checks
-  the run's last chunk).
+  format, so the reader uses shared.events' decoder). Its message id `<run_id>:<first>-<last>`, with
+  `@<writer_id>` when the writer has one, makes a retried publish a duplicate the server drops (within
+  DUPLICATE_WINDOW_S; past it the writer checks the run's last chunk). Writers that may append the
+  same seqs (a runner, and the scheduler ending that runner's run) must have distinct writer ids: the
+  server drops a message whose id it has seen before it checks the fence, so the second writer's
+  chunk would pass as a duplicate of the first's instead of being fenced.
 - Every append carries the expected-last-subject-sequence header: the stream sequence of the run's
   last chunk as this writer knows it. A writer that is behind (another writer, e.g. the scheduler
   ending the run of a runner it declared lost, appended since) is refused: JournalFenced.
@@ -42,7 +45,7 @@ SUBJECT_PREFIX = "runwire.ev."
 DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-*-sequence check
 _HEADER_ROOM = 512  # bytes kept free of a message's max payload for its headers
-_MSG_ID_RE = re.compile(r"^(?P<run>.+):(?P<first>\d+)-(?P<last>\d+)$")
+_MSG_ID_RE = re.compile(r"^(?P<run>[^:@]+):(?P<first>\d+)-(?P<last>\d+)(?:@(?P<writer>.+))?$")
 
 # a publish or read that may succeed when tried again: no leader yet, a node down, a reconnect
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -56,8 +59,8 @@ def run_subject(run_id: str) -> str:
     return SUBJECT_PREFIX + check_run_id(run_id).replace(".", "~")
 
 
-def chunk_msg_id(run_id: str, first_seq: int, last_seq: int) -> str:
-    return f"{run_id}:{first_seq}-{last_seq}"
+def chunk_msg_id(run_id: str, first_seq: int, last_seq: int, writer_id: str = "") -> str:
+    return f"{run_id}:{first_seq}-{last_seq}" + (f"@{writer_id}" if writer_id else "")
 
 
 def chunk_range(msg_id: str | None) -> tuple[int, int] | None:
@@ -197,11 +200,13 @@ class EventStream:
             span = (events[0].seq, events[-1].seq) if events else (0, 0)
         return int(msg.seq), span[1]
 
-    async def writer(self, run_id: str, *, new: bool = False, retry_for: float = 30.0) -> RunWriter:
+    async def writer(self, run_id: str, *, new: bool = False, retry_for: float = 30.0, writer_id: str = "") -> RunWriter:
         """The appender of one run. `new`: the run has no events yet (no round trip to find its last
-        chunk; if someone else wrote one, the first append is fenced)."""
+        chunk; if someone else wrote one, the first append is fenced). `writer_id` (e.g.
+        "runner:<id>"): in the chunks' message ids, so another writer's chunk of the same seqs is not
+        taken for a duplicate of this one's (see the module's notes)."""
         fence, last_seq = (0, 0) if new else await self.last_chunk(run_id)
-        return RunWriter(self, run_id, fence, last_seq, retry_for=retry_for)
+        return RunWriter(self, run_id, fence, last_seq, retry_for=retry_for, writer_id=writer_id)
 
     async def replay(self, run_id: str, after_seq: int = 0, *, timeout: float = 10.0) -> AsyncGenerator[list[Event], None]:
         """The run's events after `after_seq`, chunk by chunk, up to the last chunk there was when the
@@ -246,8 +251,12 @@ class RunWriter:
     """Appends one run's events in chunks. `fence` is the stream sequence of the run's last chunk as
     this writer knows it; `last_seq` its last event seq."""
 
-    def __init__(self, stream: EventStream, run_id: str, fence: int, last_seq: int, *, retry_for: float = 30.0) -> None:
+    def __init__(self, stream: EventStream, run_id: str, fence: int, last_seq: int, *, retry_for: float = 30.0,
+                 writer_id: str = "") -> None:
+        if "@" in writer_id or ":" in writer_id:
+            raise ValueError(f"writer id {writer_id!r}: no '@' or ':'")
         self.stream = stream
+        self.writer_id = writer_id
         self.run_id = run_id
         self.subject = run_subject(run_id)
         self.fence = fence
@@ -278,7 +287,7 @@ class RunWriter:
 
     async def _publish(self, first: int, payload: bytes, count: int) -> None:
         last = first + count - 1
-        msg_id = chunk_msg_id(self.run_id, first, last)
+        msg_id = chunk_msg_id(self.run_id, first, last, self.writer_id)
         headers = {Header.MSG_ID.value: msg_id, Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(self.fence)}
         deadline = time.monotonic() + self.retry_for
         delay = 0.02
