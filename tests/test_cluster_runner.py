@@ -224,3 +224,93 @@ async def _append_lost(stream: EventStream, run_id: str) -> Event:
             continue
         return ev
     raise AssertionError("the test's writer never got its append in")
+
+
+async def _stream_leader(stream: EventStream) -> str:
+    info = await stream.js.stream_info(stream.name)
+    assert info.cluster is not None and info.cluster.leader, info.cluster
+    return str(info.cluster.leader)
+
+
+async def _until_terminal(rig: RunnerRig, run_id: str, published: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    end = time.monotonic() + 120
+    while not terminal_in(published, run_id):
+        assert time.monotonic() < end, f"no terminal event of {run_id} on the SUB: {published[-3:]}"
+        published.extend(e for e in recv_ready(rig) if e["run_id"] == run_id)
+        await anyio.sleep(0.01)
+    return published
+
+
+def _check_exactly_once(local: list[Event], in_stream: list[Event], published: list[dict[str, Any]]) -> None:
+    assert in_stream == local
+    assert [e.seq for e in local] == list(range(1, len(local) + 1))
+    assert local[-1].is_terminal and local[-1].event == "success", local[-1]
+    seqs = [e["seq"] for e in published]
+    assert len(seqs) == len(set(seqs)), "an event published twice"
+    assert published == [as_published(e) for e in local[1:]]
+
+
+async def test_no_quorum_pauses_publishing_and_nothing_is_lost_or_duplicated(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    db = await new_database(postgres)
+    rig = start_runner(tmp_path, nats_cluster, db, services)
+    params = {"lines": 400, "pause": 0.01}
+    killed = []
+    try:
+        async with event_stream(nats_cluster, db) as stream:
+            run_id = await queue_in_stream(stream, "chatty", params)
+            await dispatch(rig, run_id, params)
+            published: list[dict[str, Any]] = []
+            await wait_until("30 events in the stream", lambda: _last_seq_at_least(stream, run_id, 30))
+            killed = [n for n in nats_cluster.nodes if n.name != await _stream_leader(stream)][:1]
+            killed.append(nats_cluster.node(await _stream_leader(stream)))
+            for node in killed:  # two of three: no quorum, nothing can be acknowledged
+                node.kill9()
+            await anyio.sleep(1.0)  # what was acknowledged before reaches the SUB
+            published.extend(e for e in recv_ready(rig) if e["run_id"] == run_id)
+            paused_at = published[-1]["seq"]
+            await anyio.sleep(3.0)
+            # publishing paused: nothing more on the PUB socket, while the journal has gone on
+            assert [e for e in recv_ready(rig) if e["run_id"] == run_id] == []
+            assert journal(rig, run_id)[-1].seq > paused_at
+            for node in killed:
+                node.start()
+            killed = []
+            await nats_cluster.ready()
+            await _until_terminal(rig, run_id, published)
+            local = journal(rig, run_id)
+            in_stream = await stream.read(run_id)
+        _check_exactly_once(local, in_stream, published)
+        assert sum(1 for e in local if e.stage == "talk" and e.event == "log") == 400
+        assert "publishing paused" in rig.svc.output() or "trying again" in rig.svc.output()
+    finally:
+        for node in killed:
+            node.start()
+        rig.close()
+
+
+async def test_kill_9_of_the_stream_leader_mid_run_loses_and_duplicates_nothing(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    db = await new_database(postgres)
+    rig = start_runner(tmp_path, nats_cluster, db, services)
+    params = {"lines": 400, "pause": 0.005}
+    leader = None
+    try:
+        async with event_stream(nats_cluster, db) as stream:
+            run_id = await queue_in_stream(stream, "chatty", params)
+            await dispatch(rig, run_id, params)
+            published: list[dict[str, Any]] = []
+            await wait_until("30 events in the stream", lambda: _last_seq_at_least(stream, run_id, 30))
+            leader = nats_cluster.node(await _stream_leader(stream))
+            leader.kill9()
+            killed_at = journal(rig, run_id)[-1].seq
+            await _until_terminal(rig, run_id, published)
+            local = journal(rig, run_id)
+            assert local[-1].seq > killed_at + 10  # the kill was mid-run
+            in_stream = await stream.read(run_id)
+        _check_exactly_once(local, in_stream, published)
+        assert sum(1 for e in local if e.stage == "talk" and e.event == "log") == 400
+    finally:
+        if leader is not None:
+            leader.start()
+        rig.close()
