@@ -119,6 +119,7 @@ class RunnerService:
                 await tg.start(control.run, ctx)
                 recovered = await recover_interrupted_runs(
                     s.journal_dir, s.home, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
+                    self.link.take_over if self.link is not None else None,
                 )
                 if recovered:
                     log.warning("recovered %d interrupted run(s): %s", len(recovered), ", ".join(r.run_id for r in recovered))

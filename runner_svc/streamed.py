@@ -123,6 +123,12 @@ async def take_over_run(stream: EventStream, writer: JournalWriter, writer_id: s
                                  f"{tail[-1].seq if tail else after}, not {rw.last_seq}")
     last = tail[-1]
     if last.is_terminal:
+        if rw.last_seq > writer.last_seq and tail[0].seq == writer.last_seq + 1:
+            # ended elsewhere (the scheduler: "runner lost") while the journal here stood before it: the
+            # journal ends as the stream does
+            await anyio.to_thread.run_sync(_copy_in, writer, tail)
+            log.info("run %s: its end in the event stream (seq %d..%d) copied into the local journal %s", run_id,
+                     tail[0].seq, last.seq, writer.path)
         raise JournalError(f"run {run_id} has already ended in the event stream ({last.event} at seq {last.seq}: "
                            f"{last.msg})")
     if rw.last_seq > writer.last_seq:

@@ -314,3 +314,32 @@ async def test_kill_9_of_the_stream_leader_mid_run_loses_and_duplicates_nothing(
         if leader is not None:
             leader.start()
         rig.close()
+
+
+async def test_a_run_interrupted_by_kill_9_of_its_runner_ends_in_the_stream_at_restart(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    db = await new_database(postgres)
+    rig = start_runner(tmp_path, nats_cluster, db, services)
+    params = {"lines": 100_000, "pause": 0.05}
+    try:
+        async with event_stream(nats_cluster, db) as stream:
+            run_id = await queue_in_stream(stream, "chatty", params)
+            await dispatch(rig, run_id, params)
+            await wait_until("10 events in the stream", lambda: _last_seq_at_least(stream, run_id, 10))
+            rig.kill9()
+            rig.restart()
+            rig.svc.wait_for(rf"run {run_id}: runner test-runner restarted: run interrupted")
+            # (RunFinished is not waited for: the fake scheduler's ROUTER may see the restarted runner under
+            # a made-up routing id while the killed one's connection lingers)
+            local = await wait_until("the run's end in its journal", lambda: _ended_journal(rig, run_id))
+            in_stream = await stream.read(run_id)
+        assert local[-1].is_terminal and local[-1].event == "failure" and "interrupted" in local[-1].msg
+        assert in_stream == local  # the end written at the restart went to the stream too
+        assert [e.seq for e in local] == list(range(1, len(local) + 1))
+    finally:
+        rig.close()
+
+
+async def _ended_journal(rig: RunnerRig, run_id: str) -> list[Event] | None:
+    events = journal(rig, run_id)
+    return events if events and events[-1].is_terminal else None
