@@ -159,9 +159,18 @@ class ClusterLink:
 
     # -------------------------------------------------------------------------------------- runs
 
-    def open_journal(self, journal_dir: Path, run_id: str, tz: ZoneInfo) -> JournalWriter:
-        """The run's local journal, made empty when this host has none yet (file work: off the loop)."""
-        return open_local_journal(journal_dir, run_id, tz, self.cfg.durability, self.cfg.group_commit_ms)
+    async def open_run(self, journal_dir: Path, run_id: str, tz: ZoneInfo) -> tuple[JournalWriter, StreamAppender]:
+        """A dispatched run's local journal (made here if this host has none yet) brought level with
+        the event stream, and its appender there. JournalError, ServiceUnavailable: not taken."""
+        writer = await anyio.to_thread.run_sync(  # open or create, lock, repair: file work, off the loop
+            open_local_journal, journal_dir, run_id, tz, self.cfg.durability, self.cfg.group_commit_ms)
+        try:
+            return writer, await self.take_over(writer)
+        except BaseException:
+            if writer.last_seq == 0:  # made just now, and nothing to put in it: not left behind
+                writer.path.unlink(missing_ok=True)
+            writer.close()
+            raise
 
     async def take_over(self, writer: JournalWriter) -> StreamAppender:
         """The run's appender to the event stream, its local journal brought level with the stream."""

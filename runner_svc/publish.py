@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import anyio
 import zmq
 
-from shared.curve import refuse_unsecured
+from shared.curve import CurveKeys, bind_secured
 from shared.errors import BindError, JournalError, JournalFenced, ServiceUnavailable
 from shared.events import PIPELINE_STAGE, Event, EventDraft, msgpack_encoder
 from shared.journal import JournalWriter
@@ -45,17 +45,19 @@ class Publisher:
         self._topics: dict[tuple[str, str, str], bytes] = {}  # (run_id, stage, event) -> topic frame
 
     @classmethod
-    def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int, config: object = None) -> Publisher:
+    def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int, config: object = None,
+             keys: CurveKeys | None = None) -> Publisher:
+        """Bound as `runner.publish` says: beyond loopback only with the cluster's CURVE keys (then a
+        CURVE server, on loopback too)."""
         # A plain (not asyncio) socket: a PUB send with NOBLOCK never waits, so nothing is gained by
         # awaiting it, and the hot path stays a direct call.
-        refuse_unsecured(endpoint, "runner.publish", None, config, "PUB socket")  # no CURVE in the services yet
         sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.PUB)
         configure_socket(sock, sndhwm=send_hwm)
         try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as e:
+            bind_secured(sock, endpoint, "runner.publish", keys, config, "PUB socket")
+        except BindError:
             sock.close(linger=0)
-            raise BindError("runner.publish", endpoint, str(e), config, "PUB socket") from e
+            raise
         return cls(sock, endpoint)
 
     def close(self, linger_ms: int = 0) -> None:

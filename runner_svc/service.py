@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 
 from shared import __version__
 from shared.config import Settings
+from shared.curve import CurveAuthenticator, load_keys
 from shared.dispatch import (
     CancelRun,
     DispatchRun,
@@ -41,7 +42,7 @@ from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
 from .control import RunnerControl
 from .execute import RunExecution
-from .publish import Publisher, RunJournal
+from .publish import ChunkAppender, Publisher, RunJournal
 from .recovery import recover_interrupted_runs
 from .report import RunReport, write_report
 
@@ -103,6 +104,7 @@ class RunnerService:
         log.info("runner %s (pid %d) starting: config %s", self.runner_id, os.getpid(), s.path)
         log.info("journal directory %s", s.journal_dir)
         await anyio.to_thread.run_sync(lambda: s.journal_dir.mkdir(parents=True, exist_ok=True))
+        keys = load_keys(s)  # [cluster.curve]: the PUB and control sockets are CURVE servers
         ctx = zmq.asyncio.Context()
         try:
             async with AsyncExitStack() as stack:
@@ -111,11 +113,13 @@ class RunnerService:
 
                     # entered first, left last: the stream stays open until every run has ended
                     self.link = await stack.enter_async_context(ClusterLink(s, self.runner_id))
+                if keys is not None:  # ZAP: only clients presenting the cluster's pair get in
+                    stack.enter_context(CurveAuthenticator(zmq.Context(shadow=ctx.underlying), keys))
                 tg = await stack.enter_async_context(anyio.create_task_group())
                 self._tg = tg
-                self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path)
-                log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
-                control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended)
+                self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path, keys)
+                log.info("bound PUB %s (SNDHWM %d%s)", self.cfg.publish, self.cfg.send_hwm, ", CURVE" if keys else "")
+                control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended, keys)
                 await tg.start(control.run, ctx)
                 recovered = await recover_interrupted_runs(
                     s.journal_dir, s.home, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
@@ -283,24 +287,15 @@ class RunnerService:
             return await self._reject(msg, f"{e} (runner config {s.path})")
         except RunwireError as e:  # an invalid run id: the reason goes back to the scheduler
             return await self._reject(msg, str(e))
-        link = self.link
+        stream: ChunkAppender | None = None
         try:
-            if link is None:
+            if self.link is None:
                 writer = await anyio.to_thread.run_sync(  # open, lock and repair: file work, off the loop
                     JournalWriter.open, s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
-            else:
-                writer = await anyio.to_thread.run_sync(link.open_journal, s.journal_dir, msg.run_id, s.tz)
-        except JournalError as e:
+            else:  # the journal brought level with the event stream, and the run's appender there
+                writer, stream = await self.link.open_run(s.journal_dir, msg.run_id, s.tz)
+        except (JournalError, ServiceUnavailable) as e:
             return await self._reject(msg, str(e))
-        stream = None
-        if link is not None:
-            try:
-                stream = await link.take_over(writer)  # the stream's events into the journal, and its fence
-            except (JournalError, ServiceUnavailable) as e:
-                if writer.last_seq == 0:  # made just now, and nothing to put in it: not left behind
-                    writer.path.unlink(missing_ok=True)
-                writer.close()
-                return await self._reject(msg, str(e))
         if writer.ended:
             writer.close()
             return await self._reject(msg, f"run {msg.run_id} has already ended (journal {writer.path})")

@@ -343,3 +343,53 @@ async def test_a_run_interrupted_by_kill_9_of_its_runner_ends_in_the_stream_at_r
 async def _ended_journal(rig: RunnerRig, run_id: str) -> list[Event] | None:
     events = journal(rig, run_id)
     return events if events and events[-1].is_terminal else None
+
+
+async def test_with_curve_keys_only_holders_of_the_pair_receive_the_events(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    import zmq
+
+    from shared.config import load_settings
+    from shared.curve import load_keys, secure_client, write_keypair
+    from tests.cluster_runner_rig import PIPELINES, cluster_toml
+    from tests.harness import Service, write_config
+    from tests.runner_peer import FakeScheduler
+
+    db = await new_database(postgres)
+    write_keypair(tmp_path / "keys")
+    curve = '\n[cluster.curve]\npublic_file = "keys/runwire.key"\nsecret_file = "keys/runwire.key_secret"\n'
+    config, ports = write_config(tmp_path, PIPELINES + cluster_toml(nats_cluster, db) + curve)
+    keys = load_keys(load_settings(str(config)))
+    assert keys is not None
+    ctx = zmq.Context()
+    subs = {}
+    for name, k in (("secured", keys), ("plain", None)):
+        sub = subs[name] = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        secure_client(sub, k)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{ports.publish}")
+    sched = FakeScheduler(ports.dispatch)
+    try:
+        svc = Service("runner_svc", config, tmp_path)
+        services.append(svc)
+        svc.start()
+        assert "CURVE" in svc.wait_for(r"bound PUB .*").group(0)
+        async with event_stream(nats_cluster, db) as stream:
+            run_id = await queue_in_stream(stream, "chatty", {"lines": 20})
+            sched.dispatch(run_id, "chatty", {"lines": 20})
+            got: dict[str, list[bytes]] = {"secured": [], "plain": []}
+            end = time.monotonic() + 60
+            while not any(t == f"ev/{run_id}/pipeline/success".encode() for t in got["secured"]):
+                assert time.monotonic() < end, got["secured"][-3:]
+                for name, sub in subs.items():
+                    while sub.poll(0):
+                        got[name].append(sub.recv_multipart()[0])
+                await anyio.sleep(0.01)
+            assert sum(1 for t in got["secured"] if t.startswith(f"ev/{run_id}/".encode())) == len(await stream.read(run_id)) - 1
+        assert got["plain"] == []  # no handshake without the pair: not even a heartbeat
+    finally:
+        sched.close()
+        for sub in subs.values():
+            sub.close(linger=0)
+        ctx.term()
