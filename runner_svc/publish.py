@@ -132,6 +132,8 @@ class ChunkAppender(Protocol):
 
     async def append(self, events: Sequence[Event]) -> None: ...
 
+    async def mirror(self, writer: JournalWriter) -> None: ...  # after a fence: the journal made the stream's copy
+
 
 class RunJournal:
     """A run's journal writer plus publication: `emit` (one event) or `emit_many` (a batch, one write)

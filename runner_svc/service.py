@@ -376,6 +376,15 @@ class RunnerService:
             log.warning("run %s: stage %s%s was still open at the run's end: ended %s", run.run_id, stage,
                         f" [{item}]" if item else "", outcome)
 
+    async def _mirror(self, run: ActiveRun) -> None:
+        """Cluster mode, fenced: the local journal made to say what the event stream says."""
+        assert run.journal.stream is not None
+        try:
+            await run.journal.stream.mirror(run.journal.writer)
+        except (JournalError, ServiceUnavailable) as e:
+            log.error("run %s: fenced, and its local journal %s not made the event stream's copy: %s (the stream is "
+                      "the run's record)", run.run_id, run.journal.writer.path, e)
+
     async def _finish(self, run: ActiveRun, outcome: str, msg: str) -> None:
         journal = run.journal
         try:
@@ -383,6 +392,8 @@ class RunnerService:
             if journal.released:
                 log.info("run %s: %s; journal closed without a terminal event of ours (no RunFinished)", run.run_id,
                          "fenced" if journal.fenced else "released")
+                if journal.fenced and journal.stream is not None:
+                    await self._mirror(run)
                 return
             await self._end_open_stages(run, outcome, msg)
             # the report first, so whoever sees the terminal event finds the report in place

@@ -61,6 +61,17 @@ class StreamAppender:
             self._cut_off_end = 0
             todo = todo[len(chunk):]
 
+    async def mirror(self, writer: JournalWriter) -> None:
+        """After a fence: the local journal cut back to what the stream acknowledged from this runner,
+        then the other writer's events copied in, so the journal here says what the stream says (no
+        event of this runner's that the stream refused stays in it)."""
+        w = self.writer
+        acked = w.last_seq
+        events = await w.stream.read(w.run_id, after_seq=acked)
+        await anyio.to_thread.run_sync(_cut_and_copy, writer, acked, events)
+        log.warning("run %s: local journal %s made the event stream's copy after the fence: cut back to seq %d, "
+                    "%d event(s) of the other writer copied in", w.run_id, writer.path, acked, len(events))
+
     async def _send(self, chunk: list[Event]) -> None:
         w = self.writer
         lines = [event_to_json_line(ev) for ev in chunk]
@@ -96,6 +107,13 @@ def open_local_journal(journal_dir: Path, run_id: str, tz: ZoneInfo, durability:
 def _copy_in(writer: JournalWriter, events: list[Event]) -> None:
     writer.append_copied(events)
     writer.sync()  # the copy is what the run continues from: as durable as begin_run's queued
+
+
+def _cut_and_copy(writer: JournalWriter, acked: int, events: list[Event]) -> None:
+    writer.discard_after(acked)
+    if events:
+        writer.append_copied(events)
+    writer.sync()
 
 
 def _local_after(writer: JournalWriter, after_seq: int) -> list[Event]:
