@@ -99,11 +99,23 @@ class EventStream:
         self.retry_for = retry_for  # how long a request is tried again while JetStream has no leader
 
     @classmethod
-    async def connect(cls, cluster: ClusterConfig, *, name: str = STREAM_NAME, request_timeout: float = 5.0) -> EventStream:
+    async def connect(cls, cluster: ClusterConfig, *, name: str = STREAM_NAME, request_timeout: float = 5.0,
+                      connect_wait: float = 5.0) -> EventStream:
+        """Connected to one of the servers, or ServiceUnavailable after `connect_wait` seconds of trying
+        (the client itself would try forever). Once connected, it reconnects without end."""
         servers = list(cluster.nats)
+        errors_seen = 0
+        last_error_log = float("-inf")
 
         async def on_error(e: Exception) -> None:
-            log.warning("NATS (cluster.nats): %s: %s", type(e).__name__, e)
+            # every failed try calls this (5 a second while a server is away): said once per 10 s
+            nonlocal errors_seen, last_error_log
+            errors_seen += 1
+            now = time.monotonic()
+            if now - last_error_log >= 10.0:
+                more = f" ({errors_seen - 1} more since the last report)" if errors_seen > 1 else ""
+                log.warning("NATS (cluster.nats): %s: %s%s", type(e).__name__, e, more)
+                errors_seen, last_error_log = 0, now
 
         async def on_disconnect() -> None:
             if nc.is_closed:  # our own close(), not a lost server
@@ -113,13 +125,19 @@ class EventStream:
         async def on_reconnect() -> None:
             log.info("NATS (cluster.nats): reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
+        nc = Nats()
         try:
-            nc = await nats.connect(servers=servers, name="runwire", connect_timeout=2, allow_reconnect=True,
-                                    max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=on_error,
-                                    disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
-        except (OSError, nats.errors.Error) as e:
+            with anyio.fail_after(connect_wait):
+                await nc.connect(servers=servers, name="runwire", connect_timeout=2, allow_reconnect=True,
+                                 max_reconnect_attempts=-1, error_cb=on_error,
+                                 reconnect_time_wait=0.2,  # type: ignore[arg-type]  # typed int, used as seconds
+                                 disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            with anyio.CancelScope(shield=True):
+                await nc.close()
+            why = f"no answer in {connect_wait:g}s" if isinstance(e, TimeoutError) else f"{type(e).__name__} {e}"
             raise ServiceUnavailable(f"NATS servers {', '.join(servers)} (key `cluster.nats`) cannot be reached: "
-                                     f"{type(e).__name__} {e}") from e
+                                     f"{why}") from e
         return cls(nc, servers, name=name, replicas=cluster.stream_replicas,
                    max_age_s=float(parse_duration(cluster.stream_max_age)), request_timeout=request_timeout)
 

@@ -20,9 +20,10 @@ import pytest
 
 from runwire_cluster.events import EventStream
 from runwire_cluster.state import ClusterState
-from shared.dispatch import RunAccepted, RunFinished, RunRejected
+from shared.dispatch import RunAccepted, RunFinished, RunnerStatus, RunRejected
 from shared.errors import JournalFenced
 from shared.events import Event, now_timestamp
+from shared.journal import read_events
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (fixtures)
 from tests.cluster_runner_rig import (
     TZ,
@@ -379,6 +380,7 @@ async def test_with_curve_keys_only_holders_of_the_pair_receive_the_events(
         assert "CURVE" in svc.wait_for(r"bound PUB .*").group(0)
         async with event_stream(nats_cluster, db) as stream:
             run_id = await queue_in_stream(stream, "chatty", {"lines": 20})
+            await anyio.to_thread.run_sync(lambda: sched.wait_for(RunnerStatus))  # its DEALER is connected
             sched.dispatch(run_id, "chatty", {"lines": 20})
             got: dict[str, list[bytes]] = {"secured": [], "plain": []}
             end = time.monotonic() + 60
@@ -399,3 +401,49 @@ async def test_with_curve_keys_only_holders_of_the_pair_receive_the_events(
 
 async def _journal_is(rig: RunnerRig, run_id: str, events: list[Event]) -> bool:
     return journal(rig, run_id) == events
+
+
+async def test_nats_away_at_start_is_logged_and_retried_until_it_answers(
+        tmp_path: Path, services: list, postgres: Postgres) -> None:  # noqa: F811
+    import json
+    import subprocess
+
+    from shared.config import ClusterConfig
+    from tests.cluster_fixtures import find_nats_server, free_port
+    from tests.cluster_runner_rig import PIPELINES
+    from tests.harness import Service, write_config
+    from tests.runner_peer import FakeScheduler
+
+    binary = find_nats_server()
+    if binary is None:
+        pytest.skip("nats-server not found")
+    db = await new_database(postgres)
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    cluster = f'\n[cluster]\nnats = ["{url}"]\nstate = {json.dumps(db)}\nstream_max_age = "1h"\nstream_replicas = 1\n'
+    config, ports = write_config(tmp_path, PIPELINES + cluster)
+    sched = FakeScheduler(ports.dispatch)
+    server = None
+    try:
+        svc = Service("runner_svc", config, tmp_path)
+        services.append(svc)
+        svc.start(wait_ready=False)
+        svc.wait_for(rf"ERROR.*event stream: NATS servers {url} .* cannot be reached.*trying again")
+        svc.wait_for(r"(?s)waiting \d+s so far.*cannot be reached.*waiting \d+s so far")  # tried again
+        assert "runner ready" not in svc.output()
+        server = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        svc.wait_for(r"runner ready", timeout=60)
+        cfg = ClusterConfig(nats=[url], state=db, stream_max_age="1h", stream_replicas=1)
+        async with await EventStream.connect(cfg) as stream:
+            run_id = await queue_in_stream(stream, "chatty", {"lines": 5})
+            await anyio.to_thread.run_sync(lambda: sched.wait_for(RunnerStatus))  # its DEALER is connected
+            sched.dispatch(run_id, "chatty", {"lines": 5})
+            finished = await anyio.to_thread.run_sync(lambda: sched.wait_for(RunFinished, run_id=run_id))
+            assert finished.outcome == "success"
+            assert await stream.read(run_id) == read_events(tmp_path / "home" / "events", run_id)
+    finally:
+        sched.close()
+        if server is not None:
+            server.kill()
+            server.wait(10)
