@@ -44,6 +44,7 @@ STREAM_NAME = "RUNWIRE_EVENTS"
 SUBJECT_PREFIX = "runwire.ev."
 DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-*-sequence check
+DUPLICATE_IN_PROCESS = 10158  # JetStream's: a message with this id is being stored right now
 _HEADER_ROOM = 512  # bytes kept free of a message's max payload for its headers
 _MSG_ID_RE = re.compile(r"^(?P<run>[^:@]+):(?P<first>\d+)-(?P<last>\d+)(?:@(?P<writer>.+))?$")
 
@@ -53,6 +54,15 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError, nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError, TimeoutError,
 )
+
+_TRANSIENT_OR_REFUSED: tuple[type[BaseException], ...] = (*_TRANSIENT, nats.js.errors.APIError)
+
+
+def _in_process(e: BaseException) -> bool:
+    """JetStream still processing an earlier try of this very message (a retry sent while the first is
+    in flight, e.g. after a cancel): asked again shortly, it answers as for a duplicate."""
+    return isinstance(e, nats.js.errors.APIError) and (
+        e.err_code == DUPLICATE_IN_PROCESS or "duplicate message id is in process" in (e.description or ""))
 
 
 def run_subject(run_id: str) -> str:
@@ -327,7 +337,10 @@ class RunWriter:
                 return
             except nats.errors.ConnectionClosedError as e:
                 raise ServiceUnavailable(f"event stream: run {self.run_id}: the NATS connection is closed") from e
-            except _TRANSIENT as e:
+            except _TRANSIENT_OR_REFUSED as e:
+                if not isinstance(e, _TRANSIENT) and not _in_process(e):
+                    raise JournalError(f"event stream: run {self.run_id}: chunk {msg_id} refused: "
+                                       f"{getattr(e, 'description', e)}") from e
                 if time.monotonic() + delay > deadline:
                     raise ServiceUnavailable(f"event stream: run {self.run_id}: chunk {msg_id} not acknowledged in "
                                              f"{self.retry_for:g}s (last: {type(e).__name__} {e})") from e
@@ -337,8 +350,6 @@ class RunWriter:
                                 msg_id, type(e).__name__, self.retry_for)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-            except nats.js.errors.APIError as e:
-                raise JournalError(f"event stream: run {self.run_id}: chunk {msg_id} refused: {e.description}") from e
         if ack.duplicate:
             self.duplicates += 1
         self.fence, self.last_seq = ack.seq, last
