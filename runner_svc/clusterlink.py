@@ -24,7 +24,7 @@ from shared.config import ClusterConfig, Settings
 from shared.errors import ServiceUnavailable
 from shared.journal import JournalWriter
 
-from .streamed import StreamAppender, open_local_journal, take_over_run
+from .streamed import StopSwitch, StreamAppender, open_local_journal, take_over_run
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ClusterLink:
         self.state: ClusterState | None = None
         self.registered = False
         self.heartbeats = 0
-        self.stopping = False  # set once the runner gives up waiting for its runs: appends stop retrying
+        self.stop_switch = StopSwitch()  # thrown once the runner stops waiting for its runs' appends
 
     async def __aenter__(self) -> Self:
         self.stream = await self._connect_stream()
@@ -176,4 +176,4 @@ class ClusterLink:
         """The run's appender to the event stream, its local journal brought level with the stream."""
         assert self.stream is not None
         rw = await take_over_run(self.stream, writer, f"runner.{self.runner_id}")
-        return StreamAppender(rw, give_up=lambda: self.stopping)
+        return StreamAppender(rw, self.stop_switch)

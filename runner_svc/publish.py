@@ -237,12 +237,13 @@ class RunJournal:
             except JournalFenced as e:
                 self._on_stream_fence(e)
                 return []
-            except (ServiceUnavailable, JournalError) as e:
+            except (ServiceUnavailable, JournalError) as e:  # the runner stopping, or a chunk refused
                 self.released = True
                 pending.clear()
                 log.error("run %s: events from seq %d not in the event stream: %s; writing and publishing nothing "
-                          "more for the run", self.run_id, ready[0].seq, e)
-                raise JournalError(f"run {self.run_id}: the event stream did not take seq {ready[0].seq}..{upto}: {e}") from e
+                          "more for the run, stopping its stages", self.run_id, ready[0].seq, e)
+                self.on_fenced(f"its events cannot be appended to the event stream: {e}")
+                return []
             for _ in ready:
                 pending.popleft()
             self.publisher.publish_events(ready)

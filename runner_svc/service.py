@@ -150,8 +150,12 @@ class RunnerService:
         log.info("cancelling %d active run(s) before stopping", len(self.runs))
         self.shutting_down = True
         await self._cancel_all(SHUTDOWN_REASON)
-        if self.link is not None:
-            self.link.stopping = True  # a run still waiting for the event stream gives up at its next try
+        if self.link is not None and self.runs:
+            # runs still waiting for the event stream (no quorum): their appends stop, their events stay
+            # in the local journals (a restarted runner appends them; or the scheduler ends the runs)
+            log.error("runner stopping with %d run(s) still waiting for the event stream: %s", len(self.runs),
+                      ", ".join(self.runs))
+            self.link.stop_switch.throw()
 
     async def _cancel_all(self, reason: str) -> None:
         runs = list(self.runs.values())

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -28,13 +29,42 @@ log = logging.getLogger(__name__)
 RETRY_PAUSE_S = 1.0  # between two appends that found no quorum (each already tried for RunWriter.retry_for)
 
 
-class StreamAppender:
-    """One run's appends to the event stream, in seq order (RunJournal serialises the calls).
-    `give_up()` true: the runner is stopping: stop retrying, raise ServiceUnavailable."""
+class StopSwitch:
+    """Thrown once the runner has waited for its runs as long as it will: appends waiting for the
+    event stream stop at once (their events stay in the local journals) instead of holding the stop."""
 
-    def __init__(self, writer: RunWriter, give_up: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self) -> None:
+        self.thrown = False
+        self._scopes: set[anyio.CancelScope] = set()
+
+    def throw(self) -> None:
+        self.thrown = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Run the block unless thrown; thrown meanwhile: the block is cancelled, ServiceUnavailable."""
+        if self.thrown:
+            raise ServiceUnavailable(f"{what}: the runner is stopping")
+        scope = anyio.CancelScope()
+        self._scopes.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._scopes.discard(scope)
+        if scope.cancelled_caught:
+            raise ServiceUnavailable(f"{what}: the runner is stopping")
+
+
+class StreamAppender:
+    """One run's appends to the event stream, in seq order (RunJournal serialises the calls). The
+    switch thrown (the runner stopping): an append stops retrying, raises ServiceUnavailable."""
+
+    def __init__(self, writer: RunWriter, switch: StopSwitch | None = None) -> None:
         self.writer = writer
-        self.give_up = give_up
+        self.switch = switch or StopSwitch()
         self._cut_off_end = 0  # the last seq of a chunk whose append was cancelled before its ack
         self.paused = 0  # appends that found no quorum and were tried again
 
@@ -79,9 +109,10 @@ class StreamAppender:
         while True:
             done = w.last_seq + 1 - chunk[0].seq  # messages of the chunk acknowledged in an earlier try
             try:
-                await w.append_lines(chunk[done].seq, lines[done:])
+                with self.switch.guard(f"event stream: run {w.run_id}: seq {chunk[done].seq} not appended"):
+                    await w.append_lines(chunk[done].seq, lines[done:])
             except ServiceUnavailable as e:
-                if self.give_up():
+                if self.switch.thrown:
                     raise
                 self.paused += 1
                 since = since or time.monotonic()

@@ -447,3 +447,31 @@ async def test_nats_away_at_start_is_logged_and_retried_until_it_answers(
         if server is not None:
             server.kill()
             server.wait(10)
+
+
+async def test_a_stop_while_jetstream_has_no_quorum_is_not_held_up_by_it(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    db = await new_database(postgres)
+    rig = start_runner(tmp_path, nats_cluster, db, services)
+    params = {"lines": 100_000, "pause": 0.01}
+    killed = []
+    try:
+        async with event_stream(nats_cluster, db) as stream:
+            run_id = await queue_in_stream(stream, "chatty", params)
+            await dispatch(rig, run_id, params)
+            await wait_until("10 events in the stream", lambda: _last_seq_at_least(stream, run_id, 10))
+            killed = [n for n in nats_cluster.nodes if n.name != await _stream_leader(stream)][:1]
+            killed.append(nats_cluster.node(await _stream_leader(stream)))
+            for node in killed:
+                node.kill9()
+            await anyio.sleep(1.0)
+            # the run's end cannot reach the stream: the runner waits kill_grace + 10 s for it, then stops
+            assert await anyio.to_thread.run_sync(lambda: rig.svc.stop(timeout=60)) == 0
+            out = rig.svc.output()
+            assert f"runner stopping with 1 run(s) still waiting for the event stream: {run_id}" in out
+            assert "the runner is stopping" in out
+            assert journal(rig, run_id)  # what it journaled stays in the journal
+    finally:
+        for node in killed:
+            node.start()
+        rig.close()
