@@ -449,7 +449,7 @@ async def test_nats_away_at_start_is_logged_and_retried_until_it_answers(
             server.wait(10)
 
 
-async def test_a_stop_while_jetstream_has_no_quorum_is_not_held_up_by_it(
+async def test_a_stop_while_jetstream_has_no_quorum_is_not_held_up_by_it_and_the_restart_catches_up(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
     rig = start_runner(tmp_path, nats_cluster, db, services)
@@ -470,7 +470,18 @@ async def test_a_stop_while_jetstream_has_no_quorum_is_not_held_up_by_it(
             out = rig.svc.output()
             assert f"runner stopping with 1 run(s) still waiting for the event stream: {run_id}" in out
             assert "the runner is stopping" in out
-            assert journal(rig, run_id)  # what it journaled stays in the journal
+            ahead = journal(rig, run_id)  # what it journaled stays in the journal, some of it not in the stream
+            for node in killed:
+                node.start()
+            killed = []
+            await nats_cluster.ready()
+            assert (await stream.last_chunk(run_id))[1] < ahead[-1].seq
+            # restarted with the stream back: what the journal has beyond the stream is appended, then the end
+            rig.restart()
+            rig.svc.wait_for(rf"run {run_id}: \d+ event\(s\) journaled here but not in the event stream")
+            local = await wait_until("the run's end in its journal", lambda: _ended_journal(rig, run_id))
+            assert local[: len(ahead)] == ahead and local[-1].event == "failure"
+            assert await stream.read(run_id) == local
     finally:
         for node in killed:
             node.start()
