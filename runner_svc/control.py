@@ -15,8 +15,8 @@ from anyio.abc import TaskStatus
 from shared import __version__
 from shared.config import Settings, endpoints_of
 from shared.control import Identity, Probe, serve_requests
-from shared.curve import refuse_unsecured
-from shared.errors import BindError, ProtocolError
+from shared.curve import CurveKeys, bind_secured
+from shared.errors import ProtocolError
 from shared.events import PIPELINE_STAGE
 from shared.ids import PROBE_PREFIX, check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run, remove_older_journals
@@ -31,8 +31,10 @@ PROBES_KEPT = 5  # probe journals kept; older ones are removed after each probe
 
 
 class RunnerControl:
-    def __init__(self, settings: Settings, runner_id: str, publisher: Publisher, recently_ended: RecentlyEnded) -> None:
+    def __init__(self, settings: Settings, runner_id: str, publisher: Publisher, recently_ended: RecentlyEnded,
+                 keys: CurveKeys | None = None) -> None:
         self.settings = settings
+        self.keys = keys  # cluster mode with [cluster.curve]: the ROUTER is a CURVE server
         self.runner_id = runner_id
         self.publisher = publisher
         self.recently_ended = recently_ended
@@ -42,11 +44,7 @@ class RunnerControl:
         sock = ctx.socket(zmq.ROUTER)
         try:
             configure_socket(sock, sndhwm=1000, rcvhwm=1000)
-            refuse_unsecured(endpoint, "runner.control", None, self.settings.path, "ROUTER")  # no CURVE here yet
-            try:
-                sock.bind(endpoint)
-            except zmq.ZMQError as e:
-                raise BindError("runner.control", endpoint, str(e), self.settings.path, "ROUTER") from e
+            bind_secured(sock, endpoint, "runner.control", self.keys, self.settings.path, "ROUTER")
             log.info("bound control ROUTER %s", endpoint)
             task_status.started()
             await serve_requests(sock, self.handle, f"runner control {endpoint}")

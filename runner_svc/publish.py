@@ -7,12 +7,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+import anyio
 import zmq
 
-from shared.curve import refuse_unsecured
-from shared.errors import BindError, JournalFenced
+from shared.curve import CurveKeys, bind_secured
+from shared.errors import BindError, JournalError, JournalFenced, ServiceUnavailable
 from shared.events import PIPELINE_STAGE, Event, EventDraft, msgpack_encoder
 from shared.journal import JournalWriter
 from shared.wire import Heartbeat, configure_socket, encode_heartbeat_frames, event_topic_of
@@ -44,17 +45,19 @@ class Publisher:
         self._topics: dict[tuple[str, str, str], bytes] = {}  # (run_id, stage, event) -> topic frame
 
     @classmethod
-    def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int, config: object = None) -> Publisher:
+    def bind(cls, ctx: zmq.Context[Any], endpoint: str, send_hwm: int, config: object = None,
+             keys: CurveKeys | None = None) -> Publisher:
+        """Bound as `runner.publish` says: beyond loopback only with the cluster's CURVE keys (then a
+        CURVE server, on loopback too)."""
         # A plain (not asyncio) socket: a PUB send with NOBLOCK never waits, so nothing is gained by
         # awaiting it, and the hot path stays a direct call.
-        refuse_unsecured(endpoint, "runner.publish", None, config, "PUB socket")  # no CURVE in the services yet
         sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.PUB)
         configure_socket(sock, sndhwm=send_hwm)
         try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as e:
+            bind_secured(sock, endpoint, "runner.publish", keys, config, "PUB socket")
+        except BindError:
             sock.close(linger=0)
-            raise BindError("runner.publish", endpoint, str(e), config, "PUB socket") from e
+            raise
         return cls(sock, endpoint)
 
     def close(self, linger_ms: int = 0) -> None:
@@ -119,6 +122,19 @@ class Publisher:
         return self.send(encode_heartbeat_frames(hb))
 
 
+class ChunkAppender(Protocol):
+    """Where a run's events go after the local journal and before the PUB socket (cluster mode: the
+    event stream, runner_svc/streamed.py). `append` returns once they are acknowledged; it raises
+    JournalFenced when another writer has taken the run, ServiceUnavailable when it gives up."""
+
+    @property
+    def pending_end(self) -> int: ...  # the last seq of a chunk whose append was cut off (0: none)
+
+    async def append(self, events: Sequence[Event]) -> None: ...
+
+    async def mirror(self, writer: JournalWriter) -> None: ...  # after a fence: the journal made the stream's copy
+
+
 class RunJournal:
     """A run's journal writer plus publication: `emit` (one event) or `emit_many` (a batch, one write)
     appends, waits until the events are as durable as configured, then publishes every event up to them
@@ -130,9 +146,12 @@ class RunJournal:
     It also keeps which stages (and fan-out items) have started and not ended, so whoever writes the
     run's end can end them first, whatever way the run ends."""
 
-    def __init__(self, writer: JournalWriter, publisher: Publisher) -> None:
+    def __init__(self, writer: JournalWriter, publisher: Publisher, stream: ChunkAppender | None = None) -> None:
         self.writer = writer
         self.publisher = publisher
+        # cluster mode: every batch goes journal -> stream (acknowledged) -> PUB; None on one host
+        self.stream = stream
+        self._stream_turn = anyio.Lock()  # one append to the stream at a time, in seq order
         self.released = False
         self.fenced = False
         self.on_fenced: Callable[[str], None] = lambda why: None
@@ -175,6 +194,8 @@ class RunJournal:
                 self._open[key] = None
             else:
                 self._open.pop(key, None)
+        if self.stream is not None:
+            return await self._emit_streamed(events)
         last = events[-1].seq
         if self._flush_only and not self._pending:
             # flush mode: the lines are in the OS once append returns; nothing to wait for, nothing queued
@@ -193,6 +214,48 @@ class RunJournal:
             self.publisher.publish_events(ready)
             self.published_seq = ready[-1].seq
         return events
+
+    async def _emit_streamed(self, events: list[Event]) -> list[Event]:
+        """Cluster mode: the batch is in the journal; once durable, it (with whatever is queued before
+        it) goes to the event stream, and only once the stream has acknowledged it, to the PUB socket.
+        Queued events leave the queue only when acknowledged, so an append cut off (cancelled) is sent
+        again by the next one, the same chunk first (the same message ids: no duplicate)."""
+        assert self.stream is not None
+        last = events[-1].seq
+        self._pending.extend(events)
+        if not self._flush_only:
+            await self.writer.wait_durable(last)
+        async with self._stream_turn:
+            pending = self._pending
+            if self.released or not pending or pending[0].seq > last:
+                return [] if self.released else events  # released meanwhile, or sent by an earlier turn
+            # flush mode: every queued line is in the OS; fsync mode: up to ours (and a cut-off chunk's)
+            upto = self.writer.last_seq if self._flush_only else max(last, self.stream.pending_end)
+            ready = [ev for ev in pending if ev.seq <= upto]
+            try:
+                await self.stream.append(ready)
+            except JournalFenced as e:
+                self._on_stream_fence(e)
+                return []
+            except (ServiceUnavailable, JournalError) as e:  # the runner stopping, or a chunk refused
+                self.released = True
+                pending.clear()
+                log.error("run %s: events from seq %d not in the event stream: %s; writing and publishing nothing "
+                          "more for the run, stopping its stages", self.run_id, ready[0].seq, e)
+                self.on_fenced(f"its events cannot be appended to the event stream: {e}")
+                return []
+            for _ in ready:
+                pending.popleft()
+            self.publisher.publish_events(ready)
+            self.published_seq = ready[-1].seq
+        return events
+
+    def _on_stream_fence(self, e: JournalFenced) -> None:
+        log.error("run %s: %s; publishing and writing nothing more for it, stopping its stages", self.run_id, e)
+        self.released = self.fenced = True
+        self._pending.clear()
+        self.on_fenced("fenced: another writer (the scheduler, declaring this runner lost?) appended to the run's "
+                       "event stream")
 
     def _on_fence(self, e: JournalFenced) -> None:
         log.error("%s; publishing and writing nothing more for run %s, stopping its stages", e, self.run_id)

@@ -8,18 +8,19 @@ alone (another live runner on this host may own them)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from shared.errors import JournalError
+from shared.errors import JournalError, ServiceUnavailable
 from shared.events import PIPELINE_STAGE, Event
 from shared.fence import restore_fences
 from shared.journal import JournalReader, JournalWriter, journal_path, list_run_ids
 from shared.procs import StageProcess, is_alive, kill_processes, kill_run_processes, run_processes
 from shared.runstate import fold, open_stages
 
-from .publish import Publisher, RunJournal
+from .publish import ChunkAppender, Publisher, RunJournal
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ def end_processes_of_ended_runs(journal_dir: Path, home: Path) -> list[int]:
 async def recover_interrupted_runs(
     journal_dir: Path, home: Path, runner_id: str, tz: ZoneInfo, publisher: Publisher,
     durability: str = "flush", group_commit_ms: float = 5.0,
+    take_over: Callable[[JournalWriter], Awaitable[ChunkAppender]] | None = None,
 ) -> list[Recovered]:
+    """`take_over` (cluster mode): a run's journal brought level with the event stream, and its
+    appender there; the run's end then goes to the stream too. A run the stream has ended already
+    (the scheduler declared this runner lost) is not recovered: its end is the scheduler's."""
     restored = restore_fences(journal_dir)
     if restored:
         log.warning("finished or undid %d journal fence(s) a process died in: %s", len(restored), ", ".join(restored))
@@ -88,7 +93,15 @@ async def recover_interrupted_runs(
         except JournalError as e:
             log.warning("run %s: interrupted run of this runner not recovered now: %s", run_id, e)
             continue
-        journal = RunJournal(writer, publisher)
+        stream = None
+        if take_over is not None:
+            try:
+                stream = await take_over(writer)
+            except (JournalError, ServiceUnavailable) as e:
+                writer.close()
+                log.warning("run %s: interrupted run of this runner not recovered now: %s", run_id, e)
+                continue
+        journal = RunJournal(writer, publisher, stream)
         try:
             if writer.ended:
                 continue  # ended by someone else between our read and the lock

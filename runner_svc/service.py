@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import socket
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -17,6 +19,7 @@ from anyio.abc import TaskStatus
 
 from shared import __version__
 from shared.config import Settings
+from shared.curve import CurveAuthenticator, load_keys
 from shared.dispatch import (
     CancelRun,
     DispatchRun,
@@ -28,7 +31,7 @@ from shared.dispatch import (
     encode as encode_dispatch,
     from_scheduler_decoder,
 )
-from shared.errors import BadParams, JournalError, RunwireError, UnknownPipeline
+from shared.errors import BadParams, JournalError, RunwireError, ServiceUnavailable, UnknownPipeline
 from shared.events import PIPELINE_STAGE, now_timestamp
 from shared.ids import check_run_id
 from shared.journal import JournalWriter, stats_fields as journal_stats_fields
@@ -39,9 +42,12 @@ from shared.wire import Heartbeat, RecentlyEnded, configure_socket
 
 from .control import RunnerControl
 from .execute import RunExecution
-from .publish import Publisher, RunJournal
+from .publish import ChunkAppender, Publisher, RunJournal
 from .recovery import recover_interrupted_runs
 from .report import RunReport, write_report
+
+if TYPE_CHECKING:
+    from .clusterlink import ClusterLink
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ class RunnerService:
         self.recently_ended = RecentlyEnded(path=settings.state_dir / f"recently-ended.runner.{self.runner_id}.json")
         self.shutting_down = False
         self.publisher: Publisher | None = None
+        self.link: ClusterLink | None = None  # cluster mode: the event stream and the runner registry
         self._dispatch: zmq.asyncio.Socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.dispatch_dropped = 0
@@ -97,16 +104,26 @@ class RunnerService:
         log.info("runner %s (pid %d) starting: config %s", self.runner_id, os.getpid(), s.path)
         log.info("journal directory %s", s.journal_dir)
         await anyio.to_thread.run_sync(lambda: s.journal_dir.mkdir(parents=True, exist_ok=True))
+        keys = load_keys(s)  # [cluster.curve]: the PUB and control sockets are CURVE servers
         ctx = zmq.asyncio.Context()
         try:
-            async with anyio.create_task_group() as tg:
+            async with AsyncExitStack() as stack:
+                if s.config.cluster is not None:  # nothing of cluster mode is imported without it
+                    from .clusterlink import ClusterLink
+
+                    # entered first, left last: the stream stays open until every run has ended
+                    self.link = await stack.enter_async_context(ClusterLink(s, self.runner_id))
+                if keys is not None:  # ZAP: only clients presenting the cluster's pair get in
+                    stack.enter_context(CurveAuthenticator(zmq.Context(shadow=ctx.underlying), keys))
+                tg = await stack.enter_async_context(anyio.create_task_group())
                 self._tg = tg
-                self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path)
-                log.info("bound PUB %s (SNDHWM %d)", self.cfg.publish, self.cfg.send_hwm)
-                control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended)
+                self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path, keys)
+                log.info("bound PUB %s (SNDHWM %d%s)", self.cfg.publish, self.cfg.send_hwm, ", CURVE" if keys else "")
+                control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended, keys)
                 await tg.start(control.run, ctx)
                 recovered = await recover_interrupted_runs(
                     s.journal_dir, s.home, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
+                    self.link.take_over if self.link is not None else None,
                 )
                 if recovered:
                     log.warning("recovered %d interrupted run(s): %s", len(recovered), ", ".join(r.run_id for r in recovered))
@@ -116,6 +133,8 @@ class RunnerService:
                 for r in recovered:  # the scheduler learns of each as an ordinary end
                     await self._send(RunFinished(runner_id=self.runner_id, run_id=r.run_id, attempt=r.attempt, outcome="failure"))
                 tg.start_soon(self._heartbeat_loop)
+                if self.link is not None:
+                    tg.start_soon(self.link.registry_loop)
                 task_status.started()
         finally:
             if self.publisher is not None:
@@ -131,6 +150,12 @@ class RunnerService:
         log.info("cancelling %d active run(s) before stopping", len(self.runs))
         self.shutting_down = True
         await self._cancel_all(SHUTDOWN_REASON)
+        if self.link is not None and self.runs:
+            # runs still waiting for the event stream (no quorum): their appends stop, their events stay
+            # in the local journals (a restarted runner appends them; or the scheduler ends the runs)
+            log.error("runner stopping with %d run(s) still waiting for the event stream: %s", len(self.runs),
+                      ", ".join(self.runs))
+            self.link.stop_switch.throw()
 
     async def _cancel_all(self, reason: str) -> None:
         runs = list(self.runs.values())
@@ -271,16 +296,20 @@ class RunnerService:
             return await self._reject(msg, f"{e} (runner config {s.path})")
         except RunwireError as e:  # an invalid run id: the reason goes back to the scheduler
             return await self._reject(msg, str(e))
+        stream: ChunkAppender | None = None
         try:
-            writer = await anyio.to_thread.run_sync(  # open, lock and repair: file work, off the loop
-                JournalWriter.open, s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
-        except JournalError as e:
+            if self.link is None:
+                writer = await anyio.to_thread.run_sync(  # open, lock and repair: file work, off the loop
+                    JournalWriter.open, s.journal_dir, msg.run_id, s.tz, self.cfg.durability, self.cfg.group_commit_ms)
+            else:  # the journal brought level with the event stream, and the run's appender there
+                writer, stream = await self.link.open_run(s.journal_dir, msg.run_id, s.tz)
+        except (JournalError, ServiceUnavailable) as e:
             return await self._reject(msg, str(e))
         if writer.ended:
             writer.close()
             return await self._reject(msg, f"run {msg.run_id} has already ended (journal {writer.path})")
         assert self.publisher is not None
-        journal = RunJournal(writer, self.publisher)
+        journal = RunJournal(writer, self.publisher, stream)
         try:
             ev = await journal.emit(
                 PIPELINE_STAGE, "start", f"{msg.pipeline} started on runner {self.runner_id} (attempt {msg.attempt})",
@@ -356,6 +385,15 @@ class RunnerService:
             log.warning("run %s: stage %s%s was still open at the run's end: ended %s", run.run_id, stage,
                         f" [{item}]" if item else "", outcome)
 
+    async def _mirror(self, run: ActiveRun) -> None:
+        """Cluster mode, fenced: the local journal made to say what the event stream says."""
+        assert run.journal.stream is not None
+        try:
+            await run.journal.stream.mirror(run.journal.writer)
+        except (JournalError, ServiceUnavailable) as e:
+            log.error("run %s: fenced, and its local journal %s not made the event stream's copy: %s (the stream is "
+                      "the run's record)", run.run_id, run.journal.writer.path, e)
+
     async def _finish(self, run: ActiveRun, outcome: str, msg: str) -> None:
         journal = run.journal
         try:
@@ -363,6 +401,8 @@ class RunnerService:
             if journal.released:
                 log.info("run %s: %s; journal closed without a terminal event of ours (no RunFinished)", run.run_id,
                          "fenced" if journal.fenced else "released")
+                if journal.fenced and journal.stream is not None:
+                    await self._mirror(run)
                 return
             await self._end_open_stages(run, outcome, msg)
             # the report first, so whoever sees the terminal event finds the report in place

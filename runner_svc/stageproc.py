@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 64 * 1024  # a longer "line" is cut into pieces of this size
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a longer ctx message (no newline in sight) is skipped with a note
 DRAIN_TIMEOUT = 5.0  # seconds to read what is left in the pipes after the process group ended
+# (time spent in the handlers does not count: a journal or event stream that holds a batch up, e.g.
+# JetStream without quorum in cluster mode, must not cut the stage's last output off)
 
 RECV_BYTES = 64 * 1024
 MAX_BATCH_BYTES = 1024 * 1024  # read per wake-up at most, so one batch never holds up the loop for long
@@ -33,6 +35,41 @@ MAX_BATCH_BYTES = 1024 * 1024  # read per wake-up at most, so one batch never ho
 LinesHandler = Callable[[str, list[str]], Awaitable[None]]  # (stream, the lines of one read)
 MessagesHandler = Callable[[Sequence[StageMessage]], Awaitable[None]]  # the messages of one wake-up, in order
 NoteHandler = Callable[[str], Awaitable[None]]
+
+
+class _DrainDeadline:
+    """The readers' deadline once the stage has ended, paused while a handler is busy."""
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.busy = 0
+        self._left = DRAIN_TIMEOUT
+
+    def start(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+        self._left = DRAIN_TIMEOUT
+        scope.deadline = float("inf") if self.busy else anyio.current_time() + DRAIN_TIMEOUT
+
+    def _enter(self) -> None:
+        self.busy += 1
+        scope = self.scope
+        if self.busy == 1 and scope is not None:
+            self._left = max(scope.deadline - anyio.current_time(), 0.0)
+            scope.deadline = float("inf")
+
+    def _leave(self) -> None:
+        self.busy -= 1
+        if self.busy == 0 and self.scope is not None:
+            self.scope.deadline = anyio.current_time() + self._left
+
+    def paused(self, handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def call(*args: object) -> None:
+            self._enter()
+            try:
+                await handler(*args)
+            finally:
+                self._leave()
+        return call
 
 
 @dataclass
@@ -102,6 +139,8 @@ async def run_process(
     """Run argv in a new session; feed output lines and stage messages to the handlers, in batches
     (what one read brought); return how it ended. Cancellation ends the process group (shielded) and propagates."""
     _refuse_nul(argv, env)
+    drain = _DrainDeadline()
+    on_lines, on_messages, on_note = drain.paused(on_lines), drain.paused(on_messages), drain.paused(on_note)
     parent_sock, child_sock = socket.socketpair()
     parent_sock.setblocking(False)
     env = {**env, STAGE_FD_ENV: str(child_sock.fileno())}
@@ -269,7 +308,7 @@ async def run_process(
                     await on_note("the stage process exited but left processes in its group: they were ended")
             result.returncode = proc.returncode
             # the readers end at EOF; a process outside the group holding a pipe must not hang the stage
-            readers.cancel_scope.deadline = anyio.current_time() + DRAIN_TIMEOUT
+            drain.start(readers.cancel_scope)
         if readers.cancel_scope.cancelled_caught:
             await on_note(f"output still open {DRAIN_TIMEOUT:g}s after the stage ended "
                           "(held by a process outside its group): stopped reading")

@@ -4,9 +4,12 @@ a run's journal lines appended in chunks, each chunk once, each writer fenced, r
 - Subject `runwire.ev.<run_id>`, with the run id's dots written `~` (a dot would split the subject
   into tokens, and `a..b`, a valid run id, would be an invalid subject).
 - One message per chunk of consecutive journal lines, the payload exactly those lines (the journal
-  format, so the reader uses shared.events' decoder). Its message id `<run_id>:<first>-<last>` makes a
-  retried publish a duplicate the server drops (within DUPLICATE_WINDOW_S; past it the writer checks
-  the run's last chunk).
+  format, so the reader uses shared.events' decoder). Its message id `<run_id>:<first>-<last>`, with
+  `@<writer_id>` when the writer has one, makes a retried publish a duplicate the server drops (within
+  DUPLICATE_WINDOW_S; past it the writer checks the run's last chunk). Writers that may append the
+  same seqs (a runner, and the scheduler ending that runner's run) must have distinct writer ids: the
+  server drops a message whose id it has seen before it checks the fence, so the second writer's
+  chunk would pass as a duplicate of the first's instead of being fenced.
 - Every append carries the expected-last-subject-sequence header: the stream sequence of the run's
   last chunk as this writer knows it. A writer that is behind (another writer, e.g. the scheduler
   ending the run of a runner it declared lost, appended since) is refused: JournalFenced.
@@ -41,8 +44,9 @@ STREAM_NAME = "RUNWIRE_EVENTS"
 SUBJECT_PREFIX = "runwire.ev."
 DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-*-sequence check
+DUPLICATE_IN_PROCESS = 10158  # JetStream's: a message with this id is being stored right now
 _HEADER_ROOM = 512  # bytes kept free of a message's max payload for its headers
-_MSG_ID_RE = re.compile(r"^(?P<run>.+):(?P<first>\d+)-(?P<last>\d+)$")
+_MSG_ID_RE = re.compile(r"^(?P<run>[^:@]+):(?P<first>\d+)-(?P<last>\d+)(?:@(?P<writer>.+))?$")
 
 # a publish or read that may succeed when tried again: no leader yet, a node down, a reconnect
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -51,13 +55,22 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     nats.js.errors.ServiceUnavailableError, TimeoutError,
 )
 
+_TRANSIENT_OR_REFUSED: tuple[type[BaseException], ...] = (*_TRANSIENT, nats.js.errors.APIError)
+
+
+def _in_process(e: BaseException) -> bool:
+    """JetStream still processing an earlier try of this very message (a retry sent while the first is
+    in flight, e.g. after a cancel): asked again shortly, it answers as for a duplicate."""
+    return isinstance(e, nats.js.errors.APIError) and (
+        e.err_code == DUPLICATE_IN_PROCESS or "duplicate message id is in process" in (e.description or ""))
+
 
 def run_subject(run_id: str) -> str:
     return SUBJECT_PREFIX + check_run_id(run_id).replace(".", "~")
 
 
-def chunk_msg_id(run_id: str, first_seq: int, last_seq: int) -> str:
-    return f"{run_id}:{first_seq}-{last_seq}"
+def chunk_msg_id(run_id: str, first_seq: int, last_seq: int, writer_id: str = "") -> str:
+    return f"{run_id}:{first_seq}-{last_seq}" + (f"@{writer_id}" if writer_id else "")
 
 
 def chunk_range(msg_id: str | None) -> tuple[int, int] | None:
@@ -96,11 +109,23 @@ class EventStream:
         self.retry_for = retry_for  # how long a request is tried again while JetStream has no leader
 
     @classmethod
-    async def connect(cls, cluster: ClusterConfig, *, name: str = STREAM_NAME, request_timeout: float = 5.0) -> EventStream:
+    async def connect(cls, cluster: ClusterConfig, *, name: str = STREAM_NAME, request_timeout: float = 5.0,
+                      connect_wait: float = 5.0) -> EventStream:
+        """Connected to one of the servers, or ServiceUnavailable after `connect_wait` seconds of trying
+        (the client itself would try forever). Once connected, it reconnects without end."""
         servers = list(cluster.nats)
+        errors_seen = 0
+        last_error_log = float("-inf")
 
         async def on_error(e: Exception) -> None:
-            log.warning("NATS (cluster.nats): %s: %s", type(e).__name__, e)
+            # every failed try calls this (5 a second while a server is away): said once per 10 s
+            nonlocal errors_seen, last_error_log
+            errors_seen += 1
+            now = time.monotonic()
+            if now - last_error_log >= 10.0:
+                more = f" ({errors_seen - 1} more since the last report)" if errors_seen > 1 else ""
+                log.warning("NATS (cluster.nats): %s: %s%s", type(e).__name__, e, more)
+                errors_seen, last_error_log = 0, now
 
         async def on_disconnect() -> None:
             if nc.is_closed:  # our own close(), not a lost server
@@ -110,13 +135,19 @@ class EventStream:
         async def on_reconnect() -> None:
             log.info("NATS (cluster.nats): reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
+        nc = Nats()
         try:
-            nc = await nats.connect(servers=servers, name="runwire", connect_timeout=2, allow_reconnect=True,
-                                    max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=on_error,
-                                    disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
-        except (OSError, nats.errors.Error) as e:
+            with anyio.fail_after(connect_wait):
+                await nc.connect(servers=servers, name="runwire", connect_timeout=2, allow_reconnect=True,
+                                 max_reconnect_attempts=-1, error_cb=on_error,
+                                 reconnect_time_wait=0.2,  # type: ignore[arg-type]  # typed int, used as seconds
+                                 disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            with anyio.CancelScope(shield=True):
+                await nc.close()
+            why = f"no answer in {connect_wait:g}s" if isinstance(e, TimeoutError) else f"{type(e).__name__} {e}"
             raise ServiceUnavailable(f"NATS servers {', '.join(servers)} (key `cluster.nats`) cannot be reached: "
-                                     f"{type(e).__name__} {e}") from e
+                                     f"{why}") from e
         return cls(nc, servers, name=name, replicas=cluster.stream_replicas,
                    max_age_s=float(parse_duration(cluster.stream_max_age)), request_timeout=request_timeout)
 
@@ -197,11 +228,13 @@ class EventStream:
             span = (events[0].seq, events[-1].seq) if events else (0, 0)
         return int(msg.seq), span[1]
 
-    async def writer(self, run_id: str, *, new: bool = False, retry_for: float = 30.0) -> RunWriter:
+    async def writer(self, run_id: str, *, new: bool = False, retry_for: float = 30.0, writer_id: str = "") -> RunWriter:
         """The appender of one run. `new`: the run has no events yet (no round trip to find its last
-        chunk; if someone else wrote one, the first append is fenced)."""
+        chunk; if someone else wrote one, the first append is fenced). `writer_id` (e.g.
+        "runner:<id>"): in the chunks' message ids, so another writer's chunk of the same seqs is not
+        taken for a duplicate of this one's (see the module's notes)."""
         fence, last_seq = (0, 0) if new else await self.last_chunk(run_id)
-        return RunWriter(self, run_id, fence, last_seq, retry_for=retry_for)
+        return RunWriter(self, run_id, fence, last_seq, retry_for=retry_for, writer_id=writer_id)
 
     async def replay(self, run_id: str, after_seq: int = 0, *, timeout: float = 10.0) -> AsyncGenerator[list[Event], None]:
         """The run's events after `after_seq`, chunk by chunk, up to the last chunk there was when the
@@ -246,8 +279,12 @@ class RunWriter:
     """Appends one run's events in chunks. `fence` is the stream sequence of the run's last chunk as
     this writer knows it; `last_seq` its last event seq."""
 
-    def __init__(self, stream: EventStream, run_id: str, fence: int, last_seq: int, *, retry_for: float = 30.0) -> None:
+    def __init__(self, stream: EventStream, run_id: str, fence: int, last_seq: int, *, retry_for: float = 30.0,
+                 writer_id: str = "") -> None:
+        if "@" in writer_id or ":" in writer_id:
+            raise ValueError(f"writer id {writer_id!r}: no '@' or ':'")
         self.stream = stream
+        self.writer_id = writer_id
         self.run_id = run_id
         self.subject = run_subject(run_id)
         self.fence = fence
@@ -278,7 +315,7 @@ class RunWriter:
 
     async def _publish(self, first: int, payload: bytes, count: int) -> None:
         last = first + count - 1
-        msg_id = chunk_msg_id(self.run_id, first, last)
+        msg_id = chunk_msg_id(self.run_id, first, last, self.writer_id)
         headers = {Header.MSG_ID.value: msg_id, Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(self.fence)}
         deadline = time.monotonic() + self.retry_for
         delay = 0.02
@@ -300,7 +337,10 @@ class RunWriter:
                 return
             except nats.errors.ConnectionClosedError as e:
                 raise ServiceUnavailable(f"event stream: run {self.run_id}: the NATS connection is closed") from e
-            except _TRANSIENT as e:
+            except _TRANSIENT_OR_REFUSED as e:
+                if not isinstance(e, _TRANSIENT) and not _in_process(e):
+                    raise JournalError(f"event stream: run {self.run_id}: chunk {msg_id} refused: "
+                                       f"{getattr(e, 'description', e)}") from e
                 if time.monotonic() + delay > deadline:
                     raise ServiceUnavailable(f"event stream: run {self.run_id}: chunk {msg_id} not acknowledged in "
                                              f"{self.retry_for:g}s (last: {type(e).__name__} {e})") from e
@@ -310,8 +350,6 @@ class RunWriter:
                                 msg_id, type(e).__name__, self.retry_for)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-            except nats.js.errors.APIError as e:
-                raise JournalError(f"event stream: run {self.run_id}: chunk {msg_id} refused: {e.description}") from e
         if ack.duplicate:
             self.duplicates += 1
         self.fence, self.last_seq = ack.seq, last

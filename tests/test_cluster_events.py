@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-from runwire_cluster.events import EventStream, chunk_msg_id, decode_chunk, run_subject
+from runwire_cluster.events import EventStream, chunk_msg_id, chunk_range, decode_chunk, run_subject
 from shared.config import ClusterConfig
 from shared.errors import JournalError, JournalFenced
 from shared.events import Event, event_to_json_line
@@ -99,6 +99,32 @@ async def test_a_stale_writer_is_fenced(nats_cluster: NatsCluster) -> None:  # n
         with pytest.raises(JournalFenced):
             await (await stream.writer(run_id, new=True)).append(make_events(run_id, 1, 1))
         assert await stream.read(run_id) == [*events, end]
+
+
+async def test_writers_with_distinct_ids_are_fenced_even_on_the_same_seqs(nats_cluster: NatsCluster) -> None:  # noqa: F811
+    """The server drops a message whose id it has seen before checking the fence: a runner's chunk of
+    exactly the seqs the scheduler just wrote must not pass as a duplicate of it."""
+    run_id = new_run_id("ids")
+    events = make_events(run_id, 1, 3)
+    async with event_stream(nats_cluster) as stream:
+        runner = await stream.writer(run_id, new=True, writer_id="runner.r1")
+        await runner.append(events)
+        scheduler = await stream.writer(run_id, writer_id="scheduler.s1")
+        end = Event(run_id=run_id, seq=4, timestamp="2026-01-01T00:00:01.000000+00:00", stage="pipeline",
+                    event="failure", msg="runner lost")
+        await scheduler.append([end])
+        with pytest.raises(JournalFenced):
+            await runner.append(make_events(run_id, 4, 1))  # the same seq 4: another id, so fenced
+        assert runner.duplicates == 0
+        assert await stream.read(run_id) == [*events, end]
+        # the runner's own retry (the same writer id) is still a duplicate, not a fence
+        again = await stream.writer(run_id, new=True, writer_id="runner.r1")
+        await again.append(events)
+        assert again.duplicates == 1
+    assert chunk_range(chunk_msg_id(run_id, 4, 9, "runner.r1")) == (4, 9)
+    assert chunk_range("r.1:1-100") == (1, 100)
+    with pytest.raises(ValueError, match="writer id"):
+        await EventStream.writer(stream, run_id, new=True, writer_id="a@b")
 
 
 @pytest.mark.timeout(180)

@@ -16,7 +16,16 @@ import anyio
 import msgspec
 
 from ..errors import JournalBusy, JournalError, JournalFenced, RunEnded
-from ..events import PIPELINE_STAGE, TERMINAL_KINDS, Event, EventDraft, is_valid_stage_name, json_encoder, now_timestamp
+from ..events import (
+    PIPELINE_STAGE,
+    TERMINAL_KINDS,
+    Event,
+    EventDraft,
+    is_valid_stage_name,
+    json_decoder,
+    json_encoder,
+    now_timestamp,
+)
 from .files import BISECT_WINDOW, Durability, fsync_path, journal_path, log, stats
 from .reader import JournalReader
 
@@ -191,6 +200,55 @@ class JournalWriter:
         self.last_seq = seq
         self.ended = ended
         return events
+
+    def append_copied(self, events: Sequence[Event]) -> None:
+        """Write events another writer journaled elsewhere (cluster mode: the scheduler's `queued`, read
+        from the event stream) as they are: seqs and timestamps unchanged, one write. They must be this
+        run's and continue this journal (seq last + 1, consecutive); nothing after a terminal one."""
+        if self._fd is None:
+            raise JournalError(f"journal {self.path} is closed")
+        if not events:
+            return
+        seq, ended = self.last_seq, self.ended
+        for ev in events:
+            if ev.run_id != self.run_id or ev.seq != seq + 1 or ended:
+                raise JournalError(f"journal {self.path}: copied event {ev.run_id} seq {ev.seq} does not continue "
+                                   f"run {self.run_id} at seq {seq}{' (after its terminal event)' if ended else ''}; "
+                                   "none of them written")
+            if not is_valid_stage_name(ev.stage):
+                raise JournalError(f"journal {self.path}: copied event seq {ev.seq} has an invalid stage name {ev.stage!r}")
+            seq, ended = ev.seq, ev.is_terminal
+        self._write(_encode_lines(list(events)))
+        if not self.owns_path():
+            self.fenced = True
+            raise JournalFenced(f"run {self.run_id}: {self.path} no longer names the file this writer holds (fenced)")
+        self.last_seq, self.ended = seq, ended
+
+    def discard_after(self, seq: int) -> int:
+        """Cut the journal back to event `seq`: cluster mode, where lines this writer journaled were
+        refused by the event stream (another writer had taken the run, fenced) and must not stay as
+        the run's. Returns the bytes cut."""
+        if self._fd is None:
+            raise JournalError(f"journal {self.path} is closed")
+        if seq >= self.last_seq:
+            return 0
+        pos = JournalReader(self.path, self.run_id).offset_after(seq)
+        with open(self.path, "rb") as f:
+            f.seek(pos)
+            for line in f:
+                try:
+                    line_seq = json_decoder.decode(line).seq
+                except msgspec.DecodeError as e:
+                    raise JournalError(f"journal {self.path}: a bad line at byte {pos} while cutting back to seq {seq}: {e}") from e
+                if line_seq > seq:
+                    break
+                pos += len(line)
+        size = os.fstat(self._fd).st_size
+        os.ftruncate(self._fd, pos)
+        self.last_seq = self._synced_seq = seq
+        self.ended = False
+        log.warning("journal %s: cut back to seq %d (%d bytes): not acknowledged by the event stream", self.path, seq, size - pos)
+        return size - pos
 
     def _check_stage(self, stage: str) -> None:
         if not is_valid_stage_name(stage):

@@ -1,0 +1,179 @@
+"""The runner's connections in cluster mode (loaded only with `[cluster]`): the event stream (NATS
+JetStream), opened before the runner serves and closed after its last run has ended, and the runner
+registry (PostgreSQL), where the runner registers its PUB and control endpoints and capacity and then
+heartbeats. A registry that cannot be reached is logged loudly and tried again; it never stops the
+runner (its runs go on streaming through JetStream)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+import anyio
+import asyncpg
+
+from runwire_cluster.events import EventStream
+from runwire_cluster.state import ClusterState
+from shared.config import ClusterConfig, Settings
+from shared.errors import ServiceUnavailable
+from shared.journal import JournalWriter
+
+from .streamed import StopSwitch, StreamAppender, open_local_journal, take_over_run
+
+log = logging.getLogger(__name__)
+
+CONNECT_RETRY_S = 2.0  # between two tries to reach NATS at start
+_WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "::", "[::]"})
+
+
+def reachable_endpoint(endpoint: str) -> str:
+    """The endpoint as other hosts reach it: a wildcard bind (tcp://*:5556, tcp://0.0.0.0:5556) names
+    this host by its fully qualified name; any other endpoint is given as configured."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+    if sep and host in _WILDCARD_HOSTS:
+        return f"tcp://{socket.getfqdn()}:{port}"
+    return endpoint
+
+
+def _nats_where(cluster: ClusterConfig) -> str:
+    return ", ".join(urlsplit(u).netloc.rsplit("@", 1)[-1] for u in cluster.nats)
+
+
+class ClusterLink:
+    """An async context manager: entering connects to the event stream (trying again, loudly, until it
+    answers); `registry_loop` (a task of the service's group) keeps the registry entry; leaving
+    removes the entry (a clean stop: gateways let the runner go) and closes both connections."""
+
+    def __init__(self, settings: Settings, runner_id: str) -> None:
+        assert settings.config.cluster is not None
+        self.cluster = settings.config.cluster
+        self.cfg = settings.config.runner
+        self.runner_id = runner_id
+        self.publish = reachable_endpoint(self.cfg.publish)
+        self.control = reachable_endpoint(self.cfg.control)
+        self.stream: EventStream | None = None
+        self.state: ClusterState | None = None
+        self.registered = False
+        self.heartbeats = 0
+        self.stop_switch = StopSwitch()  # thrown once the runner stops waiting for its runs' appends
+
+    async def __aenter__(self) -> Self:
+        self.stream = await self._connect_stream()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        with anyio.CancelScope(shield=True):
+            if self.state is not None:
+                await self._leave(self.state)
+            if self.stream is not None:
+                await self.stream.close()
+
+    async def _connect_stream(self) -> EventStream:
+        since = time.monotonic()
+        while True:
+            try:
+                stream = await EventStream.connect(self.cluster)
+            except ServiceUnavailable as e:
+                log.error("runner %s: event stream: %s; trying again in %gs (runs cannot be taken before it answers; "
+                          "waiting %.0fs so far)", self.runner_id, e, CONNECT_RETRY_S, time.monotonic() - since)
+                await anyio.sleep(CONNECT_RETRY_S)
+                continue
+            try:
+                await stream.ensure()
+            except ServiceUnavailable as e:
+                log.error("runner %s: event stream: %s; trying again", self.runner_id, e)
+                await stream.close()
+                await anyio.sleep(CONNECT_RETRY_S)
+                continue
+            except BaseException:
+                await stream.close()
+                raise
+            log.info("event stream %s on NATS %s", stream.name, _nats_where(self.cluster))
+            return stream
+
+    # ---------------------------------------------------------------------------------- registry
+
+    async def registry_loop(self) -> None:
+        """Register, then heartbeat every runner.heartbeat_interval; register again if the entry was
+        removed (e.g. a scheduler declared this runner lost). The database away: logged, tried again."""
+        interval = self.cfg.heartbeat_interval
+        failing_since: float | None = None
+        last_error_log = float("-inf")
+        while True:
+            try:
+                await self._beat()
+                if failing_since is not None:
+                    log.warning("runner registry %s: reachable again after %.0fs; runner %s registered",
+                                self._where(), time.monotonic() - failing_since, self.runner_id)
+                    failing_since = None
+            except (ServiceUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - last_error_log >= 10.0:  # loud, but not a line per heartbeat
+                    last_error_log = now
+                    log.error("runner registry %s: runner %s cannot register or heartbeat (for %.0fs): %s: %s; "
+                              "trying again every %gs (its runs go on)", self._where(), self.runner_id,
+                              now - failing_since, type(e).__name__, e, interval)
+            await anyio.sleep(interval)
+
+    def _where(self) -> str:
+        return self.state.where if self.state is not None else "(cluster.state)"
+
+    async def _beat(self) -> None:
+        if self.state is None:
+            self.state = await ClusterState.connect(self.cluster, min_size=1, max_size=2)
+        state = self.state
+        if self.registered:
+            if await state.runner_heartbeat(self.runner_id):
+                self.heartbeats += 1
+                return
+            log.warning("runner registry %s: runner %s is no longer registered (removed as lost?): registering again",
+                        state.where, self.runner_id)
+            self.registered = False
+        await state.migrate()  # the registry's table, whichever service reached the database first
+        await state.register_runner(self.runner_id, self.publish, self.control, self.cfg.capacity)
+        self.registered = True
+        log.info("runner registry %s: registered runner %s (publish %s, control %s, capacity %d)", state.where,
+                 self.runner_id, self.publish, self.control, self.cfg.capacity)
+
+    async def _leave(self, state: ClusterState) -> None:
+        try:
+            with anyio.fail_after(3.0):
+                if self.registered:
+                    await state.remove_runner(self.runner_id)
+                    log.info("runner registry %s: runner %s removed (stopping)", state.where, self.runner_id)
+        except (TimeoutError, ServiceUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("runner registry %s: runner %s not removed at its stop (%s: %s): it ages out by its heartbeat",
+                        state.where, self.runner_id, type(e).__name__, e)
+        finally:
+            with anyio.move_on_after(3.0):
+                await state.close()
+
+    # -------------------------------------------------------------------------------------- runs
+
+    async def open_run(self, journal_dir: Path, run_id: str, tz: ZoneInfo) -> tuple[JournalWriter, StreamAppender]:
+        """A dispatched run's local journal (made here if this host has none yet) brought level with
+        the event stream, and its appender there. JournalError, ServiceUnavailable: not taken."""
+        writer = await anyio.to_thread.run_sync(  # open or create, lock, repair: file work, off the loop
+            open_local_journal, journal_dir, run_id, tz, self.cfg.durability, self.cfg.group_commit_ms)
+        try:
+            return writer, await self.take_over(writer)
+        except BaseException:
+            if writer.last_seq == 0:  # made just now, and nothing to put in it: not left behind
+                writer.path.unlink(missing_ok=True)
+            writer.close()
+            raise
+
+    async def take_over(self, writer: JournalWriter) -> StreamAppender:
+        """The run's appender to the event stream, its local journal brought level with the stream."""
+        assert self.stream is not None
+        rw = await take_over_run(self.stream, writer, f"runner.{self.runner_id}")
+        return StreamAppender(rw, self.stop_switch)
