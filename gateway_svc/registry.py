@@ -18,7 +18,8 @@ import anyio
 import asyncpg
 import zmq
 
-from runwire_cluster.state import ClusterState, RunnerRecord, describe_url
+from runwire_cluster.runs import SCHEDULER_LEASE
+from runwire_cluster.state import ClusterState, describe_url
 from shared.config import Settings
 from shared.errors import ServiceUnavailable
 from shared.httpapi import RegistryHealth
@@ -69,6 +70,7 @@ class RegistryFollower:
                 # no connection floor: asyncpg would log a traceback per retry to keep one while the database is away
                 self.state = await ClusterState.connect(self.cluster, min_size=0, max_size=2)
             runners = await self.state.runners(alive_within=self.alive_within)
+            leader = await self.state.holder(SCHEDULER_LEASE)
         except (ServiceUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             self._failed(e)
             return
@@ -79,7 +81,12 @@ class RegistryFollower:
                         time.monotonic() - self.failing_since, len(runners))
         self.error = None
         self.failing_since = None
-        self.apply(sub, runners)
+        publishers = [(r.runner_id, r.publish) for r in runners]
+        if leader is not None and leader.endpoints.publish:
+            # the leading scheduler's PUB (its `queued` events and the ends it writes): followed like a
+            # runner's, and let go of at a takeover
+            publishers.append((f"scheduler {leader.holder}", leader.endpoints.publish))
+        self.apply(sub, publishers)
 
     def _failed(self, e: BaseException) -> None:
         now = time.monotonic()
@@ -91,18 +98,18 @@ class RegistryFollower:
                       "(%s); trying again every %gs", self.where, self.error, len(self.runners),
                       ", ".join(sorted(self.runners)) or "none", self.poll_interval)
 
-    def apply(self, sub: Subscription, runners: list[RunnerRecord]) -> None:
-        """Connect to the runners' PUB endpoints not followed yet; disconnect from those gone."""
+    def apply(self, sub: Subscription, publishers: list[tuple[str, str]]) -> None:
+        """Connect to the PUB endpoints (runners', by id, and the leading scheduler's) not followed yet;
+        disconnect from those gone."""
         sock = sub.sock
         connected = self.hub.connected
         wanted: dict[str, str] = {}
         refused: dict[str, str] = {}
-        for r in runners:
-            endpoint = r.publish
+        for publisher_id, endpoint in publishers:
             if not endpoint.startswith(("tcp://", "ipc://")) or len(endpoint) > 1024:
-                refused[r.runner_id] = f"PUB endpoint {endpoint[:200]!r} is not a tcp:// or ipc:// address"
+                refused[publisher_id] = f"PUB endpoint {endpoint[:200]!r} is not a tcp:// or ipc:// address"
                 continue
-            wanted[r.runner_id] = endpoint
+            wanted[publisher_id] = endpoint
         endpoints = set(wanted.values())
         for runner_id, endpoint in sorted(wanted.items()):
             if endpoint in connected:

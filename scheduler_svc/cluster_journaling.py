@@ -23,14 +23,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
-import nats.js.errors
-from nats.js.api import Header
 
-from runwire_cluster.events import WRONG_LAST_SEQUENCE, EventStream, RunWriter, decode_chunk
+from runwire_cluster.events import EventStream, RunWriter, decode_chunk
 from runwire_cluster.runs import LeaderState, RunRow
 from runwire_cluster.state import Lease
 from shared.errors import JournalError, JournalFenced
-from shared.events import PIPELINE_STAGE, Event, event_to_json_line, now_timestamp
+from shared.events import PIPELINE_STAGE, Event, now_timestamp
 from shared.journal import JournalReader, begin_run, journal_path
 from shared.runstate import fold, open_stages
 from shared.wire import RecentlyEnded
@@ -61,34 +59,6 @@ def record_from_events(events: list[Event]) -> RunRecord | None:
     if events[-1].is_terminal:
         rec.end(events[-1])
     return rec
-
-
-async def append_end(stream: EventStream, writer: RunWriter, events: list[Event]) -> None:
-    """Append the scheduler's end of a run as one chunk, fenced on `writer.fence`, under a message id of
-    its own (`<run_id>/scheduler:<first>-<last>`). The runner's next chunk covers the same seqs, and
-    under the runner's id (`<run_id>:<first>-<last>`) JetStream would take it for a retry of this one
-    and acknowledge it as a duplicate: the old runner would never learn it is fenced."""
-    first, last = events[0].seq, events[-1].seq
-    msg_id = f"{writer.run_id}/scheduler:{first}-{last}"
-    headers = {Header.MSG_ID.value: msg_id, Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(writer.fence)}
-    payload = b"".join(event_to_json_line(ev) for ev in events)
-
-    async def publish() -> int:
-        try:
-            ack = await stream.js.publish(writer.subject, payload, timeout=stream.request_timeout, stream=stream.name,
-                                          headers=dict(headers))
-            return int(ack.seq)
-        except nats.js.errors.BadRequestError as e:
-            if e.err_code != WRONG_LAST_SEQUENCE:
-                raise JournalError(f"event stream: run {writer.run_id}: chunk {msg_id} refused: {e.description}") from e
-            landed = await stream._last_msg(writer.run_id)  # our own earlier try?
-            if landed is not None and (landed.headers or {}).get(Header.MSG_ID.value) == msg_id:
-                return int(landed.seq)
-            raise JournalFenced(f"event stream: run {writer.run_id}: its runner appended while the scheduler "
-                                "was writing its end") from e
-
-    writer.fence = await stream._retrying(f"run {writer.run_id}: append its end", publish)
-    writer.last_seq = last
 
 
 class ClusterJournaling(Journaling):
@@ -206,7 +176,10 @@ class ClusterJournaling(Journaling):
         """The end through this leader's own writer, fenced on the run's last chunk (the runner that
         wrote it cannot append after this); tried again while the runner still appends."""
         for tries in range(1, _FENCED_TRIES + 1):
-            writer = await self.stream.writer(rec.run_id)
+            # a writer id of its own: the runner's next chunk covers the same seqs, and under the same
+            # message id JetStream would take it for a retry of ours and acknowledge it as a duplicate
+            # (before checking the fence): the old runner would never learn it is fenced
+            writer = await self.stream.writer(rec.run_id, writer_id=f"scheduler.{self.lease.attempt}")
             events = await self.stream.read(rec.run_id)
             if events and events[-1].is_terminal:
                 self.book.end(rec, events[-1])
@@ -218,7 +191,7 @@ class ClusterJournaling(Journaling):
             written = self._end_events(rec.run_id, writer, events, kind, msg, data)
             self.check_leading()
             try:
-                await append_end(self.stream, writer, written)
+                await writer.append(written)
             except JournalFenced:
                 log.warning("run %s: the runner appended while its %s was being written (try %d); again",
                             rec.run_id, kind, tries)
