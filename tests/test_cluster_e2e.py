@@ -1,0 +1,224 @@
+"""Cluster mode end to end, every part real: two scheduler hosts, two runner hosts and two gateway hosts
+(six subprocesses, each with its own home and no shared journal directory) on one real PostgreSQL and a
+real 3-node JetStream cluster on loopback.
+
+- A run launched through gateway A is watched exactly through gateway B (every event once, in order,
+  equal to the event stream and to the local journal of the runner host that ran it), and a client of
+  A's all-runs stream that leaves mid-run resumes on B with A's cursor and misses nothing.
+- kill -9 of the runner host running a stage: the leading scheduler ends the run `failure` "runner lost"
+  through the event stream's fence, and both gateways show exactly one terminal event.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import asyncpg
+import pytest
+
+from runwire_cluster.events import EventStream
+from shared.config import ClusterConfig
+from shared.events import Event, event_to_json_line
+from shared.journal import JournalReader, journal_path
+from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (fixtures)
+from tests.cluster_gateway_rig import WsReader, run_socket, wait_until
+from tests.cluster_peers import host_config
+from tests.harness import SLEEP_PIPELINE, Service
+
+pytestmark = pytest.mark.timeout(240)
+
+T = 60.0  # generous: six services and a JetStream cluster on two shared cores
+_dbs = itertools.count(1)
+PIPELINE = SLEEP_PIPELINE.replace('description = "one stage that sleeps"\n',
+                                  'description = "one stage that sleeps"\nmax_concurrent = 4\n')
+assert PIPELINE != SLEEP_PIPELINE
+
+
+@pytest.fixture
+async def db_url(postgres: Postgres) -> str:  # noqa: F811
+    """A database of its own per test (the cluster's state starts empty)."""
+    name = f"e2e{next(_dbs)}"
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+class Hosts:
+    """The six hosts' services, by name; each host's config in its own folder."""
+
+    def __init__(self, root: Path, nats: NatsCluster, db: str) -> None:
+        self.root = root
+        self.nats = nats
+        self.db = db
+        self.services: dict[str, Service] = {}
+        self.configs: dict[str, Path] = {}
+
+    def start(self, name: str, module: str) -> Service:
+        path = host_config(self.root, name, self.nats.urls, self.db, body=PIPELINE)
+        # one runner id per runner host (the harness's config names every runner "test-runner")
+        path.write_text(path.read_text().replace('id = "test-runner"', f'id = "{name}"'))
+        self.configs[name] = path
+        svc = Service(module, path, self.root / name).start(timeout=T)
+        self.services[name] = svc
+        return svc
+
+    def base(self, name: str) -> str:
+        port = int(self.services[name].wait_for(r"listening on http://127\.0\.0\.1:(\d+)")[1])
+        return f"http://127.0.0.1:{port}"
+
+    def home(self, name: str) -> Path:
+        return self.root / name / "home"
+
+    def stop(self) -> None:
+        for svc in self.services.values():
+            svc.stop()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, nats_cluster: NatsCluster, db_url: str) -> Iterator[Hosts]:  # noqa: F811
+    nats_cluster.wait_ready()
+    h = Hosts(tmp_path, nats_cluster, db_url)
+    try:
+        for name in ("sched-a", "sched-b"):
+            h.start(name, "scheduler_svc")
+        for name in ("runner-1", "runner-2"):
+            h.start(name, "runner_svc")
+        for name in ("gw-a", "gw-b"):
+            h.start(name, "gateway_svc")
+        yield h
+    finally:
+        h.stop()
+
+
+async def stream_events(nats: NatsCluster, run_id: str) -> list[Event]:
+    cfg = ClusterConfig(nats=nats.urls, state="postgresql://unused@127.0.0.1/x", stream_replicas=3)
+    async with await EventStream.connect(cfg) as stream:
+        return await stream.read(run_id)
+
+
+async def launch(session: aiohttp.ClientSession, base: str, seconds: float) -> str:
+    async def post() -> str | None:
+        async with session.post(f"{base}/api/runs", json={"pipeline": "sleepy", "params": {"seconds": seconds}}) as resp:
+            if resp.status == 503:  # no leader elected yet, or its runners not registered
+                return None
+            body = await resp.json()
+            assert resp.status == 202, (resp.status, body)
+            return str(body["run_id"])
+    return str(await wait_until(f"a launch through {base} is accepted", post, T))
+
+
+async def healthy(session: aiohttp.ClientSession, base: str) -> None:
+    async def ok() -> bool:
+        async with session.get(f"{base}/healthz") as resp:
+            return resp.status == 200
+    await wait_until(f"{base}/healthz 200 (a leader, a runner, the event stream)", ok, T)
+
+
+def of_run(reader: WsReader, run_id: str) -> list[dict[str, Any]]:
+    return [e for e in reader.events() if e["run_id"] == run_id]
+
+
+def terminal(events: list[dict[str, Any]]) -> bool:
+    return bool(events) and events[-1]["stage"] == "pipeline" and events[-1]["event"] in ("success", "failure", "cancelled")
+
+
+def as_dicts(events: list[Event]) -> list[dict[str, Any]]:
+    return [json.loads(event_to_json_line(ev)) for ev in events]
+
+
+def ran_on(hosts: Hosts, run_id: str) -> str:
+    found = [name for name in ("runner-1", "runner-2") if journal_path(hosts.home(name) / "events", run_id).exists()]
+    assert len(found) == 1, f"run {run_id}: journals on {found or 'no runner host'}"
+    return found[0]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def test_a_run_launched_through_gateway_a_is_watched_exactly_through_b_and_a_cursor_resumes_on_b(
+        hosts: Hosts, session: aiohttp.ClientSession) -> None:
+    a, b = hosts.base("gw-a"), hosts.base("gw-b")
+    await healthy(session, a)
+    await healthy(session, b)
+    async with anyio.create_task_group() as tg:
+        all_a = await run_socket(session, tg, a.replace("http", "ws") + "/ws/events")
+        all_b = await run_socket(session, tg, b.replace("http", "ws") + "/ws/events")
+        run_id = await launch(session, a, seconds=2.0)
+
+        # A's all-runs client leaves once the run has started, keeping its cursor
+        await wait_until("gateway A shows the run started",
+                         lambda: _async(any(e["event"] == "start" for e in of_run(all_a, run_id))), T)
+        cursor = all_a.last_cursor()
+        seen_on_a = of_run(all_a, run_id)
+        await all_a.ws.close()
+
+        # the whole run through B: its own run stream and its all-runs stream
+        on_b = await run_socket(session, tg, f"{b.replace('http', 'ws')}/ws/events/{run_id}")
+        await wait_until("gateway B's run stream reaches the terminal event", lambda: _async(terminal(of_run(on_b, run_id))), T)
+        await wait_until("gateway B's all-runs stream reaches it", lambda: _async(terminal(of_run(all_b, run_id))), T)
+        # and A's client, resumed on B with A's cursor
+        resumed = await run_socket(session, tg, f"{b.replace('http', 'ws')}/ws/events?cursor={cursor}")
+        await wait_until("the client resumed on B reaches the terminal event",
+                         lambda: _async(terminal(seen_on_a + of_run(resumed, run_id))), T)
+        assert resumed.frames[0]["type"] == "hello" and resumed.frames[0]["recovered"] is True, resumed.frames[0]
+        for reader in (all_b, on_b, resumed):
+            await reader.ws.close()
+
+    stream = as_dicts(await stream_events(hosts.nats, run_id))
+    assert [e["seq"] for e in stream] == list(range(1, len(stream) + 1)) and terminal(stream), stream
+    assert stream[-1]["event"] == "success", stream[-1]
+    assert of_run(on_b, run_id) == stream, "gateway B's run stream is not the event stream, once each in order"
+    assert of_run(all_b, run_id) == stream, "gateway B's all-runs stream is not the event stream"
+    assert seen_on_a + of_run(resumed, run_id) == stream, "the client resumed on B with A's cursor lost or repeated events"
+    # the runner host's local journal holds the same lines (its copy of the scheduler's `queued` first)
+    host = ran_on(hosts, run_id)
+    local = as_dicts(JournalReader(journal_path(hosts.home(host) / "events", run_id)).read())
+    assert local == stream, f"{host}'s journal differs from the event stream"
+
+
+async def test_kill_9_of_the_runner_host_ends_its_run_runner_lost_once_on_both_gateways(
+        hosts: Hosts, session: aiohttp.ClientSession) -> None:
+    a, b = hosts.base("gw-a"), hosts.base("gw-b")
+    await healthy(session, a)
+    await healthy(session, b)
+    async with anyio.create_task_group() as tg:
+        on_a = await run_socket(session, tg, a.replace("http", "ws") + "/ws/events")
+        on_b = await run_socket(session, tg, b.replace("http", "ws") + "/ws/events")
+        run_id = await launch(session, b, seconds=60.0)
+        await wait_until("the stage is running", lambda: _async(any(e["event"] == "start" and e["stage"] == "nap"
+                                                                    for e in of_run(on_a, run_id))), T)
+        host = ran_on(hosts, run_id)
+        proc = hosts.services[host].proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGKILL)  # the runner host dies, its stage process with it
+        proc.wait(10)
+        for reader in (on_a, on_b):
+            await wait_until("the run ends on both gateways", lambda r=reader: _async(terminal(of_run(r, run_id))), T)
+        for reader in (on_a, on_b):
+            await reader.ws.close()
+
+    stream = as_dicts(await stream_events(hosts.nats, run_id))
+    ends = [e for e in stream if e["stage"] == "pipeline" and e["event"] in ("success", "failure", "cancelled")]
+    assert len(ends) == 1 and ends[0] == stream[-1], ends
+    assert ends[0]["event"] == "failure" and "lost" in ends[0]["msg"], ends[0]
+    assert [e["seq"] for e in stream] == list(range(1, len(stream) + 1)), stream
+    for reader in (on_a, on_b):
+        assert of_run(reader, run_id) == stream, "a gateway did not deliver the event stream once each, in order"
+
+
+async def _async(value: bool) -> bool:
+    return value
