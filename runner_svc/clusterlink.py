@@ -7,7 +7,6 @@ runner (its runs go on streaming through JetStream)."""
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +17,7 @@ from zoneinfo import ZoneInfo
 import anyio
 import asyncpg
 
+from runwire_cluster.endpoints import reachable_endpoint
 from runwire_cluster.events import EventStream
 from runwire_cluster.state import ClusterState
 from shared.config import ClusterConfig, Settings
@@ -29,20 +29,6 @@ from .streamed import StopSwitch, StreamAppender, open_local_journal, take_over_
 log = logging.getLogger(__name__)
 
 CONNECT_RETRY_S = 2.0  # between two tries to reach NATS at start
-_WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "::", "[::]"})
-
-
-def reachable_endpoint(endpoint: str) -> str:
-    """The endpoint as other hosts reach it: a wildcard bind (tcp://*:5556, tcp://0.0.0.0:5556) names
-    this host by its fully qualified name; any other endpoint is given as configured."""
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
-    if sep and host in _WILDCARD_HOSTS:
-        return f"tcp://{socket.getfqdn()}:{port}"
-    return endpoint
-
-
 def _nats_where(cluster: ClusterConfig) -> str:
     return ", ".join(urlsplit(u).netloc.rsplit("@", 1)[-1] for u in cluster.nats)
 

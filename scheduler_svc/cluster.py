@@ -21,7 +21,6 @@ import os
 import socket
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -29,6 +28,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from runwire_cluster.endpoints import reachable_endpoint
 from runwire_cluster.events import EventStream
 from runwire_cluster.runs import LeaderState
 from runwire_cluster.state import ClusterState, Endpoints, Lease
@@ -61,14 +61,6 @@ log = logging.getLogger(__name__)
 _RETRY = 1.0  # seconds between tries to reach the cluster's database or event stream at start
 
 
-def advertised(endpoint: str) -> str:
-    """The endpoint as other hosts reach it: a wildcard bind address names this host instead."""
-    parts = urlsplit(endpoint)
-    if parts.hostname in ("*", "0.0.0.0", "::"):
-        return endpoint.replace(parts.netloc, f"{socket.getfqdn()}:{parts.port}", 1)
-    return endpoint
-
-
 class ClusterScheduler:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         assert settings.config.cluster is not None
@@ -95,7 +87,7 @@ class ClusterScheduler:
                 control = self._bind(ctx, socks, zmq.ROUTER, c.control, "scheduler.control", keys)
                 dispatch = self._bind(ctx, socks, zmq.ROUTER, c.dispatch, "scheduler.dispatch", keys, mandatory=True)
                 pub = self._bind(ctx, socks, zmq.PUB, c.publish, "scheduler.publish", keys)
-                endpoints = Endpoints(advertised(c.dispatch), advertised(c.control), advertised(c.publish))
+                endpoints = Endpoints(reachable_endpoint(c.dispatch), reachable_endpoint(c.control), reachable_endpoint(c.publish))
                 await anyio.to_thread.run_sync(self._prepare_dir)
                 log.info("cluster mode: scheduler %s; config %s; journal directory %s; state %s", self.holder,
                          self.settings.path, self.journal_dir, self.cluster_cfg.state)
