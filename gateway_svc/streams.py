@@ -41,7 +41,7 @@ from aiohttp import WSMsgType, web
 
 from shared.errors import ServiceUnavailable
 from shared.ids import check_run_id
-from shared.protocol import SSE_RETRY, CloseReason, ErrorCode, ErrorFrame, Hello, Pong
+from shared.protocol import CLOSE_CODE, SSE_RETRY, CloseReason, ErrorCode, ErrorFrame, Hello, Pong
 from shared.values import MAX_DEPTH, decode_json_object
 
 from .cursor import MARGIN_S, CursorError, decode_cursor
@@ -54,7 +54,6 @@ from .transports import WS_CLOSE_MAX, WS_CLOSE_TIMEOUT, SseTransport, WsTranspor
 log = logging.getLogger(__name__)
 
 UNKNOWN_RUN_WAIT = 3.0
-UNAVAILABLE_CLOSE = 1013  # try again later (a close clients resume after): the event stream does not answer
 MAX_CLIENT_MESSAGE = 4096  # a longer client message gets an error frame and 4400
 # what aiohttp reads into memory at all: beyond it, aiohttp itself closes with 1009 (no error frame)
 MAX_CLIENT_FRAME = 64 * 1024
@@ -225,10 +224,11 @@ async def _run_ws(request: web.Request, ws: web.WebSocketResponse, client: Strea
                 pass  # the client left or was closed (4008); the connection counters say so
             except ServiceUnavailable as e:
                 # cluster mode: the event stream does not answer; the client resumes with its cursor
-                log.warning("%s client: %s; closing it with 1013 (try again later)", kind, e)
-                client.request_close(CloseReason.SHUTTING_DOWN)
+                reason = CloseReason.EVENT_STREAM_UNAVAILABLE
+                log.warning("%s client: %s; closing it with %d (%s)", kind, e, CLOSE_CODE[reason], reason)
+                client.request_close(reason)
                 with anyio.move_on_after(WS_CLOSE_TIMEOUT):
-                    await ws.close(code=UNAVAILABLE_CLOSE, message=b"event stream unavailable")
+                    await ws.close(code=CLOSE_CODE[reason], message=str(reason).encode())
             tg.cancel_scope.cancel()
     finally:
         hub.unregister(client)

@@ -23,6 +23,7 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000  # the run's terminal event was sent: nothing more will come
     GOING_AWAY = 1001  # the gateway is shutting down: resume with the cursor
     UNKNOWN_RUN = 4004  # no such run, or its journal is not in the gateway's directory (error frame first)
+    TRY_AGAIN_LATER = 1013  # cluster mode: the event stream does not answer; resume with the cursor
     SLOW_CONSUMER = 4008  # the client did not keep up: resume with the cursor, nothing is lost
     BAD_MESSAGE = 4400  # the client sent something other than {"type": "ping"} (error frame first)
 
@@ -36,6 +37,7 @@ class CloseReason(enum.StrEnum):
     JOURNAL_MISSING = "journal missing"
     SLOW_CONSUMER = "slow consumer"
     BAD_MESSAGE = "bad message"
+    EVENT_STREAM_UNAVAILABLE = "event stream unavailable"
 
 
 CLOSE_CODE: dict[CloseReason, CloseCode] = {
@@ -45,6 +47,7 @@ CLOSE_CODE: dict[CloseReason, CloseCode] = {
     CloseReason.JOURNAL_MISSING: CloseCode.UNKNOWN_RUN,
     CloseReason.SLOW_CONSUMER: CloseCode.SLOW_CONSUMER,
     CloseReason.BAD_MESSAGE: CloseCode.BAD_MESSAGE,
+    CloseReason.EVENT_STREAM_UNAVAILABLE: CloseCode.TRY_AGAIN_LATER,
 }
 
 
@@ -60,8 +63,8 @@ class ErrorCode(enum.StrEnum):
 
 
 # Closes a client resumes after (with its cursor): ours above, and what the network or a proxy gives
-# (1006 dropped, 1011 server error, 1012 restart, 1013 try again later).
-RETRYABLE_CLOSES = frozenset({CloseCode.GOING_AWAY, CloseCode.SLOW_CONSUMER, 1006, 1011, 1012, 1013})
+# (1006 dropped, 1011 server error, 1012 restart).
+RETRYABLE_CLOSES = frozenset({CloseCode.GOING_AWAY, CloseCode.TRY_AGAIN_LATER, CloseCode.SLOW_CONSUMER, 1006, 1011, 1012})
 # Closes after which reconnecting cannot help (the error frame before them says why).
 FATAL_CLOSES = frozenset({CloseCode.UNKNOWN_RUN, CloseCode.BAD_MESSAGE})
 # Error frames after which the stream goes on; every other error frame is followed by a close.

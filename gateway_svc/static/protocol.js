@@ -8,6 +8,7 @@ export const PROTOCOL = Object.freeze({
     "NORMAL": 1000,
     "GOING_AWAY": 1001,
     "UNKNOWN_RUN": 4004,
+    "TRY_AGAIN_LATER": 1013,
     "SLOW_CONSUMER": 4008,
     "BAD_MESSAGE": 4400
   },
@@ -17,7 +18,8 @@ export const PROTOCOL = Object.freeze({
     "UNKNOWN_RUN": "unknown run",
     "JOURNAL_MISSING": "journal missing",
     "SLOW_CONSUMER": "slow consumer",
-    "BAD_MESSAGE": "bad message"
+    "BAD_MESSAGE": "bad message",
+    "EVENT_STREAM_UNAVAILABLE": "event stream unavailable"
   },
   "closeCodeOf": {
     "RUN_ENDED": "NORMAL",
@@ -25,7 +27,8 @@ export const PROTOCOL = Object.freeze({
     "UNKNOWN_RUN": "UNKNOWN_RUN",
     "JOURNAL_MISSING": "UNKNOWN_RUN",
     "SLOW_CONSUMER": "SLOW_CONSUMER",
-    "BAD_MESSAGE": "BAD_MESSAGE"
+    "BAD_MESSAGE": "BAD_MESSAGE",
+    "EVENT_STREAM_UNAVAILABLE": "TRY_AGAIN_LATER"
   },
   "error": {
     "UNKNOWN_RUN": "unknown_run",
