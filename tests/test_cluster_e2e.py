@@ -7,6 +7,10 @@ real 3-node JetStream cluster on loopback.
   A's all-runs stream that leaves mid-run resumes on B with A's cursor and misses nothing.
 - kill -9 of the runner host running a stage: the leading scheduler ends the run `failure` "runner lost"
   through the event stream's fence, and both gateways show exactly one terminal event.
+- kill -9 of the JetStream node leading the event stream while a stage prints: publishing pauses,
+  nothing is lost or repeated (stream == the runner's journal == what a gateway delivered).
+- kill -9 of the leading scheduler during a burst of launches through a gateway: the standby takes
+  over and every launch runs exactly once on the real runners.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ _dbs = itertools.count(1)
 PIPELINE = SLEEP_PIPELINE.replace('description = "one stage that sleeps"\n',
                                   'description = "one stage that sleeps"\nmax_concurrent = 4\n')
 assert PIPELINE != SLEEP_PIPELINE
+PIPELINE += """
+[pipelines.chatty]
+max_concurrent = 4
+[[pipelines.chatty.stages]]
+name = "talk"
+command = ["{python}", "-c", "import time\\nfor i in range(300):\\n    print('line', i, flush=True)\\n    time.sleep(0.01)"]
+timeout = 120
+log_rate = 100000  # every line an event: lines that come in a burst after the pause are not summarised
+"""
 
 
 @pytest.fixture
@@ -107,14 +120,18 @@ async def stream_events(nats: NatsCluster, run_id: str) -> list[Event]:
         return await stream.read(run_id)
 
 
-async def launch(session: aiohttp.ClientSession, base: str, seconds: float) -> str:
+async def launch(session: aiohttp.ClientSession, base: str, seconds: float | None = None, pipeline: str = "sleepy",
+                 key: str | None = None) -> str:
+    body: dict[str, Any] = {"pipeline": pipeline, "params": {} if seconds is None else {"seconds": seconds}}
+    headers = {"Idempotency-Key": key} if key else None
+
     async def post() -> str | None:
-        async with session.post(f"{base}/api/runs", json={"pipeline": "sleepy", "params": {"seconds": seconds}}) as resp:
+        async with session.post(f"{base}/api/runs", json=body, headers=headers) as resp:
             if resp.status == 503:  # no leader elected yet, or its runners not registered
                 return None
-            body = await resp.json()
-            assert resp.status == 202, (resp.status, body)
-            return str(body["run_id"])
+            answer = await resp.json()
+            assert resp.status == 202, (resp.status, answer)
+            return str(answer["run_id"])
     return str(await wait_until(f"a launch through {base} is accepted", post, T))
 
 
@@ -218,6 +235,68 @@ async def test_kill_9_of_the_runner_host_ends_its_run_runner_lost_once_on_both_g
     assert [e["seq"] for e in stream] == list(range(1, len(stream) + 1)), stream
     for reader in (on_a, on_b):
         assert of_run(reader, run_id) == stream, "a gateway did not deliver the event stream once each, in order"
+
+
+async def test_kill_9_of_the_stream_leader_mid_stage_loses_and_repeats_nothing(
+        hosts: Hosts, session: aiohttp.ClientSession) -> None:
+    b = hosts.base("gw-b")
+    await healthy(session, b)
+    cfg = ClusterConfig(nats=hosts.nats.urls, state="postgresql://unused@127.0.0.1/x", stream_replicas=3)
+    killed = None
+    try:
+        async with anyio.create_task_group() as tg:
+            on_b = await run_socket(session, tg, b.replace("http", "ws") + "/ws/events")
+            run_id = await launch(session, b, pipeline="chatty")
+            await wait_until("the stage prints", lambda: _async(sum(e["event"] == "log" for e in of_run(on_b, run_id)) >= 20), T)
+            async with await EventStream.connect(cfg) as stream:
+                info = await stream.js.stream_info(stream.name)
+            assert info.cluster is not None and info.cluster.leader, info.cluster
+            killed = hosts.nats.node(str(info.cluster.leader))
+            killed.kill9()  # the stream's leader, while the stage goes on printing
+            await wait_until("the run ends on gateway B", lambda: _async(terminal(of_run(on_b, run_id))), T)
+            await on_b.ws.close()
+    finally:
+        if killed is not None:
+            killed.start()
+    stream = as_dicts(await stream_events(hosts.nats, run_id))
+    assert [e["seq"] for e in stream] == list(range(1, len(stream) + 1)) and stream[-1]["event"] == "success", stream[-3:]
+    printed = [e["msg"] for e in stream if e["event"] == "log" and e["stage"] == "talk"]
+    assert printed == [f"line {i}" for i in range(300)], [e for e in stream if e["event"] != "log" or e["stage"] != "talk"]
+    host = ran_on(hosts, run_id)
+    assert as_dicts(JournalReader(journal_path(hosts.home(host) / "events", run_id)).read()) == stream
+    assert of_run(on_b, run_id) == stream, "gateway B did not deliver the event stream once each, in order"
+
+
+def _leader(hosts: Hosts) -> str:
+    lead = [name for name in ("sched-a", "sched-b") if "leading: lease" in hosts.services[name].output()]
+    assert len(lead) == 1, f"leaders: {lead}"
+    return lead[0]
+
+
+async def test_kill_9_of_the_leading_scheduler_during_a_burst_of_launches_runs_each_once(
+        hosts: Hosts, session: aiohttp.ClientSession) -> None:
+    a = hosts.base("gw-a")
+    await healthy(session, a)
+    leader = _leader(hosts)
+    standby = "sched-b" if leader == "sched-a" else "sched-a"
+    launched = [await launch(session, a, seconds=0.3, key=f"burst-{i}") for i in range(10)]
+    hosts.services[leader].kill9()
+    # while nobody leads, launches are still accepted: they wait in the database for the next leader
+    launched += [await launch(session, a, seconds=0.3, key=f"burst-{i}") for i in range(10, 20)]
+    await wait_until(f"{standby} takes over", lambda: _async("leading: lease" in hosts.services[standby].output()), T)
+
+    async def all_ended() -> bool:
+        for run_id in launched:
+            if not terminal(as_dicts(await stream_events(hosts.nats, run_id))):
+                return False
+        return True
+    await wait_until("every launch ran to its end", all_ended, 2 * T)
+    assert len(set(launched)) == 20
+    for run_id in launched:
+        stream = as_dicts(await stream_events(hosts.nats, run_id))
+        kinds = [(e["stage"], e["event"]) for e in stream if e["event"] != "log"]
+        assert kinds.count(("pipeline", "start")) == 1 and kinds[-1] == ("pipeline", "success"), (run_id, kinds)
+        assert [e["seq"] for e in stream] == list(range(1, len(stream) + 1)), run_id
 
 
 async def _async(value: bool) -> bool:
