@@ -149,7 +149,7 @@ def _line(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one run each (~1 minute)")
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=["runwire", "redis", "polling"])
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--repeat", type=int, help="runs of each latency, fan-out, resume and replay figure")
     parser.add_argument("--out", type=Path, help=f"where to write the results (default {RESULTS.name} for a full run; "

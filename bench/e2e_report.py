@@ -12,7 +12,8 @@ from typing import Any
 
 from bench.e2e_workloads import median
 
-NAMES = {"runwire": "runwire", "redis": "Redis pub/sub -> aiohttp", "polling": "seeds' polling design"}
+NAMES = {"runwire": "runwire", "redis": "Redis pub/sub -> aiohttp", "polling": "seeds' polling design",
+         "cluster": "runwire cluster mode (JetStream + PostgreSQL)"}
 NO_FEATURE = {"redis": "no replay or resume: Redis pub/sub keeps nothing",
               "polling": "no cursor, no replay: the seeds' WebSocket streams from its subscription on"}
 

@@ -102,6 +102,12 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 # a connection left in a state it cannot be used in (after a statement was cut off midway)
 _BROKEN: tuple[type[BaseException], ...] = (asyncpg.exceptions._base.InternalClientError,)
+# the server answers but will not let us in: no such database (yet), a role or password it refuses, no
+# connection slot left, still starting up. The services keep serving and try again, saying why.
+_REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError,
+    asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError,
+)
 _params_json = msgspec.json.Encoder()
 _params_decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -167,6 +173,8 @@ class ClusterState:
                                              command_timeout=timeout, max_inactive_connection_lifetime=60.0)
         except _UNREACHABLE as e:
             raise _unavailable(where, e) from e
+        except _REFUSED as e:
+            raise _refused(where, e) from e
         return cls(pool, where)
 
     async def __aenter__(self) -> Self:
@@ -194,6 +202,12 @@ class ClusterState:
             raise _unavailable(self.where, e) from e
         except _BROKEN as e:
             raise _unavailable(self.where, e) from e
+        except asyncpg.UndefinedTableError as e:
+            # a database no scheduler or runner has migrated yet (they do at start): not ready, not broken
+            raise ServiceUnavailable(f"cluster state {self.where} (key `cluster.state`): its tables are not "
+                                     f"created yet (the first scheduler or runner to start creates them): {e}") from e
+        except _REFUSED as e:
+            raise _refused(self.where, e) from e
         except asyncpg.InterfaceError as e:
             if "closed" not in str(e):
                 raise
@@ -364,6 +378,11 @@ def _discard(conn: asyncpg.Connection) -> None:
         conn.terminate()
     except asyncpg.InterfaceError as e:  # the pool let go of it already (its server connection was lost)
         log.debug("cluster state: a broken connection was released by the pool already: %s", e)
+
+
+def _refused(where: str, e: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"cluster state {where} (key `cluster.state`) refuses the connection: "
+                              f"{type(e).__name__}: {e}")
 
 
 def _unavailable(where: str, e: BaseException) -> ServiceUnavailable:

@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import anyio
 import asyncpg
 import msgspec
 
 from runwire_cluster.events import EventStream
+from runwire_cluster.runs import SCHEDULER_LEASE
+from runwire_cluster.state import ClusterState, Endpoints
 from shared.config import ClusterConfig
+from shared.dispatch import RunnerStatus
 from shared.events import Event, now_timestamp
 from shared.ids import new_run_id
 from shared.journal import read_events
@@ -73,8 +77,37 @@ def cluster_toml(nats: NatsCluster, db_url: str) -> str:
             'stream_max_age = "1h"\nstream_replicas = 3\n')
 
 
-def start_runner(tmp: Path, nats: NatsCluster, db_url: str, services: list, runner: str = "") -> RunnerRig:
-    return RunnerRig(tmp, PIPELINES + cluster_toml(nats, db_url), runner=runner, services=services).start()
+async def lead_as_test_scheduler(db_url: str, dispatch_port: int) -> None:
+    """Record the test's scheduler (tests/runner_peer.FakeScheduler, bound on `dispatch_port`) as the
+    cluster's leader, as a leading scheduler does: in cluster mode the runner's DEALER connects to the
+    dispatch endpoint recorded with lease "scheduler", not to the configured one."""
+    cfg = ClusterConfig(nats=["nats://unused:4222"], state=db_url)
+    async with await ClusterState.connect(cfg) as state:
+        await state.migrate()
+        lease = await state.acquire_lease(SCHEDULER_LEASE, "test-scheduler", 3600.0,
+                                          Endpoints(dispatch=f"tcp://127.0.0.1:{dispatch_port}"))
+        assert lease is not None, "another holder has lease 'scheduler' in this database"
+
+
+async def start_runner(tmp: Path, nats: NatsCluster, db_url: str, services: list, runner: str = "",
+                       lead: bool = True) -> RunnerRig:
+    """A runner in cluster mode and the test's scheduler, recorded as the leader (unless `lead` is False:
+    the database is not there yet; call lead_as_test_scheduler once it is)."""
+    rig = RunnerRig(tmp, PIPELINES + cluster_toml(nats, db_url), runner=runner, services=services)
+    try:
+        if lead:
+            await lead_as_test_scheduler(db_url, rig.ports.dispatch)
+    except BaseException:
+        rig.close()
+        raise
+    await anyio.to_thread.run_sync(rig.start)
+    if lead:  # the runner's DEALER found the leader (a dispatch sent before would be dropped by the ROUTER)
+        try:
+            await anyio.to_thread.run_sync(lambda: rig.sched.wait_for(RunnerStatus))
+        except BaseException:
+            rig.close()
+            raise
+    return rig
 
 
 async def queue_in_stream(stream: EventStream, pipeline: str, params: dict[str, Any] | None = None) -> str:

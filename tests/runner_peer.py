@@ -24,7 +24,7 @@ _event_decoder = msgspec.msgpack.Decoder()  # a plain map: what a subscriber in 
 
 
 class FakeScheduler:
-    def __init__(self, port: int, runner_id: str = "test-runner") -> None:
+    def __init__(self, port: int, runner_id: str = "test-runner", keys: Any = None) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -32,6 +32,10 @@ class FakeScheduler:
         # connection (until its unread messages are drained): without handover the new connection's
         # messages are silently dropped. The real scheduler needs this option too.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if keys is not None:  # the cluster's CurveKeys: a CURVE server, as the real scheduler is then
+            self.sock.curve_server = True
+            self.sock.curve_secretkey = keys.secret
+            self.sock.curve_publickey = keys.public
         self.sock.bind(f"tcp://127.0.0.1:{port}")
         self.runner_id = runner_id.encode()
         self.received: list[Any] = []

@@ -31,6 +31,7 @@ from tests.cluster_runner_rig import (
     cluster_config,
     create_database,
     journal,
+    lead_as_test_scheduler,
     new_database,
     queue_in_stream,
     recv_ready,
@@ -95,7 +96,7 @@ async def collect_checking_stream(rig: RunnerRig, stream: EventStream, run_id: s
 async def test_a_run_goes_journal_then_jetstream_then_pub(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres, durability: str) -> None:  # noqa: F811
     db = await new_database(postgres)
-    rig = start_runner(tmp_path, nats_cluster, db, services, runner=f'durability = "{durability}"')
+    rig = await start_runner(tmp_path, nats_cluster, db, services, runner=f'durability = "{durability}"')
     try:
         async with event_stream(nats_cluster, db) as stream:
             run_id = await queue_in_stream(stream, "chatty", {"lines": 300})
@@ -120,7 +121,7 @@ async def test_a_run_goes_journal_then_jetstream_then_pub(
 async def test_the_runner_registers_heartbeats_and_leaves_at_a_clean_stop(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
-    rig = start_runner(tmp_path, nats_cluster, db, services)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
     try:
         async with await ClusterState.connect(cluster_config(nats_cluster, db)) as state:
             async def entry() -> Any:
@@ -152,19 +153,23 @@ async def _newer(entry: Any, than: Any) -> Any:
 async def test_a_registry_away_is_logged_and_retried_and_never_stops_the_runner(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres, create=False)  # no such database yet: the registry is unreachable
-    rig = start_runner(tmp_path, nats_cluster, db, services)
+    rig = await start_runner(tmp_path, nats_cluster, db, services, lead=False)
     try:
         rig.svc.wait_for(r"ERROR.*runner registry .* runner test-runner cannot register or heartbeat", timeout=20)
-        async with event_stream(nats_cluster, db) as stream:
-            run_id = await queue_in_stream(stream, "chatty", {"lines": 5})
-            await dispatch(rig, run_id, {"lines": 5})  # runs go on without the registry
-            finished = await anyio.to_thread.run_sync(lambda: rig.sched.wait_for(RunFinished, run_id=run_id))
-            assert finished.outcome == "success"
-            assert await stream.read(run_id) == journal(rig, run_id)
+        rig.svc.wait_for(r"dispatch: cannot read the scheduler leader from cluster.state", timeout=20)
+        assert rig.svc.proc is not None and rig.svc.proc.poll() is None, "the runner stopped for want of its database"
         await create_database(postgres, db.rsplit("/", 1)[1])  # the database is back
         rig.svc.wait_for(r"runner registry .*: reachable again after \d+s; runner test-runner registered", timeout=30)
         async with await ClusterState.connect(cluster_config(nats_cluster, db)) as state:
             assert [r.runner_id for r in await state.runners()] == ["test-runner"]
+        await lead_as_test_scheduler(db, rig.ports.dispatch)  # a scheduler leads: the runner's DEALER follows it
+        await anyio.to_thread.run_sync(lambda: rig.sched.wait_for(RunnerStatus))  # its DEALER is connected
+        async with event_stream(nats_cluster, db) as stream:
+            run_id = await queue_in_stream(stream, "chatty", {"lines": 5})
+            await dispatch(rig, run_id, {"lines": 5})
+            finished = await anyio.to_thread.run_sync(lambda: rig.sched.wait_for(RunFinished, run_id=run_id))
+            assert finished.outcome == "success"
+            assert await stream.read(run_id) == journal(rig, run_id)
     finally:
         rig.close()
 
@@ -172,7 +177,7 @@ async def test_a_registry_away_is_logged_and_retried_and_never_stops_the_runner(
 async def test_a_second_writer_fences_the_runner(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
-    rig = start_runner(tmp_path, nats_cluster, db, services)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
     try:
         async with event_stream(nats_cluster, db) as stream:
             params = {"lines": 100_000, "pause": 0.05}
@@ -256,7 +261,7 @@ def _check_exactly_once(local: list[Event], in_stream: list[Event], published: l
 async def test_no_quorum_pauses_publishing_and_nothing_is_lost_or_duplicated(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
-    rig = start_runner(tmp_path, nats_cluster, db, services)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
     params = {"lines": 400, "pause": 0.01}
     killed = []
     try:
@@ -295,7 +300,7 @@ async def test_no_quorum_pauses_publishing_and_nothing_is_lost_or_duplicated(
 async def test_kill_9_of_the_stream_leader_mid_run_loses_and_duplicates_nothing(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
-    rig = start_runner(tmp_path, nats_cluster, db, services)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
     params = {"lines": 400, "pause": 0.005}
     leader = None
     try:
@@ -322,7 +327,7 @@ async def test_kill_9_of_the_stream_leader_mid_run_loses_and_duplicates_nothing(
 async def test_a_run_interrupted_by_kill_9_of_its_runner_ends_in_the_stream_at_restart(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
-    rig = start_runner(tmp_path, nats_cluster, db, services)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
     params = {"lines": 100_000, "pause": 0.05}
     try:
         async with event_stream(nats_cluster, db) as stream:
@@ -372,7 +377,8 @@ async def test_with_curve_keys_only_holders_of_the_pair_receive_the_events(
         secure_client(sub, k)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(f"tcp://127.0.0.1:{ports.publish}")
-    sched = FakeScheduler(ports.dispatch)
+    sched = FakeScheduler(ports.dispatch, keys=keys)  # the runner's DEALER is a CURVE client of the leader
+    await lead_as_test_scheduler(db, ports.dispatch)
     try:
         svc = Service("runner_svc", config, tmp_path)
         services.append(svc)
@@ -423,6 +429,7 @@ async def test_nats_away_at_start_is_logged_and_retried_until_it_answers(
     cluster = f'\n[cluster]\nnats = ["{url}"]\nstate = {json.dumps(db)}\nstream_max_age = "1h"\nstream_replicas = 1\n'
     config, ports = write_config(tmp_path, PIPELINES + cluster)
     sched = FakeScheduler(ports.dispatch)
+    await lead_as_test_scheduler(db, ports.dispatch)
     server = None
     try:
         svc = Service("runner_svc", config, tmp_path)
@@ -452,7 +459,7 @@ async def test_nats_away_at_start_is_logged_and_retried_until_it_answers(
 async def test_a_stop_while_jetstream_has_no_quorum_is_not_held_up_by_it_and_the_restart_catches_up(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
-    rig = start_runner(tmp_path, nats_cluster, db, services)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
     params = {"lines": 100_000, "pause": 0.01}
     killed = []
     try:
