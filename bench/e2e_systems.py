@@ -11,6 +11,7 @@ load and returns its id; `finish(run)` waits until the load is over.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -192,7 +193,9 @@ class RunwireCluster(Runwire):
     def __init__(self, tmp: Path) -> None:
         from tests.cluster_fixtures import start_nats_cluster, start_postgres
 
-        self.nats = start_nats_cluster()
+        # its readiness check runs an event loop of its own: in a thread, since the benchmark's loop is running
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            self.nats = pool.submit(start_nats_cluster).result()
         try:
             self.pg = start_postgres()
         except BaseException:
