@@ -9,12 +9,9 @@ from __future__ import annotations
 import logging
 import time
 
-import anyio
-
 from runwire_cluster.events import EventStream
 from runwire_cluster.reader import identity
 from shared.config import Settings
-from shared.errors import ServiceUnavailable
 from shared.httpapi import EventStreamHealth, RegistryHealth
 
 from .cursor import cluster_tag
@@ -68,27 +65,10 @@ class ClusterGateway:
             await self.stream.close()
 
     async def _connect(self) -> EventStream:
-        since = time.monotonic()
-        while True:
-            try:
-                stream = await EventStream.connect(self.cluster)
-            except ServiceUnavailable as e:
-                log.error("gateway: event stream: %s; trying again in %gs (waiting %.0fs so far)", e, CONNECT_RETRY_S,
-                          time.monotonic() - since)
-                await anyio.sleep(CONNECT_RETRY_S)
-                continue
-            stream.retry_for = READ_RETRY_S
-            try:
-                await stream.ensure()  # the stream may not exist yet: the first service up makes it
-            except ServiceUnavailable as e:
-                log.error("gateway: event stream: %s; trying again in %gs", e, CONNECT_RETRY_S)
-                await stream.close()
-                await anyio.sleep(CONNECT_RETRY_S)
-                continue
-            except BaseException:
-                await stream.close()
-                raise
-            return stream
+        stream = await EventStream.open_ready(self.cluster, who="gateway", waiting="replays and gap fills wait",
+                                              retry_every=CONNECT_RETRY_S)
+        stream.retry_for = READ_RETRY_S
+        return stream
 
     def health(self) -> tuple[EventStreamHealth, RegistryHealth]:
         """The /healthz checks of cluster mode: the event stream's connection, and the registry."""

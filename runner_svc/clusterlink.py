@@ -63,27 +63,10 @@ class ClusterLink:
                 await self.stream.close()
 
     async def _connect_stream(self) -> EventStream:
-        since = time.monotonic()
-        while True:
-            try:
-                stream = await EventStream.connect(self.cluster)
-            except ServiceUnavailable as e:
-                log.error("runner %s: event stream: %s; trying again in %gs (runs cannot be taken before it answers; "
-                          "waiting %.0fs so far)", self.runner_id, e, CONNECT_RETRY_S, time.monotonic() - since)
-                await anyio.sleep(CONNECT_RETRY_S)
-                continue
-            try:
-                await stream.ensure()
-            except ServiceUnavailable as e:
-                log.error("runner %s: event stream: %s; trying again", self.runner_id, e)
-                await stream.close()
-                await anyio.sleep(CONNECT_RETRY_S)
-                continue
-            except BaseException:
-                await stream.close()
-                raise
-            log.info("event stream %s on NATS %s", stream.name, _nats_where(self.cluster))
-            return stream
+        stream = await EventStream.open_ready(self.cluster, who=f"runner {self.runner_id}",
+                                              waiting="runs cannot be taken before it answers", retry_every=CONNECT_RETRY_S)
+        log.info("event stream %s on NATS %s", stream.name, _nats_where(self.cluster))
+        return stream
 
     # ---------------------------------------------------------------------------------- registry
 

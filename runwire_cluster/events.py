@@ -151,6 +151,32 @@ class EventStream:
         return cls(nc, servers, name=name, replicas=cluster.stream_replicas,
                    max_age_s=float(parse_duration(cluster.stream_max_age)), request_timeout=request_timeout)
 
+    @classmethod
+    async def open_ready(cls, cluster: ClusterConfig, *, who: str, waiting: str = "",
+                         retry_every: float = 2.0) -> EventStream:
+        """Connected, with the stream made if it is not there yet (the first service up makes it): tried
+        again every `retry_every` seconds while NATS does not answer, each failure logged as an error
+        naming `who` (and `waiting`: what cannot happen meanwhile) and how long it has waited."""
+        since = time.monotonic()
+        while True:
+            try:
+                stream = await cls.connect(cluster)
+            except ServiceUnavailable as e:
+                failed: ServiceUnavailable | None = e
+            else:
+                try:
+                    await stream.ensure()
+                    return stream
+                except ServiceUnavailable as e:
+                    failed = e
+                    await stream.close()
+                except BaseException:
+                    await stream.close()
+                    raise
+            log.error("%s: event stream: %s; trying again in %gs (%swaiting %.0fs so far)", who, failed, retry_every,
+                      f"{waiting}; " if waiting else "", time.monotonic() - since)
+            await anyio.sleep(retry_every)
+
     async def __aenter__(self) -> Self:
         return self
 
