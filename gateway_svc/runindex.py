@@ -10,7 +10,7 @@ import bisect
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -34,6 +34,20 @@ def timestamp_us(ts: str) -> int | None:
     if moment.tzinfo is None:
         return None
     return int(moment.timestamp() * 1_000_000)
+
+
+def fold_open_run(entry: RunEntry, events: Iterable[Event]) -> RunEntry:
+    """An open run's entry from every event it has (a journal's, or the event stream's): its state, its
+    frontier, and the seqs missing between them (corrupt journal lines, events past the stream's
+    retention), known before any client says hello."""
+    state = RunState(run_id=entry.run_id)
+    for ev in events:
+        if ev.seq > state.last_seq + 1:
+            entry.gaps.append((state.last_seq + 1, ev.seq - 1))
+        state.apply(ev)
+    entry.state = state
+    entry.frontier = state.last_seq
+    return entry
 
 
 class RunEntry:
@@ -79,15 +93,7 @@ def scan_run(journal_dir: Path, run_id: str, discovery: int) -> RunEntry | None:
     entry = RunEntry(run_id, discovery)
     entry.created_us = timestamp_us(head[0].timestamp)
     if not last.is_terminal:
-        state = RunState(run_id=run_id)
-        for chunk in reader.iter_chunks():
-            for ev in chunk:
-                if ev.seq > state.last_seq + 1:
-                    entry.gaps.append((state.last_seq + 1, ev.seq - 1))  # corrupt lines: known before any hello
-                state.apply(ev)
-        entry.state = state
-        entry.frontier = state.last_seq
-        return entry
+        return fold_open_run(entry, (ev for chunk in reader.iter_chunks() for ev in chunk))  # gaps: corrupt lines
     state = RunState(run_id=run_id)
     for ev in head:
         if ev.seq < last.seq:

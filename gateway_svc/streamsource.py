@@ -29,7 +29,7 @@ from shared.errors import ServiceUnavailable
 from shared.events import Event
 from shared.runstate import RunState, fold
 
-from .runindex import RunEntry, RunIndex, timestamp_us
+from .runindex import RunEntry, RunIndex, fold_open_run, timestamp_us
 from .runsource import Hole, PieceReader, Pieces, SweepTarget, to_pieces
 
 log = logging.getLogger(__name__)
@@ -178,15 +178,7 @@ async def _scan(stream: EventStream, run_id: str, count: int, discovery: int) ->
     entry.size_seen = count
     last = tail[-1]
     if not last.is_terminal:
-        events = await stream.read(run_id)
-        state = RunState(run_id=run_id)
-        for ev in events:
-            if ev.seq > state.last_seq + 1:
-                entry.gaps.append((state.last_seq + 1, ev.seq - 1))  # past retention: known before any hello
-            state.apply(ev)
-        entry.state = state
-        entry.frontier = state.last_seq
-        return entry
+        return fold_open_run(entry, await stream.read(run_id))  # gaps: events past the stream's retention
     state = RunState(run_id=run_id)
     for ev in head:
         if ev.seq < tail[0].seq:
