@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+_DATABASES = itertools.count(1)  # database names unique across the tests of one process
 
 
 def _missing(what: str) -> None:
@@ -237,6 +240,23 @@ class Postgres:
     @property
     def data(self) -> Path:
         return self.root / "data"
+
+    async def new_database(self, prefix: str, create: bool = True) -> str:
+        """The URL of a fresh database of this server, for one test (made now unless `create` is False)."""
+
+        name = f"{prefix}{next(_DATABASES)}"
+        if create:
+            await self.create_database(name)
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+    async def create_database(self, name: str) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
 
     @property
     def url(self) -> str:

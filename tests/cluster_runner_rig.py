@@ -8,14 +8,12 @@ parallel and is not under test here): the test appends the run's `queued` to Jet
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
-import asyncpg
 import msgspec
 
 from runwire_cluster.events import EventStream
@@ -30,7 +28,6 @@ from tests.cluster_fixtures import NatsCluster, Postgres
 from tests.runner_peer import RunnerRig
 
 TZ = ZoneInfo("America/Chicago")  # tests/harness.py's write_config default
-_dbs = itertools.count(1)
 
 # `talk` prints `lines` lines, `pause` seconds apart, after writing its pid to a file; `after` is quick
 PIPELINES = """
@@ -54,18 +51,11 @@ command = ["{python}", "-c", "print('done')"]
 
 async def new_database(postgres: Postgres, create: bool = True) -> str:
     """The URL of a fresh database of the module's server (made now unless `create` is False)."""
-    name = f"runner{next(_dbs)}"
-    if create:
-        await create_database(postgres, name)
-    return postgres.url.rsplit("/", 1)[0] + "/" + name
+    return await postgres.new_database("runner", create)
 
 
 async def create_database(postgres: Postgres, name: str) -> None:
-    conn = await asyncpg.connect(postgres.url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
+    await postgres.create_database(name)
 
 
 def cluster_config(nats: NatsCluster, db_url: str) -> ClusterConfig:

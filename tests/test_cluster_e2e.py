@@ -15,7 +15,6 @@ real 3-node JetStream cluster on loopback.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ from typing import Any
 
 import aiohttp
 import anyio
-import asyncpg
 import pytest
 
 from runwire_cluster.events import EventStream
@@ -40,7 +38,6 @@ from tests.harness import SLEEP_PIPELINE, Service
 pytestmark = pytest.mark.timeout(240)
 
 T = 60.0  # generous: six services and a JetStream cluster on two shared cores
-_dbs = itertools.count(1)
 PIPELINE = SLEEP_PIPELINE.replace('description = "one stage that sleeps"\n',
                                   'description = "one stage that sleeps"\nmax_concurrent = 4\n')
 assert PIPELINE != SLEEP_PIPELINE
@@ -58,13 +55,7 @@ log_rate = 100000  # every line an event: lines that come in a burst after the p
 @pytest.fixture
 async def db_url(postgres: Postgres) -> str:  # noqa: F811
     """A database of its own per test (the cluster's state starts empty)."""
-    name = f"e2e{next(_dbs)}"
-    conn = await asyncpg.connect(postgres.url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    return await postgres.new_database("e2e")
 
 
 class Hosts:

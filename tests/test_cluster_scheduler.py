@@ -26,8 +26,6 @@ from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres
 from tests.cluster_peers import PeerRunner, host_config, until
 from tests.harness import SLEEP_PIPELINE, Service
 
-_dbs = itertools.count(1)
-
 PIPELINE = SLEEP_PIPELINE.replace('description = "one stage that sleeps"\n',
                                   'description = "one stage that sleeps"\nmax_concurrent = 4\n')
 assert PIPELINE != SLEEP_PIPELINE
@@ -43,13 +41,8 @@ overlap = "allow"
 
 @pytest.fixture
 async def db_url(postgres: Postgres) -> str:  # noqa: F811
-    name = f"sched{next(_dbs)}"
-    conn = await asyncpg.connect(postgres.url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return postgres.url.rsplit("/", 1)[0] + "/" + name
+    """A fresh database of the module's server for each test."""
+    return await postgres.new_database("sched")
 
 
 @pytest.fixture

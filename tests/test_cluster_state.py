@@ -4,7 +4,6 @@ stopped gives ServiceUnavailable, then works again once it is back."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,20 +19,13 @@ from shared.config import ClusterConfig
 from shared.errors import LeaseLost, ServiceUnavailable
 from tests.cluster_fixtures import Postgres, postgres  # noqa: F401  (the fixture)
 
-_dbs = itertools.count(1)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
 async def db_url(postgres: Postgres) -> str:  # noqa: F811
     """A fresh database of the module's server for each test."""
-    name = f"t{next(_dbs)}"
-    conn = await asyncpg.connect(postgres.url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return postgres.url.rsplit("/", 1)[0] + "/" + name
+    return await postgres.new_database("t")
 
 
 def cluster(url: str) -> ClusterConfig:
