@@ -122,7 +122,7 @@ async def scheduler_call(request: web.Request, req: Request[R], timeout: float |
     sched = settings.config.scheduler
     # cluster mode: the leading scheduler's, from the cluster's database
     endpoint = sched.control if settings.config.cluster is None else await request.app[CLUSTER_ROUTES].leader_control()
-    async with ControlClient(endpoint, timeout or sched.request_timeout, request.app[ZMQ]) as client:
+    async with ControlClient(endpoint, timeout or sched.request_timeout, request.app[ZMQ], request.app[HUB].keys) as client:
         return await client.call(req)
 
 

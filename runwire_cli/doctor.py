@@ -22,6 +22,7 @@ import msgspec
 
 from shared.config import Settings, endpoints_of
 from shared.control import ControlClient, Identity, Probe
+from shared.curve import load_keys
 from shared.errors import RunwireError
 from shared.httpapi import Health
 from shared.protocol import EventsFrame, Hello
@@ -50,6 +51,7 @@ class Doctor:
         self.gateway = gateway_url(settings, gateway)
         self.checks: list[Check] = []
         self.identities: dict[str, IdentityInfo] = {}
+        self.keys = load_keys(settings)  # a cluster's control sockets answer CURVE clients only
 
     def add(self, name: str, ok: bool, detail: str) -> bool:
         self.checks.append(Check(name, ok, detail))
@@ -93,7 +95,7 @@ class Doctor:
 
     async def check_service(self, who: str, endpoint: str) -> bool:
         try:
-            async with ControlClient(endpoint, timeout=2.0) as client:
+            async with ControlClient(endpoint, timeout=2.0, keys=self.keys) as client:
                 info = await client.call(Identity())
         except RunwireError as e:
             self.add(f"{who} reachable", False, f"{who} not answering on {endpoint}: {e}")
@@ -181,7 +183,7 @@ class Doctor:
             else:
                 t0 = time.perf_counter()
                 try:
-                    async with ControlClient(self.settings.config.runner.control, timeout=2.0) as rc:
+                    async with ControlClient(self.settings.config.runner.control, timeout=2.0, keys=self.keys) as rc:
                         run_id = (await rc.call(Probe())).run_id
                 except RunwireError as e:
                     failure = str(e)

@@ -29,6 +29,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from .curve import CurveKeys, secure_client
 from .errors import ERRORS_BY_CODE, BadReply, InternalError, ProtocolError, RunwireError, ServiceUnavailable
 from .replies import (
     BackfillList,
@@ -236,14 +237,17 @@ class ControlClient:
     (nothing queued in it is sent later), and the request's deadline, `deadline_margin` before the
     client gives up, stops a late server acting. Waiting to connect spends the same budget: the
     deadline is fixed when the call starts, so a slow connect shortens the server's time, never the
-    margin."""
+    margin. With the cluster's CURVE keys (`[cluster.curve]`), it is a CURVE client: the control
+    sockets of a cluster's schedulers and runners accept nothing else."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str, timeout: float = 5.0, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, endpoint: str, timeout: float = 5.0, ctx: zmq.asyncio.Context | None = None,
+                 keys: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._keys = keys
         self._sock: zmq.asyncio.Socket | None = None
         self._lock = anyio.Lock()  # one request in flight per client: replies are not interleaved
 
@@ -252,6 +256,7 @@ class ControlClient:
             sock = self._ctx.socket(zmq.DEALER)
             configure_socket(sock, sndhwm=100, rcvhwm=100)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a peer that is not there
+            secure_client(sock, self._keys)  # before the connect: CURVE applies to connections made after
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock

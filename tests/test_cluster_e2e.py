@@ -11,6 +11,9 @@ real 3-node JetStream cluster on loopback.
   nothing is lost or repeated (stream == the runner's journal == what a gateway delivered).
 - kill -9 of the leading scheduler during a burst of launches through a gateway: the standby takes
   over and every launch runs exactly once on the real runners.
+- with the cluster's CURVE pair in every host's [cluster.curve], the same launch-and-watch works
+  (every ZeroMQ link encrypted: dispatch, PUB, control), and a control client without the pair gets
+  no answer from the leader.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import anyio
 import pytest
 
 from runwire_cluster.events import EventStream
-from shared.config import ClusterConfig
+from shared.config import ClusterConfig, load_settings
+from shared.control import ControlClient, Identity
+from shared.curve import PUBLIC_NAME, SECRET_NAME, load_keys, write_keypair
+from shared.errors import ServiceUnavailable
 from shared.events import Event, event_to_json_line
 from shared.journal import JournalReader, journal_path
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (fixtures)
@@ -61,17 +67,22 @@ async def db_url(postgres: Postgres) -> str:  # noqa: F811
 class Hosts:
     """The six hosts' services, by name; each host's config in its own folder."""
 
-    def __init__(self, root: Path, nats: NatsCluster, db: str) -> None:
+    def __init__(self, root: Path, nats: NatsCluster, db: str, keys_dir: Path | None = None) -> None:
         self.root = root
         self.nats = nats
         self.db = db
+        self.keys_dir = keys_dir  # the cluster's CURVE pair, copied into every host's config
         self.services: dict[str, Service] = {}
         self.configs: dict[str, Path] = {}
 
     def start(self, name: str, module: str) -> Service:
         path = host_config(self.root, name, self.nats.urls, self.db, body=PIPELINE)
         # one runner id per runner host (the harness's config names every runner "test-runner")
-        path.write_text(path.read_text().replace('id = "test-runner"', f'id = "{name}"'))
+        text = path.read_text().replace('id = "test-runner"', f'id = "{name}"')
+        if self.keys_dir is not None:
+            text += (f'[cluster.curve]\npublic_file = "{self.keys_dir / PUBLIC_NAME}"\n'
+                     f'secret_file = "{self.keys_dir / SECRET_NAME}"\n')
+        path.write_text(text)
         self.configs[name] = path
         svc = Service(module, path, self.root / name).start(timeout=T)
         self.services[name] = svc
@@ -89,10 +100,9 @@ class Hosts:
             svc.stop()
 
 
-@pytest.fixture
-def hosts(tmp_path: Path, nats_cluster: NatsCluster, db_url: str) -> Iterator[Hosts]:  # noqa: F811
+def six_hosts(tmp_path: Path, nats_cluster: NatsCluster, db_url: str, keys_dir: Path | None = None) -> Iterator[Hosts]:  # noqa: F811
     nats_cluster.wait_ready()
-    h = Hosts(tmp_path, nats_cluster, db_url)
+    h = Hosts(tmp_path, nats_cluster, db_url, keys_dir)
     try:
         for name in ("sched-a", "sched-b"):
             h.start(name, "scheduler_svc")
@@ -103,6 +113,17 @@ def hosts(tmp_path: Path, nats_cluster: NatsCluster, db_url: str) -> Iterator[Ho
         yield h
     finally:
         h.stop()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, nats_cluster: NatsCluster, db_url: str) -> Iterator[Hosts]:  # noqa: F811
+    yield from six_hosts(tmp_path, nats_cluster, db_url)
+
+
+@pytest.fixture
+def curve_hosts(tmp_path: Path, nats_cluster: NatsCluster, db_url: str) -> Iterator[Hosts]:  # noqa: F811
+    write_keypair(tmp_path / "keys")
+    yield from six_hosts(tmp_path, nats_cluster, db_url, tmp_path / "keys")
 
 
 async def stream_events(nats: NatsCluster, run_id: str) -> list[Event]:
@@ -288,6 +309,31 @@ async def test_kill_9_of_the_leading_scheduler_during_a_burst_of_launches_runs_e
         kinds = [(e["stage"], e["event"]) for e in stream if e["event"] != "log"]
         assert kinds.count(("pipeline", "start")) == 1 and kinds[-1] == ("pipeline", "success"), (run_id, kinds)
         assert [e["seq"] for e in stream] == list(range(1, len(stream) + 1)), run_id
+
+
+async def test_with_curve_on_every_host_a_launch_runs_and_is_watched_and_control_needs_the_pair(
+        curve_hosts: Hosts, session: aiohttp.ClientSession) -> None:
+    hosts = curve_hosts
+    a, b = hosts.base("gw-a"), hosts.base("gw-b")
+    await healthy(session, a)  # the gateway reached the leader's control socket over CURVE
+    await healthy(session, b)
+    async with anyio.create_task_group() as tg:
+        on_b = await run_socket(session, tg, b.replace("http", "ws") + "/ws/events")
+        run_id = await launch(session, a, seconds=0.5)  # gateway -> leader control -> dispatch -> runner
+        await wait_until("gateway B shows the run's end", lambda: _async(terminal(of_run(on_b, run_id))), T)
+        await on_b.ws.close()
+    stream = as_dicts(await stream_events(hosts.nats, run_id))
+    assert stream[-1]["event"] == "success", stream[-1]
+    assert of_run(on_b, run_id) == stream, "gateway B did not deliver the event stream once each, in order"
+
+    leader = load_settings(str(hosts.configs[_leader(hosts)]))
+    keys = load_keys(leader)
+    assert keys is not None
+    async with ControlClient(leader.config.scheduler.control, timeout=5.0, keys=keys) as client:
+        assert (await client.call(Identity())).service == "scheduler"
+    async with ControlClient(leader.config.scheduler.control, timeout=2.0) as plain:
+        with pytest.raises(ServiceUnavailable):  # the handshake is refused: the request is never read
+            await plain.call(Identity())
 
 
 async def _async(value: bool) -> bool:
