@@ -24,7 +24,9 @@ from shared.config import ClusterConfig, Settings
 from shared.errors import ServiceUnavailable
 from shared.journal import JournalWriter
 
-from .streamed import StopSwitch, StreamAppender, open_local_journal, take_over_run
+from .publish import Publisher
+from .streamed import EndMarks, StopSwitch, StreamAppender, open_local_journal, take_over_run
+from .unacked_ends import settle_unacked_ends
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class ClusterLink:
         self.registered = False
         self.heartbeats = 0
         self.stop_switch = StopSwitch()  # thrown once the runner stops waiting for its runs' appends
+        self.settings = settings
+        self.end_marks = EndMarks(settings.state_dir / "unacked-ends")
+        self.writer_id = f"runner.{runner_id}"
 
     async def __aenter__(self) -> Self:
         self.stream = await self._connect_stream()
@@ -144,5 +149,13 @@ class ClusterLink:
     async def take_over(self, writer: JournalWriter) -> StreamAppender:
         """The run's appender to the event stream, its local journal brought level with the stream."""
         assert self.stream is not None
-        rw = await take_over_run(self.stream, writer, f"runner.{self.runner_id}")
-        return StreamAppender(rw, self.stop_switch)
+        rw = await take_over_run(self.stream, writer, self.writer_id)
+        return StreamAppender(rw, self.stop_switch, self.end_marks)
+
+    async def settle_ends(self, publisher: Publisher) -> int:
+        """At start, before the recovery: runs whose end was journaled here but maybe never reached
+        the stream (runner_svc/unacked_ends.py). Returns how many ends were appended now."""
+        assert self.stream is not None
+        s = self.settings
+        return await settle_unacked_ends(self.end_marks, self.stream, s.journal_dir, s.tz, self.cfg.durability,
+                                         publisher, self.writer_id, self.stop_switch)

@@ -14,7 +14,7 @@ import zmq
 
 from shared.curve import CurveKeys, bind_secured
 from shared.errors import BindError, JournalError, JournalFenced, ServiceUnavailable
-from shared.events import PIPELINE_STAGE, Event, EventDraft, msgpack_encoder
+from shared.events import PIPELINE_STAGE, Event, EventDraft, is_terminal, msgpack_encoder
 from shared.journal import JournalWriter
 from shared.wire import Heartbeat, configure_socket, encode_heartbeat_frames, event_topic_of
 
@@ -130,6 +130,8 @@ class ChunkAppender(Protocol):
     @property
     def pending_end(self) -> int: ...  # the last seq of a chunk whose append was cut off (0: none)
 
+    def will_end(self, acked_seq: int) -> None: ...  # before the run's end is journaled (runner_svc/unacked_ends.py)
+
     async def append(self, events: Sequence[Event]) -> None: ...
 
     async def mirror(self, writer: JournalWriter) -> None: ...  # after a fence: the journal made the stream's copy
@@ -179,6 +181,8 @@ class RunJournal:
         fenced. A batch is all or nothing in both: in the journal whole, then published whole."""
         if self.released or not drafts:
             return []
+        if self.stream is not None and any(is_terminal(d[0], d[1]) for d in drafts):
+            self.stream.will_end(self.published_seq)  # marked until the stream has the end too
         try:
             events = self.writer.append_many(drafts)
         except JournalFenced as e:

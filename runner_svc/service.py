@@ -125,6 +125,8 @@ class RunnerService:
                 log.info("bound PUB %s (SNDHWM %d%s)", self.cfg.publish, self.cfg.send_hwm, ", CURVE" if keys else "")
                 control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended, keys)
                 await tg.start(control.run, ctx)
+                if self.link is not None:  # ends journaled here that the event stream may lack
+                    await self.link.settle_ends(self.publisher)
                 recovered = await recover_interrupted_runs(
                     s.journal_dir, s.home, self.runner_id, s.tz, self.publisher, self.cfg.durability, self.cfg.group_commit_ms,
                     self.link.take_over if self.link is not None else None,

@@ -11,6 +11,7 @@ chunk cut off (cancelled) is sent again exactly as it was first tried, so nothin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,8 +21,9 @@ from zoneinfo import ZoneInfo
 import anyio
 
 from runwire_cluster.events import EventStream, RunWriter
-from shared.errors import JournalError, ServiceUnavailable
+from shared.errors import InvalidRunId, JournalError, ServiceUnavailable
 from shared.events import Event, event_to_json_line
+from shared.ids import check_run_id
 from shared.journal import Durability, JournalReader, JournalWriter, journal_path
 
 log = logging.getLogger(__name__)
@@ -58,19 +60,59 @@ class StopSwitch:
             raise ServiceUnavailable(f"{what}: the runner is stopping")
 
 
+class EndMarks:
+    """The marks' folder: one small file per run whose end awaits the stream's ack (why, and how
+    they are settled at start: runner_svc/unacked_ends.py)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def mark(self, run_id: str, acked_seq: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{run_id}.tmp"
+        tmp.write_text(f"{acked_seq}\n")
+        os.replace(tmp, self.folder / run_id)  # whole or absent, never a torn number
+
+    def clear(self, run_id: str) -> None:
+        (self.folder / run_id).unlink(missing_ok=True)
+
+    def marked(self) -> dict[str, int]:
+        """run id -> the seq the stream had acknowledged when the end was journaled. A mark that is
+        not a run id or a number is reported and set aside (renamed `.bad`), never taken as one."""
+        out: dict[str, int] = {}
+        if not self.folder.is_dir():
+            return out
+        for path in sorted(self.folder.iterdir()):
+            if path.name.startswith(".") or path.name.endswith(".bad"):
+                continue
+            try:
+                check_run_id(path.name)
+                out[path.name] = int(path.read_text().strip())
+            except (ValueError, InvalidRunId, OSError) as e:
+                log.error("unacknowledged end mark %s unreadable (%s): set aside as %s.bad", path, e, path.name)
+                path.replace(path.with_name(path.name + ".bad"))
+        return out
+
+
 class StreamAppender:
     """One run's appends to the event stream, in seq order (RunJournal serialises the calls). The
     switch thrown (the runner stopping): an append stops retrying, raises ServiceUnavailable."""
 
-    def __init__(self, writer: RunWriter, switch: StopSwitch | None = None) -> None:
+    def __init__(self, writer: RunWriter, switch: StopSwitch | None = None, marks: EndMarks | None = None) -> None:
         self.writer = writer
         self.switch = switch or StopSwitch()
+        self.marks = marks
         self._cut_off_end = 0  # the last seq of a chunk whose append was cancelled before its ack
         self.paused = 0  # appends that found no quorum and were tried again
 
     @property
     def pending_end(self) -> int:
         return self._cut_off_end if self._cut_off_end > self.writer.last_seq else 0
+
+    def will_end(self, acked_seq: int) -> None:
+        """The run's end is about to be journaled: marked until the stream acknowledges it."""
+        if self.marks is not None:
+            self.marks.mark(self.writer.run_id, acked_seq)
 
     async def append(self, events: Sequence[Event]) -> None:
         """Append consecutive events; those the stream already acknowledged (a cut-off append's first
@@ -90,6 +132,8 @@ class StreamAppender:
             await self._send(chunk)
             self._cut_off_end = 0
             todo = todo[len(chunk):]
+        if self.marks is not None and events[-1].is_terminal:
+            self.marks.clear(w.run_id)
 
     async def mirror(self, writer: JournalWriter) -> None:
         """After a fence: the local journal cut back to what the stream acknowledged from this runner,
@@ -98,7 +142,7 @@ class StreamAppender:
         w = self.writer
         acked = w.last_seq
         events = await w.stream.read(w.run_id, after_seq=acked)
-        await anyio.to_thread.run_sync(_cut_and_copy, writer, acked, events)
+        await anyio.to_thread.run_sync(cut_and_copy, writer, acked, events)
         log.warning("run %s: local journal %s made the event stream's copy after the fence: cut back to seq %d, "
                     "%d event(s) of the other writer copied in", w.run_id, writer.path, acked, len(events))
 
@@ -140,7 +184,7 @@ def _copy_in(writer: JournalWriter, events: list[Event]) -> None:
     writer.sync()  # the copy is what the run continues from: as durable as begin_run's queued
 
 
-def _cut_and_copy(writer: JournalWriter, acked: int, events: list[Event]) -> None:
+def cut_and_copy(writer: JournalWriter, acked: int, events: list[Event]) -> None:
     writer.discard_after(acked)
     if events:
         writer.append_copied(events)

@@ -23,7 +23,7 @@ from runwire_cluster.state import ClusterState
 from shared.dispatch import RunAccepted, RunFinished, RunnerStatus, RunRejected
 from shared.errors import JournalFenced
 from shared.events import Event, now_timestamp
-from shared.journal import read_events
+from shared.journal import JournalWriter, read_events
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (fixtures)
 from tests.cluster_runner_rig import (
     TZ,
@@ -114,6 +114,9 @@ async def test_a_run_goes_journal_then_jetstream_then_pub(
         assert sum(1 for e in local if e.stage == "talk" and e.event == "log") == 300
         # the PUB socket: every event after the scheduler's queued, once, in order
         assert published == [as_published(e) for e in local[1:]]
+        # the run's end was marked until the stream acknowledged it (runner_svc/unacked_ends.py), then unmarked
+        marks = rig.home / "state" / "unacked-ends"
+        assert marks.is_dir() and list(marks.iterdir()) == []
     finally:
         rig.close()
 
@@ -492,4 +495,69 @@ async def test_a_stop_while_jetstream_has_no_quorum_is_not_held_up_by_it_and_the
     finally:
         for node in killed:
             node.start()
+        rig.close()
+
+
+async def _plant_unacked_end(rig: RunnerRig, stream: EventStream) -> tuple[str, list[Event]]:
+    """What a kill -9 between journaling a run's end and the stream's ack leaves on the runner host: the
+    local journal up to `success` (seq 5), the stream up to seq 4 (written as this runner, which had them
+    acknowledged), and the mark made before the end was journaled, holding 4."""
+    run_id = await queue_in_stream(stream, "chatty")
+    queued = await stream.read(run_id)
+    writer = JournalWriter.create(rig.home / "events", run_id, TZ)
+    try:
+        writer.append_copied(queued)
+        events = writer.append_many([("pipeline", "start", "chatty started", {"runner": "test-runner", "attempt": 1}),
+                                     ("talk", "start", "", None), ("talk", "success", "", None),
+                                     ("pipeline", "success", "chatty succeeded", None)])
+    finally:
+        writer.close()
+    rw = await stream.writer(run_id, writer_id="runner.test-runner")
+    await rw.append(events[:3])
+    marks = rig.home / "state" / "unacked-ends"
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / run_id).write_text("4\n")
+    (marks / "not a run id").write_text("4\n")  # hostile content: set aside, said so
+    return run_id, queued + events
+
+
+async def test_an_end_journaled_but_not_acknowledged_before_kill_9_reaches_the_stream_at_restart(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    db = await new_database(postgres)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
+    try:
+        async with event_stream(nats_cluster, db) as stream:
+            rig.kill9()
+            run_id, local = await _plant_unacked_end(rig, stream)
+            assert (await stream.last_chunk(run_id))[1] == 4
+            rig.restart()
+            rig.svc.wait_for(rf"run {run_id}: 1 event\(s\) up to its end \(success at seq 5\) were journaled here but "
+                             "not in the event stream: appended now, then published")
+            assert await stream.read(run_id) == local  # the end the runner wrote, not a "runner restarted" failure
+            assert journal(rig, run_id) == local
+            marks = rig.home / "state" / "unacked-ends"
+            assert sorted(p.name for p in marks.iterdir()) == ["not a run id.bad"]
+            assert "unacknowledged end mark" in rig.svc.output() and "set aside" in rig.svc.output()
+    finally:
+        rig.close()
+
+
+async def test_an_unacknowledged_end_the_scheduler_overtook_gives_way_to_the_stream_s_end(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    db = await new_database(postgres)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
+    try:
+        async with event_stream(nats_cluster, db) as stream:
+            rig.kill9()
+            run_id, local = await _plant_unacked_end(rig, stream)
+            # meanwhile a scheduler declared the runner lost and ended the run in the stream, after seq 4
+            lost = Event(run_id=run_id, seq=5, timestamp=now_timestamp(TZ), stage="pipeline", event="failure",
+                         msg="runner test-runner lost", data={"runner": "test-runner"})
+            await (await stream.writer(run_id, writer_id="scheduler.test")).append([lost])
+            rig.restart()
+            rig.svc.wait_for(rf"run {run_id}: its end here \(success at seq 5\) never reached the event stream")
+            in_stream = await stream.read(run_id)
+            assert in_stream == local[:4] + [lost]
+            assert journal(rig, run_id) == in_stream  # the local journal is the stream's copy again
+    finally:
         rig.close()
