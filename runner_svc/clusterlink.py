@@ -2,7 +2,7 @@
 JetStream), opened before the runner serves and closed after its last run has ended, and the runner
 registry (PostgreSQL), where the runner registers its PUB and control endpoints and capacity and then
 heartbeats. A registry that cannot be reached is logged loudly and tried again; it never stops the
-runner (its runs go on streaming through JetStream)."""
+runner (its runs go on streaming through JetStream). Also the retention of this host's journals."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from runwire_cluster.events import EventStream
 from runwire_cluster.state import ClusterState
 from shared.config import ClusterConfig, Settings
 from shared.errors import ServiceUnavailable
-from shared.journal import JournalWriter
+from shared.journal import JournalWriter, remove_expired
 
 from .publish import Publisher
 from .streamed import EndMarks, StopSwitch, StreamAppender, open_local_journal, take_over_run
@@ -31,6 +31,7 @@ from .unacked_ends import settle_unacked_ends
 log = logging.getLogger(__name__)
 
 CONNECT_RETRY_S = 2.0  # between two tries to reach NATS at start
+RETENTION_INTERVAL_S = 3600.0  # between two passes over this host's journals
 def _nats_where(cluster: ClusterConfig) -> str:
     return ", ".join(urlsplit(u).netloc.rsplit("@", 1)[-1] for u in cluster.nats)
 
@@ -117,6 +118,22 @@ class ClusterLink:
         self.registered = True
         log.info("runner registry %s: registered runner %s (publish %s, control %s, capacity %d)", state.where,
                  self.runner_id, self.publish, self.control, self.cfg.capacity)
+
+    async def retention_loop(self) -> None:
+        """This host's journals (a task of the service's group): in cluster mode no scheduler sees
+        them, so the runner removes its ended runs' journals and reports once older than
+        `scheduler.keep_days`, at start and every hour (0: keeps every run). The event stream keeps
+        its own copy by `cluster.stream_max_age`."""
+        s = self.settings
+        keep_days = s.config.scheduler.keep_days
+        if keep_days <= 0:
+            return
+        while True:
+            removed = await anyio.to_thread.run_sync(remove_expired, s.journal_dir, s.reports_dir, keep_days, time.time())
+            if removed:
+                log.info("retention: removed %d ended run(s) last written more than %g days ago from %s, oldest %s",
+                         len(removed), keep_days, s.journal_dir, removed[0])
+            await anyio.sleep(RETENTION_INTERVAL_S)
 
     async def _leave(self, state: ClusterState) -> None:
         try:

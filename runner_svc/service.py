@@ -141,6 +141,7 @@ class RunnerService:
                 tg.start_soon(self._heartbeat_loop)
                 if self.link is not None:
                     tg.start_soon(self.link.registry_loop)
+                    tg.start_soon(self.link.retention_loop)
                 task_status.started()
         finally:
             if self.publisher is not None:

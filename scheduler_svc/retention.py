@@ -8,48 +8,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 
 from runwire_history.archive import Archive, archivable
-from shared.journal import JournalReader, journal_path, list_run_ids
+from shared.journal import remove_expired
 
 from .runbook import RunBook
 
 log = logging.getLogger(__name__)
 
 RETENTION_INTERVAL = 3600.0  # seconds between passes
-DAY = 86400.0
 
 
-def remove_expired(journal_dir: Path, reports_dir: Path, keep_days: float, now: float,
-                   archive: Archive | None = None) -> list[str]:
-    """Remove the journal and report of every ended run whose journal was last written before
-    now - keep_days (blocking: for a worker thread), once `archive` holds the run. Returns the run ids
-    removed."""
-    cutoff = now - keep_days * DAY
-    removed: list[str] = []
-    for run_id in list_run_ids(journal_dir):
-        path = journal_path(journal_dir, run_id)
-        try:
-            if path.stat().st_mtime >= cutoff:
-                continue
-        except FileNotFoundError:
-            continue  # removed meanwhile (by hand, or a probe clean-up)
-        last = JournalReader(path, run_id).last_event()
-        if last is None or not last.is_terminal:
-            continue  # not ended, or no readable line: never removed here
-        if archive is not None and archivable(run_id) and not _archived(archive, run_id):
-            continue
-        try:
-            path.unlink(missing_ok=True)
-            (reports_dir / f"{run_id}.json").unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("retention: cannot remove the files of run %s: %s (kept; tried again next pass)", run_id, e)
-            continue
-        removed.append(run_id)
-    return removed
+def unarchived(archive: Archive) -> Callable[[str], bool]:
+    """remove_expired's `keep`: a run the archive does not hold and cannot take now stays."""
+    return lambda run_id: archivable(run_id) and not _archived(archive, run_id)
 
 
 def _archived(archive: Archive, run_id: str) -> bool:
@@ -74,9 +50,10 @@ class Retention:
         if self.keep_days <= 0:
             return  # keep every run
         while True:
+            archive = Archive(self.archive_dir, self.journal_dir)
             removed = await anyio.to_thread.run_sync(
                 remove_expired, self.journal_dir, self.reports_dir, self.keep_days, time.time(),
-                Archive(self.archive_dir, self.journal_dir))
+                unarchived(archive))
             for run_id in removed:
                 rec = self.book.get(run_id)
                 if rec is not None and rec.ended:

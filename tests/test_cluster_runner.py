@@ -9,6 +9,7 @@ then a DispatchRun over the runner's dispatch socket."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -559,5 +560,42 @@ async def test_an_unacknowledged_end_the_scheduler_overtook_gives_way_to_the_str
             in_stream = await stream.read(run_id)
             assert in_stream == local[:4] + [lost]
             assert journal(rig, run_id) == in_stream  # the local journal is the stream's copy again
+    finally:
+        rig.close()
+
+
+def _plant_journal(events_dir: Path, run_id: str, end: bool, age_days: float) -> Path:
+    writer = JournalWriter.create(events_dir, run_id, TZ)
+    try:
+        writer.append_many([("pipeline", "queued", "", None), ("pipeline", "start", "", {"runner": "another-runner"})]
+                           + ([("pipeline", "success", "", None)] if end else []))
+    finally:
+        writer.close()
+    old = time.time() - age_days * 86400
+    os.utime(writer.path, (old, old))
+    return writer.path
+
+
+async def test_each_runner_host_keeps_its_journals_keep_days(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    """Cluster mode: no scheduler sees a runner host's journals, so the runner applies
+    `scheduler.keep_days` to them: old ended runs go (journal and report), runs not ended stay."""
+    db = await new_database(postgres)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
+    try:
+        rig.kill9()
+        events = rig.home / "events"
+        old_ended = _plant_journal(events, "old-ended", end=True, age_days=3)
+        report = rig.home / "reports" / "old-ended.json"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text("{}")
+        old_open = _plant_journal(events, "old-open", end=False, age_days=3)
+        recent = _plant_journal(events, "recent-ended", end=True, age_days=0.5)
+        text = rig.config.read_text()
+        rig.config.write_text(text.replace("runner_lost_after = 3.0\n", "runner_lost_after = 3.0\nkeep_days = 1\n", 1))
+        rig.restart()
+        rig.svc.wait_for(r"retention: removed 1 ended run\(s\) last written more than 1 days ago")
+        assert not old_ended.exists() and not report.exists()
+        assert old_open.exists() and recent.exists()  # not ended (another runner's), or not old enough
     finally:
         rig.close()

@@ -22,9 +22,9 @@ from runwire_history.analytics import Query, history
 from runwire_history.archive import Archive, _write_atomic
 from runwire_history.ledger import Ledger
 from runwire_history.schema import run_table
-from scheduler_svc.retention import remove_expired
+from scheduler_svc.retention import unarchived
 from shared.ids import new_run_id
-from shared.journal import JournalReader, JournalWriter, begin_run, journal_path
+from shared.journal import JournalReader, JournalWriter, begin_run, journal_path, remove_expired
 from tests.test_gateway_helpers import make_settings, running_gateway
 
 TZ = ZoneInfo("UTC")
@@ -201,10 +201,10 @@ def test_retention_archives_before_removing_and_keeps_what_it_cannot_archive(tmp
     os.utime(journal_path(journals, old), (then, then))
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the archive directory should be")
-    assert remove_expired(journals, reports, 30, time.time(), Archive(blocked, journals)) == []
+    assert remove_expired(journals, reports, 30, time.time(), unarchived(Archive(blocked, journals))) == []
     assert journal_path(journals, old).exists()  # not archived: kept
     archive_dir = tmp_path / "archive"
-    assert remove_expired(journals, reports, 30, time.time(), Archive(archive_dir, journals)) == [old]
+    assert remove_expired(journals, reports, 30, time.time(), unarchived(Archive(archive_dir, journals))) == [old]
     assert not journal_path(journals, old).exists()
     assert history(archive_dir, Query("p", "365d"))["summary"]["runs"] == 1
 

@@ -10,11 +10,10 @@ from zoneinfo import ZoneInfo
 
 import anyio
 
-from scheduler_svc.retention import remove_expired
 from shared.config import load_settings
 from shared.control import ControlClient, ListRuns
 from shared.ids import new_run_id
-from shared.journal import JournalWriter, begin_run, journal_path, list_run_ids
+from shared.journal import JournalWriter, begin_run, journal_path, list_run_ids, remove_expired
 from tests.harness import Service, write_config
 
 TZ = ZoneInfo("UTC")

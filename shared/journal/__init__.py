@@ -24,10 +24,11 @@ from .files import (
     stats_fields,
 )
 from .reader import JournalReader, read_events
+from .retention import remove_expired
 from .writer import JournalWriter, begin_run
 
 __all__ = [
     "CHUNK_BYTES", "JOURNAL_PREFIX", "JOURNAL_SUFFIX", "Durability", "JournalReader", "JournalStats",
     "JournalWriter", "begin_run", "fsync_path", "journal_path", "list_run_ids", "read_events",
-    "remove_older_journals", "run_id_from_path", "stats", "stats_fields",
+    "remove_expired", "remove_older_journals", "run_id_from_path", "stats", "stats_fields",
 ]
