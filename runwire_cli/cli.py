@@ -132,9 +132,14 @@ def _settings(args: argparse.Namespace, required: bool = True) -> Settings | Non
 
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "doctor":
-        from .doctor import run_doctor
+        from .doctor import Doctor, run_doctor
 
-        return await run_doctor(load_settings(args.config), args.gateway, as_json=args.json)
+        loaded = load_settings(args.config)
+        if loaded.config.cluster is not None:
+            from .cluster_doctor import ClusterDoctor  # cluster mode's engines are imported only with [cluster]
+
+            return await run_doctor(ClusterDoctor(loaded, args.gateway), as_json=args.json)
+        return await run_doctor(Doctor(loaded, args.gateway), as_json=args.json)
     if args.command == "demo-data":
         return _demo_data(args)
     if args.command == "keys":

@@ -58,6 +58,8 @@ class Doctor:
         return ok
 
     def _same_dir(self, who: str, journal_dir: str | None, config_path: str | None) -> None:
+        if self.settings.config.cluster is not None:
+            return  # cluster mode: each host has its own journal directory and config file
         mine = str(self.settings.journal_dir)
         if journal_dir is None:
             self.add(f"{who} journal directory", False, f"{who} did not report its journal directory")
@@ -231,8 +233,7 @@ def _failing(health: Health | None, raw: bytes) -> str:
     return "; ".join(bad) or (health.error.message if health.error else "no failed check named")
 
 
-async def run_doctor(settings: Settings, gateway: str | None, *, as_json: bool = False) -> int:
-    doctor = Doctor(settings, gateway)
+async def run_doctor(doctor: Doctor, *, as_json: bool = False) -> int:
     await doctor.run()
     colour = sys.stdout.isatty() and not as_json
     for c in doctor.checks:

@@ -13,7 +13,8 @@ real 3-node JetStream cluster on loopback.
   over and every launch runs exactly once on the real runners.
 - with the cluster's CURVE pair in every host's [cluster.curve], the same launch-and-watch works
   (every ZeroMQ link encrypted: dispatch, PUB, control), and a control client without the pair gets
-  no answer from the leader.
+  no answer from the leader; `runwire doctor` on a gateway host checks the cluster's parts, and names
+  the runner host killed with -9.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -334,6 +337,24 @@ async def test_with_curve_on_every_host_a_launch_runs_and_is_watched_and_control
     async with ControlClient(leader.config.scheduler.control, timeout=2.0) as plain:
         with pytest.raises(ServiceUnavailable):  # the handshake is refused: the request is never read
             await plain.call(Identity())
+
+    code, checks = await doctor(hosts, "gw-a")
+    assert code == 0 and all(checks.values()), checks
+    assert {"event stream", "cluster state", "scheduler leads", "scheduler reachable", "runners registered",
+            "runner runner-1 reachable", "runner runner-2 reachable", "gateway healthy"} <= set(checks), checks
+    hosts.services["runner-1"].kill9()
+    code, checks = await doctor(hosts, "gw-a")
+    assert code == 1 and checks["runner runner-1 reachable"] is False and checks["runner runner-2 reachable"], checks
+
+
+async def doctor(hosts: Hosts, name: str) -> tuple[int, dict[str, bool]]:
+    """`runwire doctor --json` with one host's config: its exit status and each check's verdict."""
+    runwire = str(Path(sys.executable).parent / "runwire")
+    r = await anyio.to_thread.run_sync(lambda: subprocess.run(
+        [runwire, "doctor", "--json", "--config", str(hosts.configs[name])], capture_output=True, text=True, timeout=120))
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert lines, (r.returncode, r.stdout, r.stderr)
+    return r.returncode, {c["check"]: c["ok"] for c in lines}
 
 
 async def _async(value: bool) -> bool:
