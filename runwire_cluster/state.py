@@ -1,5 +1,5 @@
 """The shared state of cluster mode on PostgreSQL: schedules' fire ledger, launches, leases with
-their fencing token, and the runner registry. Several schedulers use one database at once:
+their fencing token, the runner registry and alert deliveries. Several schedulers use one database at once:
 
 - a slot fires once: one ledger row per (schedule, slot), the primary key decides who claimed it;
 - a launch is claimed once: `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait on or share
@@ -93,6 +93,19 @@ MIGRATIONS: tuple[str, ...] = (
         paused boolean,
         last_slot timestamptz,
         start_fired_at timestamptz
+    );
+    """,
+    # 3: alert deliveries, shared by the schedulers (a takeover resumes the pending ones, makes none twice)
+    """
+    CREATE TABLE alert_deliveries (
+        id text PRIMARY KEY,
+        run_id text NOT NULL,
+        alert text NOT NULL,
+        payload text NOT NULL,
+        attempts integer NOT NULL,
+        next_at float8 NOT NULL,
+        state text NOT NULL,
+        updated_at float8 NOT NULL
     );
     """,
 )

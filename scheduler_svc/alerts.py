@@ -19,6 +19,7 @@ import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import anyio
@@ -41,7 +42,7 @@ from .alert_rules import (
 )
 from .runbook import RunBook
 from .runs import RunRecord
-from .state import AlertDelivery, AlertStore, StateError
+from .state import AlertDelivery, StateError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,20 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+class AlertRecords(Protocol):
+    """Where deliveries are kept: this host's state (state.AlertStore), or in cluster mode the
+    cluster's database (cluster_alerts.py), so a takeover resumes and never repeats them. Failures
+    raise StateError."""
+
+    async def load(self, done_since: float) -> tuple[list[AlertDelivery], set[str]]: ...
+
+    async def add(self, d: AlertDelivery, now: float) -> None: ...
+
+    async def update(self, d: AlertDelivery, now: float) -> None: ...
+
+
 class Alerts:
-    def __init__(self, rules: list[Rule], store: AlertStore, book: RunBook, journal_dir: Path, home: Path,
+    def __init__(self, rules: list[Rule], store: AlertRecords, book: RunBook, journal_dir: Path, home: Path,
                  link_base: str) -> None:
         self.rules = {r.name: r for r in rules}
         self.store = store
@@ -103,7 +116,7 @@ class Alerts:
             self._ends_out.close()  # ends from here on are logged by notice(), and checked at the next start
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        pending, self._known = self.store.load(time.time() - KEEP_DONE)  # at start, small
+        pending, self._known = await self.store.load(time.time() - KEEP_DONE)  # at start, small
         async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg, self._ends_in:
             self._session, self._tg = session, tg
             for d in pending:

@@ -43,6 +43,7 @@ from .alert_rules import rules_of, run_link_base
 from .alerts import Alerts
 from .backfills import Backfills
 from .clock import Clock
+from .cluster_alerts import ClusterAlertStore
 from .cluster_journaling import ClusterJournaling
 from .cluster_launches import ClusterLaunches, claim_launches, ends_stream, record_ends
 from .cluster_schedules import ClusterScheduleDriver, ClusterScheduleStore
@@ -54,7 +55,7 @@ from .reruns import Reruns
 from .runbook import RunBook, RunnerInfo
 from .runners import RunnerTracker
 from .runs import RunRecord
-from .state import AlertStore, StateStore
+from .state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class ClusterScheduler:
         self.journal_dir = settings.journal_dir
         self.clock = clock
         self.recently_ended = RecentlyEnded(path=settings.state_dir / "recently-ended.scheduler.json")
-        self.state = StateStore(settings.state_dir / "scheduler.sqlite3")  # this host's: alert deliveries
+        # this host's: what the Launches and Backfills bases expect (backfills are refused in cluster mode)
+        self.state = StateStore(settings.state_dir / "scheduler.sqlite3")
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.control: ControlHandler | None = None  # the current term's, while leading
 
@@ -202,7 +204,7 @@ class ClusterScheduler:
         control = ControlHandler(book, s, launches, schedules, journaling, send, dispatcher.wait_reason,
                                  tracker.clock.now, Reruns(book, s, journaling),
                                  Backfills(book, s, self.state, journaling, schedules))
-        alerts = Alerts(rules_of(cfg.alerts), AlertStore(self.state), book, self.journal_dir, s.home,
+        alerts = Alerts(rules_of(cfg.alerts), ClusterAlertStore(leader.state), book, self.journal_dir, s.home,
                         run_link_base(cfg.gateway))
 
         def on_end(rec: RunRecord) -> None:

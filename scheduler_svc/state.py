@@ -251,8 +251,9 @@ class AlertStore:
     def __init__(self, state: StateStore) -> None:
         self._state = state
 
-    def load(self, done_since: float) -> tuple[list[AlertDelivery], set[str]]:
-        """(pending deliveries, ids of every delivery known); rows done before `done_since` are dropped."""
+    async def load(self, done_since: float) -> tuple[list[AlertDelivery], set[str]]:
+        """(pending deliveries, ids of every delivery known); rows done before `done_since` are dropped.
+        At start, and small: on the loop."""
         st = self._state
         with st._lock:
             try:
