@@ -129,7 +129,8 @@ class ClusterLink:
         if keep_days <= 0:
             return
         while True:
-            removed = await anyio.to_thread.run_sync(remove_expired, s.journal_dir, s.reports_dir, keep_days, time.time())
+            removed = await anyio.to_thread.run_sync(remove_expired, s.journal_dir, s.reports_dir, keep_days, time.time(),
+                                                      self.end_marks.has)  # an end not settled yet stays
             if removed:
                 log.info("retention: removed %d ended run(s) last written more than %g days ago from %s, oldest %s",
                          len(removed), keep_days, s.journal_dir, removed[0])

@@ -76,6 +76,9 @@ class EndMarks:
     def clear(self, run_id: str) -> None:
         (self.folder / run_id).unlink(missing_ok=True)
 
+    def has(self, run_id: str) -> bool:
+        return (self.folder / run_id).exists()
+
     def marked(self) -> dict[str, int]:
         """run id -> the seq the stream had acknowledged when the end was journaled. A mark that is
         not a run id or a number is reported and set aside (renamed `.bad`), never taken as one."""

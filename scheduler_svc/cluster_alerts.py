@@ -1,7 +1,8 @@
 """Cluster mode: alert deliveries in the cluster's database instead of this host's state, so a
 scheduler that takes over resumes the deliveries the last leader left pending and knows every one
 already made (a run's alert is made once whichever scheduler sees its end). Same rows and rules as
-state.AlertStore; the database away is a StateError, which alerts.py logs and survives."""
+state.AlertStore. The database away while a delivery is stored is a StateError, which alerts.py logs
+and survives; at the term's start (load) it is ServiceUnavailable, and the term steps down."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class ClusterAlertStore:
             async with self._state.connection() as conn:
                 await conn.execute("DELETE FROM alert_deliveries WHERE state != 'pending' AND updated_at < $1", done_since)
                 rows = await conn.fetch("SELECT id, run_id, alert, payload, attempts, next_at, state FROM alert_deliveries")
-        except (ServiceUnavailable, asyncpg.PostgresError) as e:
+        except asyncpg.PostgresError as e:  # ServiceUnavailable passes: the term steps down and tries again
             raise StateError(f"cluster state {self._state.where}: alert deliveries: {e}") from e
         pending = [AlertDelivery(*r) for r in rows if r["state"] == "pending"]
         return pending, {r["id"] for r in rows}
