@@ -11,6 +11,8 @@ real 3-node JetStream cluster on loopback.
   nothing is lost or repeated (stream == the runner's journal == what a gateway delivered).
 - kill -9 of the leading scheduler during a burst of launches through a gateway: the standby takes
   over and every launch runs exactly once on the real runners.
+- PostgreSQL stopped while a stage prints: a launch answers 503, the running run goes on streaming to
+  a gateway's client and ends exactly; once the database is back a launch runs again.
 - with the cluster's CURVE pair in every host's [cluster.curve], the same launch-and-watch works
   (every ZeroMQ link encrypted: dispatch, PUB, control), and a control client without the pair gets
   no answer from the leader; `runwire doctor` on a gateway host checks the cluster's parts, and names
@@ -58,11 +60,20 @@ name = "talk"
 command = ["{python}", "-c", "import time\\nfor i in range(300):\\n    print('line', i, flush=True)\\n    time.sleep(0.01)"]
 timeout = 120
 log_rate = 100000  # every line an event: lines that come in a burst after the pause are not summarised
+
+[pipelines.slowtalk]
+[[pipelines.slowtalk.stages]]
+name = "talk"
+command = ["{python}", "-c", "import time\\nfor i in range(300):\\n    print('line', i, flush=True)\\n    time.sleep(0.03)"]
+timeout = 120
+log_rate = 100000
 """
 
 
 @pytest.fixture
 async def db_url(postgres: Postgres) -> str:  # noqa: F811
+    if not postgres.running():  # an earlier test's finally could not start it again
+        postgres.start()
     """A database of its own per test (the cluster's state starts empty)."""
     return await postgres.new_database("e2e")
 
@@ -355,6 +366,36 @@ async def doctor(hosts: Hosts, name: str) -> tuple[int, dict[str, bool]]:
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert lines, (r.returncode, r.stdout, r.stderr)
     return r.returncode, {c["check"]: c["ok"] for c in lines}
+
+
+async def test_the_database_stopped_mid_run_refuses_launches_and_the_run_streams_on_to_its_end(
+        hosts: Hosts, postgres: Postgres, session: aiohttp.ClientSession) -> None:  # noqa: F811
+    b = hosts.base("gw-b")
+    await healthy(session, b)
+    async with anyio.create_task_group() as tg:
+        on_b = await run_socket(session, tg, b.replace("http", "ws") + "/ws/events")
+        run_id = await launch(session, b, pipeline="slowtalk")  # about 9 s of printing
+        await wait_until("the stage prints", lambda: _async(sum(e["event"] == "log" for e in of_run(on_b, run_id)) >= 20), T)
+        await anyio.to_thread.run_sync(postgres.stop)
+        try:
+            seen = len(of_run(on_b, run_id))
+            async with session.post(f"{b}/api/runs", json={"pipeline": "sleepy", "params": {}}) as resp:
+                body = await resp.json()
+                assert resp.status == 503 and body["error"]["code"] == "unavailable", (resp.status, body)
+            await wait_until("the run streams on without the database",
+                             lambda: _async(len(of_run(on_b, run_id)) >= seen + 50), T)
+            await wait_until("the run ends without the database", lambda: _async(terminal(of_run(on_b, run_id))), T)
+        finally:
+            await anyio.to_thread.run_sync(postgres.start)
+        after = await launch(session, b, seconds=0.2)  # 503 until the leader is back, then accepted
+        await wait_until("a run launched after the outage ends",
+                         lambda: _async(terminal(of_run(on_b, after))), 2 * T)
+        await on_b.ws.close()
+    stream = as_dicts(await stream_events(hosts.nats, run_id))
+    assert stream[-1]["event"] == "success" and of_run(on_b, run_id) == stream
+    printed = [e["msg"] for e in stream if e["event"] == "log" and e["stage"] == "talk"]
+    assert printed == [f"line {i}" for i in range(300)]
+    assert of_run(on_b, after)[-1]["event"] == "success"
 
 
 async def _async(value: bool) -> bool:
