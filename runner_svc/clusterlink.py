@@ -11,16 +11,15 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import anyio
 import asyncpg
 
 from runwire_cluster.endpoints import reachable_endpoint
-from runwire_cluster.events import EventStream
+from runwire_cluster.events import EventStream, describe_nats
 from runwire_cluster.state import ClusterState
-from shared.config import ClusterConfig, Settings
+from shared.config import Settings
 from shared.errors import ServiceUnavailable
 from shared.journal import JournalWriter, remove_expired
 
@@ -32,8 +31,6 @@ log = logging.getLogger(__name__)
 
 CONNECT_RETRY_S = 2.0  # between two tries to reach NATS at start
 RETENTION_INTERVAL_S = 3600.0  # between two passes over this host's journals
-def _nats_where(cluster: ClusterConfig) -> str:
-    return ", ".join(urlsplit(u).netloc.rsplit("@", 1)[-1] for u in cluster.nats)
 
 
 class ClusterLink:
@@ -71,7 +68,7 @@ class ClusterLink:
     async def _connect_stream(self) -> EventStream:
         stream = await EventStream.open_ready(self.cluster, who=f"runner {self.runner_id}",
                                               waiting="runs cannot be taken before it answers", retry_every=CONNECT_RETRY_S)
-        log.info("event stream %s on NATS %s", stream.name, _nats_where(self.cluster))
+        log.info("event stream %s on NATS %s", stream.name, describe_nats(self.cluster))
         return stream
 
     # ---------------------------------------------------------------------------------- registry

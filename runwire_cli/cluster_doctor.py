@@ -8,11 +8,9 @@ runner -> JetStream -> gateway; single-host mode's probe does not)."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import anyio
 
-from runwire_cluster.events import EventStream
+from runwire_cluster.events import EventStream, describe_nats
 from runwire_cluster.runs import SCHEDULER_LEASE
 from runwire_cluster.state import ClusterState, describe_url
 from shared.errors import RunwireError
@@ -44,7 +42,7 @@ class ClusterDoctor(Doctor):
     async def check_event_stream(self) -> None:
         cluster = self.settings.config.cluster
         assert cluster is not None
-        nats = ", ".join(urlsplit(u).netloc.rsplit("@", 1)[-1] for u in cluster.nats)
+        nats = describe_nats(cluster)
         try:
             with anyio.fail_after(_CALL_S):
                 async with await EventStream.connect(cluster) as stream:

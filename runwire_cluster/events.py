@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -63,6 +64,11 @@ def _in_process(e: BaseException) -> bool:
     in flight, e.g. after a cancel): asked again shortly, it answers as for a duplicate."""
     return isinstance(e, nats.js.errors.APIError) and (
         e.err_code == DUPLICATE_IN_PROCESS or "duplicate message id is in process" in (e.description or ""))
+
+
+def describe_nats(cluster: ClusterConfig) -> str:
+    """The NATS servers as logs and the doctor name them: host:port each, without credentials."""
+    return ", ".join(urlsplit(u).netloc.rsplit("@", 1)[-1] for u in cluster.nats)
 
 
 def run_subject(run_id: str) -> str:
