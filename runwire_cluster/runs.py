@@ -197,6 +197,20 @@ class LeaderState:
             r = await conn.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
         return _row(r) if r is not None else None
 
+    async def runs(self, run_ids: list[str]) -> list[RunRow]:
+        """The rows of these runs that exist."""
+        async with self.state.connection() as conn:
+            rows = await conn.fetch("SELECT * FROM runs WHERE run_id = ANY($1::text[])", run_ids)
+        return [_row(r) for r in rows]
+
+    async def slot_runs(self, schedule: str, slots: list[str]) -> list[RunRow]:
+        """Every run of these slots (ISO UTC) of a schedule, whoever made it (the schedule, a backfill),
+        by the `schedule` and `slot` of its trigger."""
+        async with self.state.connection() as conn:
+            rows = await conn.fetch("SELECT * FROM runs WHERE trigger->>'schedule' = $1 AND trigger->>'slot' = ANY($2::text[])",
+                                    schedule, slots)
+        return [_row(r) for r in rows]
+
     # ------------------------------------------------------------------------------ schedules
 
     async def schedule_states(self) -> dict[str, tuple[bool | None, datetime | None, datetime | None]]:

@@ -1,5 +1,5 @@
 """The shared state of cluster mode on PostgreSQL: schedules' fire ledger, launches, leases with
-their fencing token, the runner registry and alert deliveries. Several schedulers use one database at once:
+their fencing token, the runner registry, alert deliveries and backfills. Several schedulers use one database at once:
 
 - a slot fires once: one ledger row per (schedule, slot), the primary key decides who claimed it;
 - a launch is claimed once: `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait on or share
@@ -107,6 +107,32 @@ MIGRATIONS: tuple[str, ...] = (
         state text NOT NULL,
         updated_at float8 NOT NULL
     );
+    """,
+    # 4: backfills, shared by the schedulers (a takeover carries on with a backfill's runs not yet queued);
+    # a schedule's slot runs found by (schedule, slot) of their trigger
+    """
+    CREATE TABLE backfills (
+        id text PRIMARY KEY,
+        schedule text NOT NULL,
+        start_ text NOT NULL,
+        end_ text NOT NULL,
+        policy text NOT NULL,
+        max_parallel integer NOT NULL,
+        created_at text NOT NULL,
+        made_at timestamptz NOT NULL DEFAULT now(),
+        done boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE backfill_runs (
+        backfill_id text NOT NULL REFERENCES backfills (id),
+        pos integer NOT NULL,
+        slot text NOT NULL,
+        run_id text NOT NULL,
+        rerun_of text,
+        reason text NOT NULL,
+        queued boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (backfill_id, pos)
+    );
+    CREATE INDEX runs_slot ON runs ((trigger->>'schedule'), (trigger->>'slot'));
     """,
 )
 

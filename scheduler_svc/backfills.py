@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -38,14 +39,28 @@ from shared.replies import BackfillList, BackfillProgress, BackfillResult
 from .backfill_plan import decide, slot_runs
 from .journaling import Journaling
 from .runbook import RunBook
+from .runs import RunRecord
 from .schedules import ScheduleDriver, ScheduleEntry
 from .slots import iso_utc, slot_run_id
-from .state import BackfillRow, BackfillRunRow, StateStore
+from .state import BackfillRow, BackfillRunRow
 
 log = logging.getLogger(__name__)
 
 _LOOK_EVERY = 0.25  # seconds between looks at an open backfill's runs
 _RETRY_AFTER = 5.0  # seconds before a run that could not be queued is tried again
+
+
+class BackfillStore(Protocol):
+    """Where backfills are kept: this host's state file (state.StateStore), or in cluster mode the
+    cluster's database (cluster_backfills.py)."""
+
+    async def load_backfills(self) -> list[tuple[BackfillRow, list[BackfillRunRow]]]: ...
+    async def add_backfill(self, head: BackfillRow, runs: list[BackfillRunRow]) -> None: ...
+    async def backfill_run_queued(self, backfill_id: str, pos: int) -> None: ...
+    async def backfill_done(self, backfill_id: str) -> None: ...
+
+
+Lookup = tuple[Callable[[str], RunRecord | None], Callable[[str], bool]]  # (what is known of a run, whether it exists)
 
 
 @dataclass
@@ -57,7 +72,10 @@ class OpenBackfill:
 
 
 class Backfills:
-    def __init__(self, book: RunBook, settings: Settings, state: StateStore, journaling: Journaling,
+    """Single-host backfills: runs are known from the run book and the journal directory. Cluster mode
+    (cluster_backfills.py) answers the four hooks below from the cluster's database instead."""
+
+    def __init__(self, book: RunBook, settings: Settings, state: BackfillStore, journaling: Journaling,
                  schedules: ScheduleDriver) -> None:
         self.book = book
         self.settings = settings
@@ -81,10 +99,8 @@ class Backfills:
         check_window(start, end)
         slots = self._slots(e, start, end)
         pending = self._pending_slots(e.name)
-        # which journals exist: one directory scan, off the event loop (a window may hold 10,000 slots)
-        on_disk = set(await anyio.to_thread.run_sync(list_run_ids, self.settings.journal_dir))
-        decisions = [decide(s, e.name, policy, slot_runs(slot_run_id(s, e.name), self.book.get, on_disk.__contains__),
-                            pending.get(iso_utc(s)))
+        of_run, exists = await self._slot_lookup(e.name, slots)
+        decisions = [decide(s, e.name, policy, slot_runs(slot_run_id(s, e.name), of_run, exists), pending.get(iso_utc(s)))
                      for s in slots]
         runs = [d for d in decisions if d.action == "run"]
         result = BackfillResult(dry_run=req.dry_run, schedule=e.name, policy=policy, slots=decisions, progress=None)  # type: ignore[arg-type]
@@ -123,12 +139,35 @@ class Backfills:
         return {r.slot: bf.head.id for bf in self.all.values() if bf.head.schedule == schedule and not bf.head.done
                 for r in bf.runs if not r.queued}
 
+    # ------------------------------------------------------------------------------------ the hooks
+
+    async def _slot_lookup(self, schedule: str, slots: list[datetime]) -> Lookup:
+        """How the slots' runs are known: the run book, and which journals exist (one directory scan,
+        off the event loop: a window may hold 10,000 slots)."""
+        on_disk = set(await anyio.to_thread.run_sync(list_run_ids, self.settings.journal_dir))
+        return self.book.get, on_disk.__contains__
+
+    async def _existing(self, run_ids: list[str]) -> set[str]:
+        """Which of these runs exist (their journal was created)."""
+        jdir = self.settings.journal_dir
+        return await anyio.to_thread.run_sync(lambda: {r for r in run_ids if journal_path(jdir, r).exists()})
+
+    def _record(self, run_id: str) -> RunRecord | None:
+        """What is known of a backfill's queued run (None: it is gone: counted cancelled)."""
+        return self.book.get(run_id)
+
+    async def _queue_run(self, e: ScheduleEntry, r: BackfillRunRow, trigger: dict[str, Any], msg: str) -> bool:
+        """Queue the run; False when another writer made it first (its journal is created exclusively:
+        a JournalError when it exists, which the caller checks)."""
+        await self.journaling.queue_run(e.cfg.pipeline, e.params, trigger, r.run_id, msg)
+        return True
+
     # ------------------------------------------------------------------------------------ progress
 
     def _progress(self, bf: OpenBackfill) -> BackfillProgress:
         counts = {"pending": 0, "queued": 0, "running": 0, "success": 0, "failure": 0, "cancelled": 0}
         for r in bf.runs:
-            rec = self.book.get(r.run_id) if r.queued else None
+            rec = self._record(r.run_id) if r.queued else None
             status = "pending" if not r.queued else (rec.status if rec is not None else "cancelled")
             counts[status] += 1
         h = bf.head
@@ -140,11 +179,8 @@ class Backfills:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load the backfills (after the run book is recovered), then queue their runs as room frees up."""
-        for head, rows in await anyio.to_thread.run_sync(self.state.backfills):
-            self.all[head.id] = OpenBackfill(head, rows)
+        await self._load()
         open_ = [bf for bf in self.all.values() if not bf.head.done]
-        for bf in open_:
-            await self._adopt_made(bf)
         if open_:
             log.info("backfills carried on after the restart: %s", ", ".join(
                 f"{bf.head.id} ({sum(not r.queued for r in bf.runs)} of {len(bf.runs)} runs to queue)" for bf in open_))
@@ -157,12 +193,19 @@ class Backfills:
             if self._wake.is_set():
                 self._wake = anyio.Event()
 
+    async def _load(self) -> None:
+        for head, rows in await self.state.load_backfills():
+            self.all[head.id] = OpenBackfill(head, rows)
+        for bf in self.all.values():
+            if not bf.head.done:
+                await self._adopt_made(bf)
+
     async def _adopt_made(self, bf: OpenBackfill) -> None:
-        """Runs whose journal exists but are not marked queued: queued just before a crash (or by another
-        writer of the slot). They are marked, never queued again."""
-        jdir = self.settings.journal_dir
+        """Runs that exist but are not marked queued: queued just before a crash (or by another writer of
+        the slot). They are marked, never queued again."""
+        made = await self._existing([r.run_id for r in bf.runs if not r.queued])
         for r in bf.runs:
-            if not r.queued and await anyio.to_thread.run_sync(journal_path(jdir, r.run_id).exists):
+            if not r.queued and r.run_id in made:
                 log.info("backfill %s: run %s of slot %s exists already (queued before a restart); not again",
                          bf.head.id, r.run_id, r.slot)
                 await self._mark_queued(bf, r)
@@ -176,7 +219,7 @@ class Backfills:
         for bf in list(self.all.values()):
             if bf.head.done:
                 continue
-            active = sum(1 for r in bf.runs if r.queued and (rec := self.book.get(r.run_id)) is not None and not rec.ended)
+            active = sum(1 for r in bf.runs if r.queued and (rec := self._record(r.run_id)) is not None and not rec.ended)
             todo = [r for r in bf.runs if not r.queued]
             if not todo and active == 0:
                 await self.state.backfill_done(bf.head.id)
@@ -196,8 +239,7 @@ class Backfills:
             log.error("backfill %s: schedule %s is no longer configured; its %d runs not yet queued stay pending",
                       bf.head.id, bf.head.schedule, sum(not x.queued for x in bf.runs))
             return False
-        path = journal_path(self.settings.journal_dir, r.run_id)
-        if await anyio.to_thread.run_sync(path.exists):
+        if await self._existing([r.run_id]):
             log.info("backfill %s: slot %s already has run %s (made by another writer); not again",
                      bf.head.id, r.slot, r.run_id)
             await self._mark_queued(bf, r)
@@ -207,15 +249,15 @@ class Backfills:
         if r.rerun_of is not None:
             trigger["rerun_of"] = r.rerun_of
         try:
-            await self.journaling.queue_run(e.cfg.pipeline, e.params, trigger, r.run_id,
-                                            f"{e.cfg.pipeline} queued by backfill {bf.head.id} for slot {r.slot}")
+            ours = await self._queue_run(e, r, trigger, f"{e.cfg.pipeline} queued by backfill {bf.head.id} for slot {r.slot}")
         except JournalError as ex:
-            if await anyio.to_thread.run_sync(path.exists):
-                log.info("backfill %s: slot %s was taken by another writer (%s); not run twice", bf.head.id, r.slot, ex)
-            else:
+            if not await self._existing([r.run_id]):
                 log.error("backfill %s: run %s of slot %s could not be queued: %s; retrying in %gs",
                           bf.head.id, r.run_id, r.slot, ex, _RETRY_AFTER)
                 return False
-        log.info("backfill %s: run %s queued for slot %s (%s)", bf.head.id, r.run_id, r.slot, r.reason)
+            log.info("backfill %s: slot %s was taken by another writer (%s); not run twice", bf.head.id, r.slot, ex)
+            ours = False
+        if ours:
+            log.info("backfill %s: run %s queued for slot %s (%s)", bf.head.id, r.run_id, r.slot, r.reason)
         await self._mark_queued(bf, r)
         return True

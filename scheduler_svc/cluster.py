@@ -10,7 +10,8 @@ dispatched ones awaiting their runner's word, or declared lost and ended through
 A standby answers control requests with 503-worthy ServiceUnavailable: gateways ask the leader, whose
 control endpoint is recorded with the lease.
 
-Not carried over from single-host mode yet: backfills (refused), retention of this host's journals.
+Backfills are kept in the database too (`cluster_backfills.py`): a takeover carries each one on.
+Not carried over from single-host mode yet: retention of this host's journals.
 """
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ from runwire_cluster.events import EventStream
 from runwire_cluster.runs import LeaderState
 from runwire_cluster.state import ClusterState, Endpoints, Lease
 from shared.config import Settings
-from shared.control import Backfill, ListBackfills, serve_requests
+from shared.control import serve_requests
 from shared.curve import CurveAuthenticator, CurveKeys, bind_secured, load_keys
-from shared.errors import Conflict, LeaseLost, ServiceUnavailable
+from shared.errors import LeaseLost, ServiceUnavailable
 from shared.fence import restore_fences
 from shared.wire import RecentlyEnded, configure_socket
 
 from .alert_rules import rules_of, run_link_base
 from .alerts import Alerts
-from .backfills import Backfills
 from .clock import Clock
 from .cluster_alerts import ClusterAlertStore
+from .cluster_backfills import ClusterBackfills
 from .cluster_journaling import ClusterJournaling
 from .cluster_launches import ClusterLaunches, claim_launches, ends_stream, record_ends
 from .cluster_schedules import ClusterScheduleDriver, ClusterScheduleStore
@@ -71,7 +72,7 @@ class ClusterScheduler:
         self.journal_dir = settings.journal_dir
         self.clock = clock
         self.recently_ended = RecentlyEnded(path=settings.state_dir / "recently-ended.scheduler.json")
-        # this host's: what the Launches and Backfills bases expect (backfills are refused in cluster mode)
+        # this host's: what the Launches base expects
         self.state = StateStore(settings.state_dir / "scheduler.sqlite3")
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.control: ControlHandler | None = None  # the current term's, while leading
@@ -124,8 +125,6 @@ class ClusterScheduler:
         if control is None:
             raise ServiceUnavailable(f"scheduler {self.holder} is a standby: it does not lead the cluster now "
                                      "(the leader's control endpoint is recorded with lease 'scheduler' in cluster.state)")
-        if isinstance(req, (Backfill, ListBackfills)):
-            raise Conflict("backfills are not available in cluster mode yet")
         return await control.handle(req)
 
     # ------------------------------------------------------------------------------------ leading
@@ -201,9 +200,9 @@ class ClusterScheduler:
         dispatcher = Dispatcher(book, cfg, send, assign, schedules.overlap_of)
         launches = ClusterLaunches(book, s, self.state, journaling)
         launches.leader = leader
+        backfills = ClusterBackfills(book, s, journaling, schedules, leader, lease)
         control = ControlHandler(book, s, launches, schedules, journaling, send, dispatcher.wait_reason,
-                                 tracker.clock.now, Reruns(book, s, journaling),
-                                 Backfills(book, s, self.state, journaling, schedules))
+                                 tracker.clock.now, Reruns(book, s, journaling), backfills)
         alerts = Alerts(rules_of(cfg.alerts), ClusterAlertStore(leader.state), book, self.journal_dir, s.home,
                         run_link_base(cfg.gateway))
 
@@ -225,6 +224,7 @@ class ClusterScheduler:
             tg.start_soon(tracker.monitor)
             tg.start_soon(journaling.heartbeats, cfg.runner.heartbeat_interval, s.path)
             await tg.start(schedules.run)
+            await tg.start(backfills.run)
             tg.start_soon(claim_launches, leader, lease, journaling)
             self.control = control
             log.info("leading (lease attempt %d): took over %d run(s) not ended: %d queued, %d awaiting their runners",

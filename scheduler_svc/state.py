@@ -184,8 +184,11 @@ class StateStore:
 
     # -- backfills
 
-    def backfills(self) -> list[tuple[BackfillRow, list[BackfillRunRow]]]:
+    async def load_backfills(self) -> list[tuple[BackfillRow, list[BackfillRunRow]]]:
         """Every backfill with its runs, oldest first (at start: they are few)."""
+        return await anyio.to_thread.run_sync(self._backfills_sync, limiter=self._limiter)
+
+    def _backfills_sync(self) -> list[tuple[BackfillRow, list[BackfillRunRow]]]:
         with self._lock:
             heads = self._db.execute("SELECT id, schedule, start, end_, policy, max_parallel, created_at, done "
                                      "FROM backfills ORDER BY created_at, id").fetchall()

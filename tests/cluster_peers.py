@@ -1,29 +1,34 @@
 """Peers for cluster mode's scheduler tests: a test runner on the real dispatch protocol, whose DEALER
 follows the leading scheduler with the runner's own link (runner_svc.dispatch_link.follow_leader), and
 which writes its runs' events into the real event stream as a runner does (start, then success, fenced
-on the run's last chunk); and the hosts' configs (a separate home and ports per host, one [cluster])."""
+on the run's last chunk); the hosts' configs (a separate home and ports per host, one [cluster]); a
+fresh database per test, and who leads."""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC
 from pathlib import Path
 
 import anyio
 import anyio.abc
+import asyncpg
+import pytest
 import zmq
 import zmq.asyncio
 
 from runner_svc.dispatch_link import follow_leader
 from runwire_cluster.events import EventStream
-from shared.config import Settings, load_settings
+from shared.config import ClusterConfig, Settings, load_settings
 from shared.dispatch import DispatchRun, RunAccepted, RunFinished, RunnerStatus, RunRejected, encode, from_scheduler_decoder
 from shared.errors import JournalFenced
 from shared.events import PIPELINE_STAGE, Event, now_timestamp
-from tests.harness import SLEEP_PIPELINE, write_config
+from tests.cluster_fixtures import NatsCluster, Postgres
+from tests.harness import SLEEP_PIPELINE, Service, write_config
 
 
 def host_config(root: Path, name: str, nats: list[str], state_url: str, body: str = SLEEP_PIPELINE) -> Path:
@@ -43,6 +48,52 @@ async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"not within {timeout}s: {what}")
         await anyio.sleep(0.1)
+
+
+@pytest.fixture
+async def db_url(postgres: Postgres) -> str:  # noqa: F811
+    """A fresh database of the module's server for each test."""
+    return await postgres.new_database("sched")
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def leading(svc: Service) -> int:
+    """How many terms this scheduler has led."""
+    return len(re.findall(r"leading: lease 'scheduler' attempt \d+ taken", svc.output()))
+
+
+async def until_match(svc: Service, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+    found: list[re.Match[str]] = []
+
+    def check() -> bool:
+        m = re.search(pattern, svc.output())
+        if m:
+            found.append(m)
+        return m is not None
+
+    await until(check, timeout, f"{svc.module}: {pattern!r}")
+    return found[0]
+
+
+async def leader_of(services: list[Service], timeout: float = 30.0) -> Service:
+    """The one scheduler leading now (the other a standby)."""
+    await until(lambda: sum(leading(s) for s in services) >= 1, timeout, "a scheduler leads")
+    [leader] = [s for s in services if leading(s)]
+    return leader
+
+
+async def stream_events(nats: NatsCluster, run_ids: list[str]) -> dict[str, list[str]]:
+    """run id -> its events' kinds in the event stream."""
+    async with await EventStream.connect(ClusterConfig(nats=nats.urls, state="postgresql://x")) as stream:
+        return {r: [ev.event for ev in await stream.read(r)] for r in run_ids}
 
 
 class PeerRunner:

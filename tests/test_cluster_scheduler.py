@@ -12,7 +12,6 @@ import os
 import re
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,7 +22,7 @@ import pytest
 from runwire_cluster.events import EventStream
 from shared.config import ClusterConfig
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (fixtures)
-from tests.cluster_peers import PeerRunner, host_config, until
+from tests.cluster_peers import PeerRunner, db, db_url, host_config, leader_of, leading, stream_events, until, until_match  # noqa: F401  (fixtures)
 from tests.harness import SLEEP_PIPELINE, Service
 
 PIPELINE = SLEEP_PIPELINE.replace('description = "one stage that sleeps"\n',
@@ -37,52 +36,6 @@ misfire = "catch_up"
 catch_up_max = 100
 overlap = "allow"
 """
-
-
-@pytest.fixture
-async def db_url(postgres: Postgres) -> str:  # noqa: F811
-    """A fresh database of the module's server for each test."""
-    return await postgres.new_database("sched")
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-def leading(svc: Service) -> int:
-    """How many terms this scheduler has led."""
-    return len(re.findall(r"leading: lease 'scheduler' attempt \d+ taken", svc.output()))
-
-
-async def until_match(svc: Service, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-    found: list[re.Match[str]] = []
-
-    def check() -> bool:
-        m = re.search(pattern, svc.output())
-        if m:
-            found.append(m)
-        return m is not None
-
-    await until(check, timeout, f"{svc.module}: {pattern!r}")
-    return found[0]
-
-
-async def leader_of(services: list[Service], timeout: float = 30.0) -> Service:
-    """The one scheduler leading now (the other a standby)."""
-    await until(lambda: sum(leading(s) for s in services) >= 1, timeout, "a scheduler leads")
-    [leader] = [s for s in services if leading(s)]
-    return leader
-
-
-async def stream_events(nats: NatsCluster, run_ids: list[str]) -> dict[str, list[str]]:
-    """run id -> its events' kinds in the event stream."""
-    async with await EventStream.connect(ClusterConfig(nats=nats.urls, state="postgresql://x")) as stream:
-        return {r: [ev.event for ev in await stream.read(r)] for r in run_ids}
 
 
 @pytest.mark.timeout(180)
