@@ -10,7 +10,8 @@ dispatched ones awaiting their runner's word, or declared lost and ended through
 A standby answers control requests with 503-worthy ServiceUnavailable: gateways ask the leader, whose
 control endpoint is recorded with the lease.
 
-Backfills are kept in the database too (`cluster_backfills.py`): a takeover carries each one on.
+Backfills are kept in the database too (`cluster_backfills.py`): a takeover carries each one on;
+re-runs find any run of the cluster by its row (`cluster_reruns.py`).
 Not carried over from single-host mode yet: retention of this host's journals.
 """
 
@@ -47,12 +48,12 @@ from .cluster_alerts import ClusterAlertStore
 from .cluster_backfills import ClusterBackfills
 from .cluster_journaling import ClusterJournaling
 from .cluster_launches import ClusterLaunches, claim_launches, ends_stream, record_ends
+from .cluster_reruns import ClusterReruns
 from .cluster_schedules import ClusterScheduleDriver, ClusterScheduleStore
 from .control import ControlHandler
 from .dispatcher import Dispatcher
 from .journaling import EndRequest, EndSender
 from .leader import Leadership
-from .reruns import Reruns
 from .runbook import RunBook, RunnerInfo
 from .runners import RunnerTracker
 from .runs import RunRecord
@@ -202,7 +203,7 @@ class ClusterScheduler:
         launches.leader = leader
         backfills = ClusterBackfills(book, s, journaling, schedules, leader, lease)
         control = ControlHandler(book, s, launches, schedules, journaling, send, dispatcher.wait_reason,
-                                 tracker.clock.now, Reruns(book, s, journaling), backfills)
+                                 tracker.clock.now, ClusterReruns(book, s, journaling, leader), backfills)
         alerts = Alerts(rules_of(cfg.alerts), ClusterAlertStore(leader.state), book, self.journal_dir, s.home,
                         run_link_base(cfg.gateway))
 

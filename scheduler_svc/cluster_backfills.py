@@ -25,7 +25,7 @@ from runwire_cluster.state import Lease
 from shared.config import Settings
 
 from .backfills import Backfills, Lookup
-from .cluster_journaling import ClusterJournaling
+from .cluster_journaling import ClusterJournaling, record_from_row
 from .runbook import RunBook
 from .runs import RunRecord
 from .schedules import ScheduleDriver, ScheduleEntry
@@ -71,22 +71,6 @@ class ClusterBackfillStore:
     async def backfill_done(self, backfill_id: str) -> None:
         async with self.state.fenced(self.lease) as conn:
             await conn.execute("UPDATE backfills SET done = true WHERE id = $1", backfill_id)
-
-
-def record_from_row(row: RunRow) -> RunRecord:
-    """What planning and progress need of a run known only by its row: a skipped slot is ended cancelled
-    and never started; an outcome ends it; else it is still queued or running (its leader's book has it)."""
-    t = row.trigger
-    rec = RunRecord(run_id=row.run_id, pipeline=row.pipeline, params=row.params, trigger=str(t.get("trigger", "manual")),
-                    schedule=t.get("schedule"), slot=t.get("slot"), backfill=t.get("backfill"), runner=row.runner,
-                    attempt=row.attempt)
-    if row.skip is not None:
-        rec.phase, rec.outcome, rec.msg = "ended", "cancelled", row.skip
-    elif row.outcome is not None:
-        rec.phase, rec.outcome = "ended", row.outcome
-    elif row.attempt:
-        rec.phase = "running"
-    return rec
 
 
 class ClusterBackfills(Backfills):

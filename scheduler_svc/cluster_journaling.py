@@ -61,6 +61,22 @@ def record_from_events(events: list[Event]) -> RunRecord | None:
     return rec
 
 
+def record_from_row(row: RunRow) -> RunRecord:
+    """What planning and progress need of a run known only by its row: a skipped slot is ended cancelled
+    and never started; an outcome ends it; else it is still queued or running (its leader's book has it)."""
+    t = row.trigger
+    rec = RunRecord(run_id=row.run_id, pipeline=row.pipeline, params=row.params, trigger=str(t.get("trigger", "manual")),
+                    schedule=t.get("schedule"), slot=t.get("slot"), backfill=t.get("backfill"), runner=row.runner,
+                    attempt=row.attempt)
+    if row.skip is not None:
+        rec.phase, rec.outcome, rec.msg = "ended", "cancelled", row.skip
+    elif row.outcome is not None:
+        rec.phase, rec.outcome = "ended", row.outcome
+    elif row.attempt:
+        rec.phase = "running"
+    return rec
+
+
 class ClusterJournaling(Journaling):
     def __init__(self, book: RunBook, journal_dir: Path, tz: ZoneInfo, home: Path, recently_ended: RecentlyEnded,
                  stream: EventStream, leader: LeaderState, lease: Lease) -> None:

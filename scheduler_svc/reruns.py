@@ -72,9 +72,7 @@ class Reruns:
 
     async def rerun(self, req: Rerun) -> RerunResult:
         run_id = check_run_id(req.run_id)
-        rec = self.book.get(run_id)
-        if rec is None:
-            raise NotFound(f"run {run_id} not found in {self.settings.journal_dir}")
+        rec = await self._record(run_id)
         if not rec.ended:
             raise Conflict(f"run {run_id} has not ended ({rec.status}); re-run it once it has ended")
         pipeline = self.settings.pipeline(rec.pipeline)  # UnknownPipeline: gone from the config
@@ -82,7 +80,7 @@ class Reruns:
         from_stage: str | None = None
         skipped: list[str] = []
         if req.from_failed:
-            from_stage, skipped = await anyio.to_thread.run_sync(self._from_failed, rec, pipeline)
+            from_stage, skipped = await self._from_failed(rec, pipeline)
         trigger: dict[str, Any] = {"trigger": "rerun", "rerun_of": run_id}
         if from_stage is not None:
             trigger["from_stage"] = from_stage
@@ -94,8 +92,19 @@ class Reruns:
         return RerunResult(run_id=new.run_id, status="queued", rerun_of=run_id, from_stage=from_stage,
                            skipped_stages=skipped)
 
-    def _from_failed(self, rec: RunRecord, pipeline: PipelineConfig) -> tuple[str, list[str]]:
-        """(the stage to start from, the earlier stages to skip); blocking: journal and globs."""
+    async def _record(self, run_id: str) -> RunRecord:
+        """The run to repeat; NotFound when there is none."""
+        rec = self.book.get(run_id)
+        if rec is None:
+            raise NotFound(f"run {run_id} not found in {self.settings.journal_dir}")
+        return rec
+
+    async def _from_failed(self, rec: RunRecord, pipeline: PipelineConfig) -> tuple[str, list[str]]:
+        """(the stage to start from, the earlier stages to skip): from its journal, and the earlier
+        stages' outputs on this host."""
+        return await anyio.to_thread.run_sync(self._from_failed_sync, rec, pipeline)
+
+    def _from_failed_sync(self, rec: RunRecord, pipeline: PipelineConfig) -> tuple[str, list[str]]:
         state = fold(rec.run_id, read_events(self.settings.journal_dir, rec.run_id))
         from_stage = first_unfinished(state, pipeline)
         if from_stage is None:

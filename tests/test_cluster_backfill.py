@@ -2,7 +2,8 @@
 3-node JetStream cluster (subprocesses with separate homes): a backfill's plan is in the database, so
 the scheduler that takes over after a kill -9 of the leader carries it on and each slot runs once;
 the new leader plans from the database's runs (the earlier leader's runs count as ran); a slot that
-the fire ledger gives to someone else between the plan and its queueing is not run twice."""
+the fire ledger gives to someone else between the plan and its queueing is not run twice. Re-runs find
+a run the earlier leader ran by its row."""
 
 from __future__ import annotations
 
@@ -119,10 +120,19 @@ async def test_a_backfill_carries_on_across_a_kill_9_of_the_leader_and_each_slot
         rerun = await post(http, "/api/schedules/minutely/backfill", {**RAN, "policy": "all", "dry_run": True}, 200)
         assert [(s["action"], s["run_id"], s["rerun_of"]) for s in rerun["slots"]] == \
             [("run", f"{slot_id(m)}.r1", slot_id(m)) for m in range(SLOTS - 1)], rerun
+        # a re-run of a run that ended in a's term: found by its row; from the failed stage: refused, why
+        async with http.post(f"/api/runs/{slot_id(0)}/rerun", json={}) as r:
+            assert r.status == 202, await r.text()
+            rerun_id = (await r.json())["run_id"]
+        async with http.post(f"/api/runs/{slot_id(0)}/rerun", json={"from_failed": True}) as r:
+            assert r.status == 409 and "not available in cluster mode" in await r.text()
+        async with http.post("/api/runs/no-such-run/rerun", json={}) as r:
+            assert r.status == 404 and "not found in the cluster's runs" in await r.text()
+        await until(lambda: runner.executed[rerun_id] == 1 and not runner.running, 60, "the re-run ran")
         tg.cancel_scope.cancel()
 
     ran = [slot_id(m) for m in range(SLOTS - 1)]
-    of_day = Counter({r: n for r, n in runner.executed.items() if r.startswith(DAY.replace("-", ""))})  # not today's slots
+    of_day = Counter({r: n for r, n in runner.executed.items() if r.startswith(DAY.replace("-", ""))})  # not today's slots, nor the re-run
     assert of_day == Counter(ran), runner.executed  # each once; the claimed slot never
     assert runner.redispatched == [] and runner.fenced == []
     assert done["success"] == SLOTS - 1 and done["total"] == SLOTS, done
