@@ -2,12 +2,14 @@
 JetStream), opened before the runner serves and closed after its last run has ended, and the runner
 registry (PostgreSQL), where the runner registers its PUB and control endpoints and capacity and then
 heartbeats. A registry that cannot be reached is logged loudly and tried again; it never stops the
-runner (its runs go on streaming through JetStream). Also the retention of this host's journals."""
+runner (its runs go on streaming through JetStream). Also the retention of this host's journals, and
+the ends journaled here that the stream never acknowledged."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -25,7 +27,7 @@ from shared.journal import JournalWriter, remove_expired
 
 from .publish import Publisher
 from .streamed import EndMarks, StopSwitch, StreamAppender, open_local_journal, take_over_run
-from .unacked_ends import settle_unacked_ends
+from .unacked_ends import SETTLE_EVERY_S, settle_unacked_ends
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +169,17 @@ class ClusterLink:
         rw = await take_over_run(self.stream, writer, self.writer_id)
         return StreamAppender(rw, self.stop_switch, self.end_marks)
 
-    async def settle_ends(self, publisher: Publisher) -> int:
-        """At start, before the recovery: runs whose end was journaled here but maybe never reached
-        the stream (runner_svc/unacked_ends.py). Returns how many ends were appended now."""
+    async def settle_ends(self, publisher: Publisher, busy: Callable[[str], bool] = lambda run_id: False) -> int:
+        """Runs whose end was journaled here but maybe never reached the stream (runner_svc/
+        unacked_ends.py), but those `busy` here. Returns how many ends were appended now."""
         assert self.stream is not None
         s = self.settings
         return await settle_unacked_ends(self.end_marks, self.stream, s.journal_dir, s.tz, self.cfg.durability,
-                                         publisher, self.writer_id, self.stop_switch)
+                                         publisher, self.writer_id, self.stop_switch, busy)
+
+    async def settle_loop(self, publisher: Publisher, busy: Callable[[str], bool]) -> None:
+        """After the start's settling (a task of the service's group): marks left unsettled are tried
+        again every SETTLE_EVERY_S; a run active here (`busy`) is left to its own append."""
+        while True:
+            await anyio.sleep(SETTLE_EVERY_S)
+            await self.settle_ends(publisher, busy)

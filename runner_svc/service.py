@@ -142,6 +142,7 @@ class RunnerService:
                 if self.link is not None:
                     tg.start_soon(self.link.registry_loop)
                     tg.start_soon(self.link.retention_loop)
+                    tg.start_soon(self.link.settle_loop, self.publisher, self.runs.__contains__)
                 task_status.started()
         finally:
             if self.publisher is not None:

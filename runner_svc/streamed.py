@@ -76,6 +76,12 @@ class EndMarks:
     def clear(self, run_id: str) -> None:
         (self.folder / run_id).unlink(missing_ok=True)
 
+    def set_aside(self, run_id: str) -> Path:
+        path = self.folder / run_id
+        bad = path.with_name(run_id + ".bad")
+        path.replace(bad)
+        return bad
+
     def has(self, run_id: str) -> bool:
         return (self.folder / run_id).exists()
 

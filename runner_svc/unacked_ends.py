@@ -7,7 +7,9 @@ So a run's end leaves a mark before it is journaled: a file `<state>/unacked-end
 the last seq the stream had acknowledged then, removed once the stream acknowledges the end. At start
 each mark is settled against the stream: the stream lacking the journal's tail gets it (and the PUB
 socket after it, the rule "in the stream before published"); a stream that went another way (the
-scheduler's "runner lost") makes the local journal its copy. The mark is written without fsync: it
+scheduler's "runner lost") makes the local journal its copy. A mark left unsettled (the stream away
+just then, or an end whose ack never came while the runner ran on) is tried again every SETTLE_EVERY_S,
+the runs still active here left to their own appends. The mark is written without fsync: it
 covers a process dying, as the journal's `flush` durability does; after a power loss the journal's
 own last lines may be gone with it.
 """
@@ -15,13 +17,14 @@ own last lines may be gone with it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import anyio
 
 from runwire_cluster.events import EventStream
-from shared.errors import JournalFenced, ServiceUnavailable
+from shared.errors import JournalError, JournalFenced, ServiceUnavailable
 from shared.events import Event
 from shared.journal import Durability, JournalReader, JournalWriter, journal_path
 
@@ -30,6 +33,8 @@ from .streamed import EndMarks, StopSwitch, StreamAppender, cut_and_copy
 
 log = logging.getLogger(__name__)
 
+SETTLE_EVERY_S = 10.0  # between two looks for marks left unsettled, while the runner runs
+
 
 def _local_after(journal_dir: Path, run_id: str, after_seq: int) -> list[Event]:
     return JournalReader(journal_path(journal_dir, run_id), run_id).read(after_seq)
@@ -37,16 +42,23 @@ def _local_after(journal_dir: Path, run_id: str, after_seq: int) -> list[Event]:
 
 async def settle_unacked_ends(marks: EndMarks, stream: EventStream, journal_dir: Path, tz: ZoneInfo,
                               durability: Durability, publisher: Publisher, writer_id: str,
-                              switch: StopSwitch) -> int:
-    """Settle every mark (see the module's notes); returns how many runs' ends were appended to the
-    stream now. A mark the stream cannot settle now (NATS away) stays for the next start, said so."""
+                              switch: StopSwitch, busy: Callable[[str], bool] = lambda run_id: False) -> int:
+    """Settle every mark but those of runs `busy` here (see the module's notes); returns how many runs'
+    ends were appended to the stream now. A mark the stream cannot settle now (NATS away) stays, said so."""
     appended = 0
     for run_id, acked in (await anyio.to_thread.run_sync(marks.marked)).items():
+        if busy(run_id):
+            continue
         try:
             appended += await _settle(stream, journal_dir, run_id, acked, tz, durability, publisher, writer_id, switch)
         except ServiceUnavailable as e:
             log.error("run %s: its end is journaled here but maybe not in the event stream, and the stream cannot "
-                      "be asked now (%s): tried again at the next start", run_id, e)
+                      "be asked now (%s): tried again in %gs", run_id, e, SETTLE_EVERY_S)
+            continue
+        except (JournalError, OSError) as e:  # its journal here cannot be read or repaired: the stream's copy stands
+            bad = await anyio.to_thread.run_sync(marks.set_aside, run_id)
+            log.error("run %s: its end mark cannot be settled, the journal %s is unusable (%s): mark set aside as %s; "
+                      "the event stream's copy of the run stands", run_id, journal_path(journal_dir, run_id), e, bad)
             continue
         await anyio.to_thread.run_sync(marks.clear, run_id)
     return appended

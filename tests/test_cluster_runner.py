@@ -543,6 +543,24 @@ async def test_an_end_journaled_but_not_acknowledged_before_kill_9_reaches_the_s
         rig.close()
 
 
+async def test_a_mark_left_while_the_runner_runs_is_settled_without_a_restart(
+        tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
+    """A mark the start could not settle (the stream away just then), or an end whose ack never came
+    while the runner ran on: the runner tries again on its own (runner_svc/unacked_ends.py)."""
+    db = await new_database(postgres)
+    rig = await start_runner(tmp_path, nats_cluster, db, services)
+    try:
+        async with event_stream(nats_cluster, db) as stream:
+            run_id, local = await _plant_unacked_end(rig, stream)  # the runner running all along
+            rig.svc.wait_for(rf"run {run_id}: 1 event\(s\) up to its end \(success at seq 5\) were journaled here but "
+                             "not in the event stream: appended now, then published", timeout=60)
+            assert await stream.read(run_id) == local
+            marks = rig.home / "state" / "unacked-ends"
+            assert sorted(p.name for p in marks.iterdir()) == ["not a run id.bad"]
+    finally:
+        rig.close()
+
+
 async def test_an_unacknowledged_end_the_scheduler_overtook_gives_way_to_the_stream_s_end(
         tmp_path: Path, services: list, nats_cluster: NatsCluster, postgres: Postgres) -> None:  # noqa: F811
     db = await new_database(postgres)
