@@ -169,6 +169,13 @@ class ClusterLink:
         rw = await take_over_run(self.stream, writer, self.writer_id)
         return StreamAppender(rw, self.stop_switch, self.end_marks)
 
+    async def new_run(self, run_id: str) -> StreamAppender:
+        """The appender of a run this runner makes itself (the doctor's probe): no events in the stream
+        yet, so a run of the same id written by anyone else fences the first append."""
+        assert self.stream is not None
+        return StreamAppender(await self.stream.writer(run_id, new=True, writer_id=self.writer_id), self.stop_switch,
+                              self.end_marks)
+
     async def settle_ends(self, publisher: Publisher, busy: Callable[[str], bool] = lambda run_id: False) -> int:
         """Runs whose end was journaled here but maybe never reached the stream (runner_svc/
         unacked_ends.py), but those `busy` here. Returns how many ends were appended now."""

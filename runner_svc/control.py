@@ -1,10 +1,12 @@
 """The runner's control socket: identity (what doctor and /healthz compare) and the doctor's probe (a
-run written and published end to end). Its request and reply types are in shared.control/replies."""
+run written and published end to end; in cluster mode through the event stream too, as every run's
+events go: journal, stream, PUB). Its request and reply types are in shared.control/replies."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -16,14 +18,14 @@ from shared import __version__
 from shared.config import Settings, endpoints_of
 from shared.control import Identity, Probe, serve_requests
 from shared.curve import CurveKeys, bind_secured
-from shared.errors import ProtocolError
+from shared.errors import JournalFenced, ProtocolError
 from shared.events import PIPELINE_STAGE
 from shared.ids import PROBE_PREFIX, check_run_id, new_run_id
 from shared.journal import JournalWriter, begin_run, remove_older_journals
 from shared.replies import IdentityInfo, ProbeResult
 from shared.wire import RecentlyEnded, configure_socket
 
-from .publish import Publisher, RunJournal
+from .publish import ChunkAppender, Publisher, RunJournal
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,10 @@ PROBES_KEPT = 5  # probe journals kept; older ones are removed after each probe
 
 class RunnerControl:
     def __init__(self, settings: Settings, runner_id: str, publisher: Publisher, recently_ended: RecentlyEnded,
-                 keys: CurveKeys | None = None) -> None:
+                 keys: CurveKeys | None = None,
+                 new_stream_run: Callable[[str], Awaitable[ChunkAppender]] | None = None) -> None:
         self.settings = settings
+        self.new_stream_run = new_stream_run  # cluster mode: a new run's appender to the event stream
         self.keys = keys  # cluster mode with [cluster.curve]: the ROUTER is a CURVE server
         self.runner_id = runner_id
         self.publisher = publisher
@@ -79,13 +83,22 @@ class RunnerControl:
             return queued, JournalWriter.open(s.journal_dir, run_id, s.tz, s.config.runner.durability, s.config.runner.group_commit_ms)
 
         queued, writer = await anyio.to_thread.run_sync(begin)
+        try:
+            stream = None
+            if self.new_stream_run is not None:  # in the stream before published, as every event
+                stream = await self.new_stream_run(run_id)
+                await stream.append([queued])
+        except BaseException:
+            writer.close()
+            raise
         self.publisher.publish_event(queued)
-        journal = RunJournal(writer, self.publisher)
+        journal = RunJournal(writer, self.publisher, stream)
         try:
             ev = await journal.emit(PIPELINE_STAGE, "success", "probe", {"runner": self.runner_id})
         finally:
             journal.close()
-        assert ev is not None
+        if ev is None:  # another writer had the run's id in the event stream
+            raise JournalFenced(f"probe run {run_id}: another writer holds it in the event stream; not written")
         self.recently_ended.add(run_id, ev.seq)
         log.info("probe run %s written and published (last seq %d)", run_id, ev.seq)
         # each doctor run leaves a probe journal: keep the last few (to look at), not one per check ever run

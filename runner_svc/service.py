@@ -123,7 +123,8 @@ class RunnerService:
                 self._tg = tg
                 self.publisher = Publisher.bind(ctx, self.cfg.publish, self.cfg.send_hwm, s.path, keys)
                 log.info("bound PUB %s (SNDHWM %d%s)", self.cfg.publish, self.cfg.send_hwm, ", CURVE" if keys else "")
-                control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended, keys)
+                control = RunnerControl(s, self.runner_id, self.publisher, self.recently_ended, keys,
+                                        self.link.new_run if self.link is not None else None)
                 await tg.start(control.run, ctx)
                 if self.link is not None:  # ends journaled here that the event stream may lack
                     await self.link.settle_ends(self.publisher)

@@ -2,9 +2,10 @@
 cluster's parts instead of one host's. The event stream answers on NATS with its replicas and leader;
 the state database answers and is migrated; a scheduler holds the leader's lease and its control
 socket answers (over CURVE with `[cluster.curve]`); every registered runner has heartbeated within
-`scheduler.runner_lost_after` and its control socket answers; the gateway is healthy. Journal
-directories are not compared: each host has its own. Not yet: the probe event (it would travel
-runner -> JetStream -> gateway; single-host mode's probe does not)."""
+`scheduler.runner_lost_after` and its control socket answers; the gateway is healthy; and each
+reachable runner's probe event travels runner -> journal -> JetStream -> ZeroMQ -> gateway ->
+WebSocket (in the event stream before it is published, as every event). Journal directories are not
+compared: each host has its own."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import anyio
 
 from runwire_cluster.events import EventStream, describe_nats
 from runwire_cluster.runs import SCHEDULER_LEASE
-from runwire_cluster.state import ClusterState, describe_url
+from runwire_cluster.state import ClusterState, RunnerRecord, describe_url
 from shared.errors import RunwireError
 
 from .client import GatewayClient
 from .doctor import Doctor
 
 _CALL_S = 10.0  # each engine's answer, at most
+_PROBE_PATH = "runner -> journal -> JetStream -> ZeroMQ -> gateway -> WebSocket"
 
 
 class ClusterDoctor(Doctor):
@@ -28,6 +30,7 @@ class ClusterDoctor(Doctor):
         await self.check_config()
         await self.check_event_stream()
         where = describe_url(cluster.state)
+        reachable: list[RunnerRecord] = []
         try:
             with anyio.fail_after(_CALL_S):
                 state = await ClusterState.connect(cluster, min_size=1, max_size=1)
@@ -35,9 +38,15 @@ class ClusterDoctor(Doctor):
             self.add("cluster state", False, f"{where}: {e or 'no answer'}")
         else:
             async with state:
-                await self.check_leader_and_runners(state, where)
+                reachable = await self.check_leader_and_runners(state, where)
         async with GatewayClient(self.gateway, self.settings.token, timeout=5.0) as client:
-            await self.check_gateway(client)
+            gateway_up = await self.check_gateway(client)
+            for r in reachable:
+                name = f"probe event via runner {r.runner_id}"
+                if gateway_up:
+                    await self.check_probe(client, r.control, name, _PROBE_PATH)
+                else:
+                    self.add(name, False, "not sent: gateway down")
 
     async def check_event_stream(self) -> None:
         cluster = self.settings.config.cluster
@@ -59,14 +68,15 @@ class ClusterDoctor(Doctor):
         self.add("event stream", True, f"stream {info.config.name} on NATS {nats}: {info.state.messages} messages, "
                  f"{replicas} replica(s), leader {leader or '-'}")
 
-    async def check_leader_and_runners(self, state: ClusterState, where: str) -> None:
+    async def check_leader_and_runners(self, state: ClusterState, where: str) -> list[RunnerRecord]:
+        """The leader and the registered runners; returns the runners whose control socket answers."""
         try:
             with anyio.fail_after(_CALL_S):
                 holder = await state.holder(SCHEDULER_LEASE)
                 runners = await state.runners()
         except (RunwireError, TimeoutError) as e:
             self.add("cluster state", False, f"{where}: {e or 'no answer'}")
-            return
+            return []
         self.add("cluster state", True, where)
         if holder is None or holder.endpoints.control is None:
             self.add("scheduler leads", False, f"no scheduler holds lease {SCHEDULER_LEASE!r}: launches wait in "
@@ -76,10 +86,9 @@ class ClusterDoctor(Doctor):
             await self.check_service("scheduler", holder.endpoints.control)
         if not runners:
             self.add("runners registered", False, f"no runner in the registry of {where}: runs would wait queued")
-            return
+            return []
         lost_after = self.settings.config.scheduler.runner_lost_after
         stale = [r for r in runners if r.heartbeat_age > lost_after]
         self.add("runners registered", not stale, ", ".join(
             f"{r.runner_id} (heartbeat {r.heartbeat_age:.1f}s ago{', stale' if r in stale else ''})" for r in runners))
-        for r in runners:
-            await self.check_service(f"runner {r.runner_id}", r.control)
+        return [r for r in runners if await self.check_service(f"runner {r.runner_id}", r.control)]

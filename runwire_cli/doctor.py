@@ -148,7 +148,8 @@ class Doctor:
             self.add("gateway healthy", False, f"/healthz {status}: {_failing(health, raw)}")
         return True
 
-    async def check_probe(self, client: GatewayClient) -> None:
+    async def check_probe(self, client: GatewayClient, runner_control: str, name: str = "probe event",
+                          path: str = "runner -> journal -> ZeroMQ -> gateway -> WebSocket") -> None:
         """Subscribe to every run on the gateway first, then ask the runner for a probe run, and time
         how long its terminal event takes to come back over the WebSocket."""
         started = anyio.Event()
@@ -185,7 +186,7 @@ class Doctor:
             else:
                 t0 = time.perf_counter()
                 try:
-                    async with ControlClient(self.settings.config.runner.control, timeout=2.0, keys=self.keys) as rc:
+                    async with ControlClient(runner_control, timeout=2.0, keys=self.keys) as rc:
                         run_id = (await rc.call(Probe())).run_id
                 except RunwireError as e:
                     failure = str(e)
@@ -197,17 +198,17 @@ class Doctor:
                                 break
             tg.cancel_scope.cancel()
         if failure is not None:
-            self.add("probe event", False, failure)
+            self.add(name, False, failure)
             return
         if arrived is None:
-            self.add("probe event", False, f"probe run {run_id} written by the runner never reached the "
+            self.add(name, False, f"probe run {run_id} written by the runner never reached the "
                      "WebSocket: check the gateway's `subscribe` endpoints and the runner's `publish`")
             return
         ms = (arrived - t0) * 1000
         # it arrived: the path works. How fast is a figure (slow is worth saying), not a verdict: a loaded
         # machine is not a broken one
-        self.add("probe event", True, f"runner -> journal -> ZeroMQ -> gateway -> WebSocket in {ms:.0f} ms"
-                 + ("" if ms <= PROBE_DEADLINE * 1000 else f" (slow: over {PROBE_DEADLINE:g} s)"))
+        self.add(name, True, f"{path} in {ms:.0f} ms"
+                 + ("" if ms <= PROBE_DEADLINE * 1000 else f" (slow: over {PROBE_DEADLINE:g} s)") + f"; run {run_id}")
 
     async def run(self) -> None:
         await self.check_config()
@@ -220,7 +221,7 @@ class Doctor:
         async with GatewayClient(self.gateway, self.settings.token, timeout=5.0) as client:
             gateway_up = await self.check_gateway(client)
             if runner_up and gateway_up:
-                await self.check_probe(client)
+                await self.check_probe(client, ep["runner.control"])
             else:
                 down = [w for w, up in (("runner", runner_up), ("gateway", gateway_up)) if not up]
                 self.add("probe event", False, f"not sent: {' and '.join(down)} down")

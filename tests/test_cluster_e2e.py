@@ -349,23 +349,30 @@ async def test_with_curve_on_every_host_a_launch_runs_and_is_watched_and_control
         with pytest.raises(ServiceUnavailable):  # the handshake is refused: the request is never read
             await plain.call(Identity())
 
-    code, checks = await doctor(hosts, "gw-a")
+    code, checks, said = await doctor(hosts, "gw-a")
     assert code == 0 and all(checks.values()), checks
     assert {"event stream", "cluster state", "scheduler leads", "scheduler reachable", "runners registered",
-            "runner runner-1 reachable", "runner runner-2 reachable", "gateway healthy"} <= set(checks), checks
+            "runner runner-1 reachable", "runner runner-2 reachable", "gateway healthy",
+            "probe event via runner runner-1", "probe event via runner runner-2"} <= set(checks), checks
+    for runner in ("runner-1", "runner-2"):  # each probe went through the event stream before the WebSocket
+        detail = said[f"probe event via runner {runner}"]
+        assert "runner -> journal -> JetStream -> ZeroMQ -> gateway -> WebSocket" in detail, detail
+        probe = detail.rsplit("; run ", 1)[1]
+        assert [e.event for e in await stream_events(hosts.nats, probe)] == ["queued", "success"], detail
     hosts.services["runner-1"].kill9()
-    code, checks = await doctor(hosts, "gw-a")
+    code, checks, _ = await doctor(hosts, "gw-a")
     assert code == 1 and checks["runner runner-1 reachable"] is False and checks["runner runner-2 reachable"], checks
+    assert "probe event via runner runner-1" not in checks and checks["probe event via runner runner-2"], checks
 
 
-async def doctor(hosts: Hosts, name: str) -> tuple[int, dict[str, bool]]:
-    """`runwire doctor --json` with one host's config: its exit status and each check's verdict."""
+async def doctor(hosts: Hosts, name: str) -> tuple[int, dict[str, bool], dict[str, str]]:
+    """`runwire doctor --json` with one host's config: its exit status, each check's verdict and detail."""
     runwire = str(Path(sys.executable).parent / "runwire")
     r = await anyio.to_thread.run_sync(lambda: subprocess.run(
         [runwire, "doctor", "--json", "--config", str(hosts.configs[name])], capture_output=True, text=True, timeout=120))
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert lines, (r.returncode, r.stdout, r.stderr)
-    return r.returncode, {c["check"]: c["ok"] for c in lines}
+    return r.returncode, {c["check"]: c["ok"] for c in lines}, {c["check"]: c["detail"] for c in lines}
 
 
 async def test_the_database_stopped_mid_run_refuses_launches_and_the_run_streams_on_to_its_end(
