@@ -60,8 +60,7 @@ def make_app(settings: Settings) -> web.Application:
     app[HUB] = hub
     hub.keys = load_keys(settings)  # CURVE for the SUB socket: None without [cluster.curve]
     archiver = Archiver(settings)  # runs in the service's task group beside the hub (service.py)
-    if settings.config.cluster is None:  # cluster mode: no journals on this host to archive from
-        hub.run_end_listeners.append(archiver.run_ended)
+    hub.run_end_listeners.append(archiver.run_ended)
     app[ARCHIVER] = archiver
     app[CLIENTS] = set()
     app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()])

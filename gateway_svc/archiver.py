@@ -1,12 +1,19 @@
 """The gateway's archiver: it sees every run end (the hub follows all runs) and writes each ended run
 to the Parquet archive (`runwire_history.archive`) in a worker thread, off the event loop. At start it syncs
 the archive with the journals (runs that ended while no gateway ran). A failed write is logged as an
-error and retried with backoff; it never delays a run or the event stream."""
+error and retried with backoff; it never delays a run or the event stream.
+
+In cluster mode (`from_stream`) a gateway host has no journals: each gateway keeps its own archive,
+made from the event stream: every run's events are read from it at the run's end, and at start every
+ended run of the index (loaded from the stream) not archived yet is. Gateways' archives are copies
+made from the same stream, not replicas of each other; a run aged out of the stream before a gateway
+first saw it is not in that gateway's archive."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import anyio
 import anyio.abc
@@ -14,6 +21,7 @@ import anyio.abc
 from runwire_history.archive import Archive, archivable, archive_dir_of
 from runwire_history.schema import NotArchivable
 from shared.config import Settings
+from shared.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +31,21 @@ RETRY_MAX = 60.0
 
 class Archiver:
     def __init__(self, settings: Settings) -> None:
-        self.archive = Archive(archive_dir_of(settings.home), settings.journal_dir)
+        cluster = settings.config.cluster is not None
+        self.archive = Archive(archive_dir_of(settings.home), None if cluster else settings.journal_dir)
+        self._read: Callable[[str], Awaitable[Sequence[Event]]] | None = None  # cluster mode: a run's events
+        self._ended: Callable[[], Iterable[str]] = lambda: ()  # cluster mode: the ended runs known at start
         self.pending: dict[str, None] = {}  # run ids ended, not yet archived (insertion order)
         self._wake = asyncio.Event()
         self.archived = 0
         self.failures = 0
         self.synced = False
+
+    def from_stream(self, read: Callable[[str], Awaitable[Sequence[Event]]], ended: Callable[[], Iterable[str]]) -> None:
+        """Cluster mode: runs' events come from `read` (the event stream); `ended` lists the runs to
+        archive at start."""
+        self._read = read
+        self._ended = ended
 
     def run_ended(self, run_id: str) -> None:
         """Called by the hub for each terminal event it delivers (never blocks)."""
@@ -49,13 +66,21 @@ class Archiver:
 
     async def _sync(self) -> None:
         rep = await anyio.to_thread.run_sync(self.archive.sync)
-        self.synced = True
         self.archived += len(rep.archived)
         log.info("archive %s: %s", self.archive.dir, rep.summary())
+        if self._read is not None:
+            have = await anyio.to_thread.run_sync(self.archive.archived)
+            todo = [r for r in self._ended() if archivable(r) and r not in have]
+            for run_id in todo:
+                await self._retrying(f"archive run {run_id} from the event stream", self._archive_one, run_id)
+            log.info("archive %s: %d ended run(s) of the event stream archived, %d there already",
+                     self.archive.dir, len(todo), len(have))
+        self.synced = True
 
     async def _archive_one(self, run_id: str) -> None:
         try:
-            if await anyio.to_thread.run_sync(self.archive.archive_run, run_id):
+            events = await self._read(run_id) if self._read is not None else None
+            if await anyio.to_thread.run_sync(self.archive.archive_run, run_id, events):
                 self.archived += 1
         except (NotArchivable, FileNotFoundError) as e:
             # nothing to retry: a journal removed by hand, or a run someone else's end event named

@@ -1,8 +1,8 @@
 """The gateway in cluster mode (loaded only with `[cluster]`): no journals on this host. At start it
 connects to the event stream (trying again, loudly, until NATS answers: a gateway must not serve
 without its source), names the cluster for cursors, and loads the run index from the stream; the
-hub then reads gaps, tails and replays from the stream (streamsource.py) and its SUB socket follows
-the runner registry (registry.py)."""
+hub then reads gaps, tails and replays from the stream (streamsource.py), its SUB socket follows
+the runner registry (registry.py), and the archiver reads the runs it archives from the stream."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from runwire_cluster.reader import identity
 from shared.config import Settings
 from shared.httpapi import EventStreamHealth, RegistryHealth
 
+from .archiver import Archiver
 from .cursor import cluster_tag
 from .hub import Hub
 from .registry import RegistryFollower
@@ -31,11 +32,12 @@ STREAM_SWEEP_INTERVAL = 2.0  # seconds between the event stream's sweeps (a chea
 class ClusterGateway:
     """An async context manager: entering connects the stream and prepares the hub; leaving closes."""
 
-    def __init__(self, settings: Settings, hub: Hub) -> None:
+    def __init__(self, settings: Settings, hub: Hub, archiver: Archiver) -> None:
         assert settings.config.cluster is not None
         self.settings = settings
         self.cluster = settings.config.cluster
         self.hub = hub
+        self.archiver = archiver
         self.stream: EventStream | None = None
         self.follower = RegistryFollower(settings, hub)
         hub.follow = self.follower.run
@@ -55,6 +57,8 @@ class ClusterGateway:
             log.info("cluster: event stream %s (created %s) on NATS %s; indexed %d run(s) from it in %.2fs",
                      name, created, ", ".join(self.cluster.nats), count, time.monotonic() - started)
             log.info("cluster: following the runner registry %s", self.follower.where)
+            index = hub.index
+            self.archiver.from_stream(self.stream.read, lambda: [e.run_id for e in list(index.runs.values()) if e.ended])
         except BaseException:
             await self.stream.close()
             raise

@@ -3,8 +3,8 @@ service's task group, the aiohttp site beside it. On cancel, every open stream i
 the hub still runs; then the hub stops. A hub that fails stops the gateway with its cause.
 
 With `[cluster]` (cluster.py) the gateway first connects to the event stream and loads its run index
-from it (no journal directory is read), and the hub's SUB socket follows the runner registry; the
-Parquet archiver does not run (it reads journals, which this host does not have)."""
+from it (no journal directory is read), the hub's SUB socket follows the runner registry, and the
+Parquet archiver reads the runs it archives from the stream (archiver.py)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class GatewayService:
         else:
             from .cluster import ClusterGateway  # cluster mode only: nothing of NATS/PostgreSQL is loaded without it
 
-            cluster = link = ClusterGateway(s, hub)
+            cluster = link = ClusterGateway(s, hub, app[ARCHIVER])
             app[CLUSTER_HEALTH] = link.health
         async with cluster:
             await self._serve(task_status)
@@ -75,8 +75,7 @@ class GatewayService:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(run_hub)
-                if s.config.cluster is None:  # cluster mode: no journals here to archive (not built yet)
-                    await tg.start(app[ARCHIVER].run)  # it retries its own failures; one that ends it stops us
+                await tg.start(app[ARCHIVER].run)  # it retries its own failures; one that ends it stops us
                 runner = JsonErrorAppRunner(app, handle_signals=False, access_log=None,
                                             shutdown_timeout=self.shutdown_timeout)
                 await runner.setup()

@@ -1,5 +1,6 @@
 """`runwire history PIPELINE [--since 7d] [--stage S]` (the gateway's GET /api/history, as a table or
-`--json`) and `runwire archive rebuild` (the archive made whole from the journals, locally). The
+`--json`) and `runwire archive rebuild` (the archive made whole from the journals, locally; in
+cluster mode its files only: the gateway fills it from the event stream at its start). The
 parsers are in cli.py, which imports this module only when one of these commands runs."""
 
 from __future__ import annotations
@@ -80,11 +81,14 @@ def render(report: dict[str, Any], out: TextIO = sys.stdout) -> None:
 async def run(args: argparse.Namespace, settings: Settings | None) -> int:
     if args.command == "archive":
         settings = settings or load_settings(args.config)
-        rep = Archive(archive_dir_of(settings.home), settings.journal_dir).sync()
+        cluster = settings.config.cluster is not None  # the archive is a gateway's, made from the event stream
+        rep = Archive(archive_dir_of(settings.home), None if cluster else settings.journal_dir).sync()
         print(json_line({"archived": rep.archived, "already": rep.already, "adopted_files": rep.adopted_files,
                          "removed_files": rep.removed_files, "damaged_files": rep.damaged_files,
                          "lost_runs": rep.lost_runs, "compacted": rep.compacted})
-              if args.json else f"archive {archive_dir_of(settings.home)}: {rep.summary()}")
+              if args.json else f"archive {archive_dir_of(settings.home)}: {rep.summary()}"
+              + ("; cluster mode: the gateway archives the runs the archive lacks from the event stream at its "
+                 "next start" if cluster else ""))
         return 1 if rep.damaged_files or rep.lost_runs else 0
     try:
         parse_window(args.since)  # a bad window is the user's error, named before any request

@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shared.events import Event
 from shared.ids import PROBE_PREFIX
 from shared.journal import JournalReader, fsync_path, journal_path, list_run_ids
 
@@ -84,27 +86,40 @@ class SyncReport:
 
 
 class Archive:
-    def __init__(self, archive_dir: Path, journal_dir: Path) -> None:
+    """The archive in `archive_dir`, written from the journals in `journal_dir`; or, with None (cluster
+    mode: a gateway host has no journals), only from the events handed to `archive_events`."""
+
+    def __init__(self, archive_dir: Path, journal_dir: Path | None) -> None:
         self.dir = archive_dir
         self.journal_dir = journal_dir
 
     # ------------------------------------------------------------------------------ one run
 
-    def archive_run(self, run_id: str) -> bool:
-        """Archive one ended run from its journal; False if it was archived already. Raises
-        NotArchivable (not ended), FileNotFoundError (no journal) or an OSError/ArrowException."""
+    def archive_run(self, run_id: str, events: Sequence[Event] | None = None) -> bool:
+        """Archive one ended run from `events` (all of them, in seq order) or else from its journal;
+        False if it was archived already. Raises NotArchivable (not ended), FileNotFoundError (no
+        journal) or an OSError/ArrowException."""
         with archive_lock(self.dir, exclusive=True), Ledger(self.dir) as ledger:
             if ledger.has_run(run_id):
                 return False
-            self._write_run(ledger, run_id)
+            self._write_run(ledger, run_id, events)
             self._compact_due(ledger)
             return True
 
-    def _write_run(self, ledger: Ledger, run_id: str) -> RunRows:
-        path = journal_path(self.journal_dir, run_id)
-        if not path.exists():
-            raise FileNotFoundError(f"run {run_id}: no journal at {path}")
-        rows = run_table(run_id, JournalReader(path, run_id).read())
+    def archived(self) -> set[str]:
+        """The run ids the archive holds."""
+        with archive_lock(self.dir, exclusive=False), Ledger(self.dir) as ledger:
+            return ledger.run_ids()
+
+    def _write_run(self, ledger: Ledger, run_id: str, events: Sequence[Event] | None = None) -> RunRows:
+        if events is None:
+            if self.journal_dir is None:
+                raise FileNotFoundError(f"run {run_id}: no journals on this host, and no events given")
+            path = journal_path(self.journal_dir, run_id)
+            if not path.exists():
+                raise FileNotFoundError(f"run {run_id}: no journal at {path}")
+            events = JournalReader(path, run_id).read()
+        rows = run_table(run_id, events)
         name = f"{_partition_dir(rows.day, rows.pipeline)}/run-{run_id}.parquet"
         _write_atomic(self.dir, name, rows.table)
         ledger.add_file(FileEntry(name, rows.day, rows.pipeline, 1, rows.table.num_rows, rows.run_us, rows.run_us),
@@ -155,23 +170,28 @@ class Archive:
             with Ledger(self.dir) as ledger:
                 self._verify_files(ledger, rep)
                 self._adopt_files(ledger, rep)
-                archived = ledger.run_ids()
-                for run_id in list_run_ids(self.journal_dir):
-                    if not archivable(run_id):
-                        continue
-                    if run_id in archived:
-                        rep.already += 1
-                        continue
-                    last = JournalReader(journal_path(self.journal_dir, run_id), run_id).last_event()
-                    if last is None or not last.is_terminal:
-                        continue  # not ended: archived at its end
-                    self._write_run(ledger, run_id)
-                    rep.archived.append(run_id)
+                if self.journal_dir is not None:
+                    self._archive_journals(ledger, self.journal_dir, rep)
                 rep.lost_runs = [r for r in rep.lost_runs if not ledger.has_run(r)]
                 rep.compacted = self._compact_due(ledger)
         if rep.damaged_files or rep.lost_runs:
             log.error("archive %s: %s", self.dir, rep.summary())
         return rep
+
+    def _archive_journals(self, ledger: Ledger, journal_dir: Path, rep: SyncReport) -> None:
+        """Every ended journal not archived yet."""
+        archived = ledger.run_ids()
+        for run_id in list_run_ids(journal_dir):
+            if not archivable(run_id):
+                continue
+            if run_id in archived:
+                rep.already += 1
+                continue
+            last = JournalReader(journal_path(journal_dir, run_id), run_id).last_event()
+            if last is None or not last.is_terminal:
+                continue  # not ended: archived at its end
+            self._write_run(ledger, run_id)
+            rep.archived.append(run_id)
 
     def _check_ledger(self) -> None:
         path = self.dir / LEDGER_NAME

@@ -32,9 +32,11 @@ from typing import Any
 
 import aiohttp
 import anyio
+import pyarrow.parquet as pq
 import pytest
 
 from runwire_cluster.events import EventStream
+from runwire_history.archive import archive_dir_of
 from shared.config import ClusterConfig, load_settings
 from shared.control import ControlClient, Identity
 from shared.curve import PUBLIC_NAME, SECRET_NAME, load_keys, write_keypair
@@ -232,6 +234,15 @@ async def test_a_run_launched_through_gateway_a_is_watched_exactly_through_b_and
     local = as_dicts(JournalReader(journal_path(hosts.home(host) / "events", run_id)).read())
     assert local == stream, f"{host}'s journal differs from the event stream"
 
+    # history: each gateway archives the run from the event stream (a gateway host has no journals),
+    # and one started afterwards archives it at its start
+    hosts.start("gw-c", "gateway_svc")
+    for gw in ("gw-a", "gw-b", "gw-c"):
+        await wait_until(f"{gw}'s history has the run", lambda gw=gw: archived_runs(session, hosts.base(gw)), T)
+        files = sorted(archive_dir_of(hosts.home(gw)).glob("day=*/pipeline=*/*.parquet"))
+        rows = [r for f in files for r in pq.read_table(f, columns=["run_id", "seq", "event"]).to_pylist()]
+        assert rows == [{"run_id": run_id, "seq": e["seq"], "event": e["event"]} for e in stream], gw
+
 
 async def test_kill_9_of_the_runner_host_ends_its_run_runner_lost_once_on_both_gateways(
         hosts: Hosts, session: aiohttp.ClientSession) -> None:
@@ -403,6 +414,13 @@ async def test_the_database_stopped_mid_run_refuses_launches_and_the_run_streams
     printed = [e["msg"] for e in stream if e["event"] == "log" and e["stage"] == "talk"]
     assert printed == [f"line {i}" for i in range(300)]
     assert of_run(on_b, after)[-1]["event"] == "success"
+
+
+async def archived_runs(session: aiohttp.ClientSession, base: str) -> int:
+    """How many runs of pipeline sleepy the gateway's history counts."""
+    async with session.get(f"{base}/api/history", params={"pipeline": "sleepy", "since": "1d"}) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["summary"]["runs"]  # type: ignore[no-any-return]
 
 
 async def _async(value: bool) -> bool:
