@@ -41,6 +41,27 @@ def host_config(root: Path, name: str, nats: list[str], state_url: str, body: st
     return path
 
 
+def start_host(root: Path, name: str, module: str, nats: NatsCluster, db_url: str, services: list[Service],
+               body: str = SLEEP_PIPELINE) -> Service:
+    """One host's service (its own config and home), stopped with the test's services."""
+    svc = Service(module, host_config(root, name, nats.urls, db_url, body), root).start()
+    services.append(svc)
+    return svc
+
+
+async def two_schedulers(root: Path, nats: NatsCluster, db_url: str, services: list[Service],
+                         body: str = SLEEP_PIPELINE) -> tuple[Service, Service]:
+    """Scheduler a, once it leads, then b (standing by)."""
+    a = start_host(root, "a", "scheduler_svc", nats, db_url, services, body)
+    await leader_of([a])
+    return a, start_host(root, "b", "scheduler_svc", nats, db_url, services, body)
+
+
+def gateway_port(svc: Service) -> int:
+    """The HTTP port of a gateway started with start_host."""
+    return int(re.search(r"port = (\d+)", svc.config.read_text())[1])  # type: ignore[index]
+
+
 async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll `check` on the event loop (the test runner shares it) until true; fail naming `what`."""
     end = time.monotonic() + timeout

@@ -24,10 +24,12 @@ from tests.cluster_peers import (  # noqa: F401  (fixtures)
     PeerRunner,
     db,
     db_url,
+    gateway_port,
     host_config,
-    leader_of,
     leading,
+    start_host,
     stream_events,
+    two_schedulers,
     until,
     until_match,
 )
@@ -71,15 +73,9 @@ async def progress(http: aiohttp.ClientSession, backfill_id: str) -> dict[str, A
 async def test_a_backfill_carries_on_across_a_kill_9_of_the_leader_and_each_slot_runs_once(
         tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
         services: list[Service]) -> None:
-    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url, HOURLY), tmp_path).start()
-    services.append(a)
-    await leader_of([a])
-    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url, HOURLY), tmp_path).start()
-    services.append(b)
-    gw_config = host_config(tmp_path, "gw", nats_cluster.urls, db_url, HOURLY)  # its schedules: their zones
-    gw = Service("gateway_svc", gw_config, tmp_path).start()
-    services.append(gw)
-    port = int(re.search(r"port = (\d+)", gw_config.read_text())[1])  # type: ignore[index]
+    a, b = await two_schedulers(tmp_path, nats_cluster, db_url, services, HOURLY)
+    # the gateway knows the schedules (their zones)
+    port = gateway_port(start_host(tmp_path, "gw", "gateway_svc", nats_cluster, db_url, services, HOURLY))
     runner = PeerRunner(host_config(tmp_path, "r", nats_cluster.urls, db_url), capacity=4, work=1.0)
     last = slot_id(SLOTS - 1)
 

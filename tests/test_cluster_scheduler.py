@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import signal
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,20 @@ import pytest
 from runwire_cluster.events import EventStream
 from shared.config import ClusterConfig
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (fixtures)
-from tests.cluster_peers import PeerRunner, db, db_url, host_config, leader_of, leading, stream_events, until, until_match  # noqa: F401  (fixtures)
+from tests.cluster_peers import (  # noqa: F401  (fixtures)
+    PeerRunner,
+    db,
+    db_url,
+    gateway_port,
+    host_config,
+    leader_of,
+    leading,
+    start_host,
+    stream_events,
+    two_schedulers,
+    until,
+    until_match,
+)
 from tests.harness import SLEEP_PIPELINE, Service
 
 PIPELINE = SLEEP_PIPELINE.replace('description = "one stage that sleeps"\n',
@@ -42,11 +54,7 @@ overlap = "allow"
 async def test_every_slot_fires_once_across_two_schedulers_and_a_kill_9_of_the_leader(
         tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
         services: list[Service]) -> None:
-    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url, TICKS), tmp_path).start()
-    services.append(a)
-    await leader_of([a])
-    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url, TICKS), tmp_path).start()
-    services.append(b)
+    a, b = await two_schedulers(tmp_path, nats_cluster, db_url, services, TICKS)
     await anyio.sleep(4.0)  # slots fire on a; b stands by
     assert leading(a) == 1 and leading(b) == 0, b.output()[-2000:]
     assert await db.fetchval("SELECT count(*) FROM fire_ledger") >= 2
@@ -72,15 +80,8 @@ async def test_every_slot_fires_once_across_two_schedulers_and_a_kill_9_of_the_l
 async def test_launches_run_once_across_a_kill_9_of_the_leading_scheduler(
         tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
         services: list[Service]) -> None:
-    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url, PIPELINE), tmp_path).start()
-    services.append(a)
-    await leader_of([a])
-    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url, PIPELINE), tmp_path).start()
-    services.append(b)
-    gw_config = host_config(tmp_path, "gw", nats_cluster.urls, db_url)
-    gw = Service("gateway_svc", gw_config, tmp_path).start()
-    services.append(gw)
-    port = int(re.search(r"port = (\d+)", gw_config.read_text())[1])  # type: ignore[index]
+    a, b = await two_schedulers(tmp_path, nats_cluster, db_url, services, PIPELINE)
+    port = gateway_port(start_host(tmp_path, "gw", "gateway_svc", nats_cluster, db_url, services))
     runner = PeerRunner(host_config(tmp_path, "r", nats_cluster.urls, db_url), capacity=4, work=0.3)
     launched: list[str] = []
 
@@ -136,14 +137,9 @@ async def test_launches_run_once_across_a_kill_9_of_the_leading_scheduler(
 async def test_database_stopped_launch_answers_503_and_all_recovers(
         tmp_path: Path, nats_cluster: NatsCluster, postgres: Postgres, db_url: str,  # noqa: F811
         services: list[Service]) -> None:
-    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url), tmp_path).start()
-    services.append(a)
-    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url), tmp_path).start()
-    services.append(b)
-    gw_config = host_config(tmp_path, "gw", nats_cluster.urls, db_url)
-    gw = Service("gateway_svc", gw_config, tmp_path).start()
-    services.append(gw)
-    port = int(re.search(r"port = (\d+)", gw_config.read_text())[1])  # type: ignore[index]
+    a = start_host(tmp_path, "a", "scheduler_svc", nats_cluster, db_url, services)
+    b = start_host(tmp_path, "b", "scheduler_svc", nats_cluster, db_url, services)  # at once: either leads
+    port = gateway_port(start_host(tmp_path, "gw", "gateway_svc", nats_cluster, db_url, services))
     runner = PeerRunner(host_config(tmp_path, "r", nats_cluster.urls, db_url))
     first = await leader_of([a, b])
 
@@ -188,8 +184,7 @@ async def test_database_stopped_launch_answers_503_and_all_recovers(
 async def test_a_lost_runner_s_run_ends_through_the_fence_and_its_late_write_is_refused(
         tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
         services: list[Service]) -> None:
-    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url), tmp_path).start()
-    services.append(a)
+    a = start_host(tmp_path, "a", "scheduler_svc", nats_cluster, db_url, services)
     await leader_of([a])
     runner = PeerRunner(host_config(tmp_path, "r", nats_cluster.urls, db_url), work=0.1)
     runner.gate = anyio.Event()
@@ -226,13 +221,8 @@ async def test_a_runner_s_dispatch_link_follows_the_leader(
         tmp_path: Path, nats_cluster: NatsCluster, db_url: str, services: list[Service]) -> None:  # noqa: F811
     """The real runner in cluster mode: its DEALER connects to the leader's dispatch endpoint from the
     database, and to the new leader's after a kill -9 (its runs' event path is the runner's own work)."""
-    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url), tmp_path).start()
-    services.append(a)
-    await leader_of([a])
-    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url), tmp_path).start()
-    services.append(b)
-    r = Service("runner_svc", host_config(tmp_path, "r", nats_cluster.urls, db_url), tmp_path).start()
-    services.append(r)
+    a, b = await two_schedulers(tmp_path, nats_cluster, db_url, services)
+    r = start_host(tmp_path, "r", "runner_svc", nats_cluster, db_url, services)
     await until_match(a, r"runner test-runner connected")
     a.kill9()
     await until(lambda: leading(b) == 1, 30, "b takes over")
@@ -245,11 +235,7 @@ async def test_a_runner_s_dispatch_link_follows_the_leader(
 async def test_a_leader_paused_past_its_lease_is_fenced_when_it_resumes(
         tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
         services: list[Service]) -> None:
-    a = Service("scheduler_svc", host_config(tmp_path, "a", nats_cluster.urls, db_url, TICKS), tmp_path).start()
-    services.append(a)
-    await leader_of([a])
-    b = Service("scheduler_svc", host_config(tmp_path, "b", nats_cluster.urls, db_url, TICKS), tmp_path).start()
-    services.append(b)
+    a, b = await two_schedulers(tmp_path, nats_cluster, db_url, services, TICKS)
     await until_match(a, r"FIRE slot")
     os.kill(a.pid, signal.SIGSTOP)
     try:
