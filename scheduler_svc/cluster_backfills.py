@@ -23,6 +23,7 @@ from typing import Any
 from runwire_cluster.runs import LeaderState, RunRow
 from runwire_cluster.state import Lease
 from shared.config import Settings
+from shared.errors import JournalError, ServiceUnavailable
 
 from .backfills import Backfills, Lookup
 from .cluster_journaling import ClusterJournaling, record_from_row
@@ -104,13 +105,18 @@ class ClusterBackfills(Backfills):
     async def _queue_run(self, e: ScheduleEntry, r: BackfillRunRow, trigger: dict[str, Any], msg: str) -> bool:
         row = RunRow(r.run_id, e.cfg.pipeline, dict(e.params), trigger, msg)
         slot = datetime.fromisoformat(r.slot)
-        if r.run_id != slot_run_id(slot, e.name):  # a re-run of the slot
-            await self.cluster_journaling.queue_run(row.pipeline, row.params, trigger, r.run_id, msg)
-            return True
-        before = await self.leader.claim_slot_run(self.lease, e.name, slot, row)
-        if before is not None:
-            log.info("backfill %s: slot %s of schedule %s was claimed by %s; not run twice", trigger["backfill"], r.slot,
-                     e.name, before)
+        if r.run_id == slot_run_id(slot, e.name):
+            before = await self.leader.claim_slot_run(self.lease, e.name, slot, row)
+            if before is not None:
+                log.info("backfill %s: slot %s of schedule %s was claimed by %s; not run twice", trigger["backfill"],
+                         r.slot, e.name, before)
+                return False
+        elif not await self.leader.add_run(self.lease, row):  # a re-run of the slot: its row made once
             return False
-        await self.cluster_journaling.write_queued(row)
+        try:
+            await self.cluster_journaling.write_queued(row)
+        except JournalError as ex:  # the row is ours: the caller must not take it for another writer's run
+            raise ServiceUnavailable(f"run {r.run_id} of backfill {trigger['backfill']}: its row is in the cluster's "
+                                     f"database but its `queued` could not be written here ({ex}); stepping down, the "
+                                     "next term writes it") from ex
         return True
