@@ -92,7 +92,8 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
                         r = await w.held(system, rate, sizes.hold_seconds)
                         res["held"].setdefault(name, []).append(r)
                         log(f"held    {name:<8} {rate:>6,}/s for {sizes.hold_seconds:g}s: {'held' if r['held'] else 'NOT held'}: "
-                            + _line(r) + f" emit span {r['ws']['emit_span_s']:.2f}s, last tick {r['ws']['last_latency_s'] * 1000:.0f} ms late")
+                            + _line(r) + f" emit span {r['ws']['emit_span_s']:.2f}s, last tick {r['ws']['last_latency_s'] * 1000:.0f} ms late"
+                            + (f"; {r['failed']}" if r["failed"] else ""))
                         if not r["held"]:
                             break
                 res["steal"]["held"] = steal.since_last()

@@ -109,7 +109,8 @@ def render(res: dict[str, Any], command: str) -> str:
             why = ""
             if bad:
                 c = bad[0]["ws"]
-                why = (f"{c['received']:,}/{c['expected']:,} received, exact {c['exact']}, emit span {c['emit_span_s']:.1f} s,"
+                why = ((f"{bad[0]['failed']}; " if bad[0].get("failed") else "")
+                       + f"{c['received']:,}/{c['expected']:,} received, exact {c['exact']}, emit span {c['emit_span_s']:.1f} s,"
                        f" last tick {c['last_latency_s']:.2f} s late")
             best = f"{ok[-1]['rate']:,.0f}/s" if ok else f"< {steps[0]['rate']:,.0f}/s"
             best_p99 = f"{ok[-1]['ws']['p99']:.1f}" if ok else "-"

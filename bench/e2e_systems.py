@@ -97,6 +97,10 @@ class _Proc:
         self.log.close()
 
 
+class LoadFailed(RuntimeError):
+    """The load run ended otherwise than success (the message says how, in the system's words)."""
+
+
 class System:
     name = ""
     plain = True  # one event per WebSocket frame
@@ -169,10 +173,11 @@ class Runwire(System):
             async with aiohttp.ClientSession() as http:
                 while True:
                     async with http.get(f"{self.base}/api/runs/{run_id}") as resp:
-                        status = (await resp.json()).get("status")
+                        run = await resp.json()
+                    status = run.get("status")
                     if status in ("success", "failure", "cancelled"):
                         if status != "success":
-                            raise RuntimeError(f"load run {run_id} ended {status}")
+                            raise LoadFailed(f"load run {run_id} ended {status}: {run.get('msg') or '-'}")
                         return
                     await anyio.sleep(0.1)
 
@@ -284,7 +289,7 @@ class _Produced(System):
         await anyio.to_thread.run_sync(lambda: proc.wait(timeout))
         proc.stdout.close()
         if proc.returncode != 0 or not line.startswith("done"):
-            raise RuntimeError(f"{self.kind} producer for {run_id} ended {proc.returncode} ({line!r})")
+            raise LoadFailed(f"{self.kind} producer for {run_id} ended {proc.returncode} ({line!r})")
 
 
 class Polling(_Produced):
