@@ -32,23 +32,33 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.e
        "PYTHONUNBUFFERED": "1"}
 
 
+def _ticks(stat: str) -> int:
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+
 def cpu_seconds(pid: int) -> float:
-    """CPU seconds of every live thread of `pid` (libzmq's I/O threads included), in ns resolution from
-    /proc/<pid>/task/*/schedstat where the kernel keeps it; else /proc/<pid>/stat in clock ticks (10 ms:
-    coarse for a 1 s run, fine for the full runs' 3 s and more)."""
-    total = 0
+    """CPU seconds of `pid`, every thread's (libzmq's I/O threads, anyio's workers), the ended ones
+    too: the live threads in ns from /proc/<pid>/task/*/schedstat, and the ended threads' share of the
+    process's /proc/<pid>/stat (which keeps them) in clock ticks. Without schedstat, the process's
+    ticks (10 ms: coarse for a 1 s run, fine for the full runs' 3 s and more)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    process = _ticks(Path(f"/proc/{pid}/stat").read_text())
+    live_ns = live_ticks = 0
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
-                total += int((task / "schedstat").read_text().split()[0])
+                ns = int((task / "schedstat").read_text().split()[0])
+                ticks = _ticks((task / "stat").read_text())
             except (OSError, ValueError, IndexError):
-                continue  # a thread that just ended
+                continue  # a thread that just ended: its time is in the process's ticks
+            live_ns += ns
+            live_ticks += ticks
     except OSError:
-        total = 0
-    if total:
-        return total / 1e9
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        live_ns = 0
+    if not live_ns:
+        return process / tick
+    return live_ns / 1e9 + max(process - live_ticks, 0) / tick
 
 
 def peak_rss_kb(pid: int) -> int:
