@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check install browser postgres bench clean
+.PHONY: demo test check install browser postgres redis bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ postgres:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
+# redis-server from the OS packages: the end-to-end benchmark's Redis pub/sub baseline starts its own
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
 demo: install
 	$(BIN)/runwire demo-data --if-absent
 	@# Ctrl-C stops everything cleanly and honcho exits 130: that is the normal end of a demo, not an error
@@ -45,7 +51,7 @@ check: install
 test: install browser postgres check
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install redis postgres
 	$(BIN)/python -m bench
 
 clean:
