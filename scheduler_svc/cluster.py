@@ -11,8 +11,8 @@ A standby answers control requests with 503-worthy ServiceUnavailable: gateways 
 control endpoint is recorded with the lease.
 
 Backfills are kept in the database too (`cluster_backfills.py`): a takeover carries each one on;
-re-runs find any run of the cluster by its row (`cluster_reruns.py`).
-Not carried over from single-host mode yet: retention of this host's journals.
+re-runs find any run of the cluster by its row (`cluster_reruns.py`); this host's journals go by
+`scheduler.keep_days` once the database says their runs ended (`cluster_retention.py`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from .cluster_backfills import ClusterBackfills
 from .cluster_journaling import ClusterJournaling
 from .cluster_launches import ClusterLaunches, claim_launches, ends_stream, record_ends
 from .cluster_reruns import ClusterReruns
+from .cluster_retention import local_retention
 from .cluster_schedules import ClusterScheduleDriver, ClusterScheduleStore
 from .control import ControlHandler
 from .dispatcher import Dispatcher
@@ -227,6 +228,7 @@ class ClusterScheduler:
             await tg.start(schedules.run)
             await tg.start(backfills.run)
             tg.start_soon(claim_launches, leader, lease, journaling)
+            tg.start_soon(local_retention, leader, self.journal_dir, s.reports_dir, cfg.scheduler.keep_days)
             self.control = control
             log.info("leading (lease attempt %d): took over %d run(s) not ended: %d queued, %d awaiting their runners",
                      lease.attempt, len(rows), len(book.queue), len(book.active))

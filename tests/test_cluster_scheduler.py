@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import anyio
@@ -19,7 +21,9 @@ import asyncpg
 import pytest
 
 from runwire_cluster.events import EventStream
+from runwire_cluster.state import ClusterState
 from shared.config import ClusterConfig
+from shared.journal import JournalWriter
 from tests.cluster_fixtures import NatsCluster, Postgres, nats_cluster, postgres  # noqa: F401  (fixtures)
 from tests.cluster_peers import (  # noqa: F401  (fixtures)
     PeerRunner,
@@ -255,3 +259,30 @@ async def test_a_leader_paused_past_its_lease_is_fenced_when_it_resumes(
     assert gaps == []
     kinds = await stream_events(nats_cluster, [r["run_id"] for r in rows])
     assert {r: k for r, k in kinds.items() if k != ["queued"]} == {}
+
+
+@pytest.mark.timeout(120)
+async def test_the_leader_s_own_journals_go_by_keep_days_once_the_database_says_their_runs_ended(
+        tmp_path: Path, nats_cluster: NatsCluster, db_url: str, db: asyncpg.Connection,  # noqa: F811
+        services: list[Service]) -> None:
+    """A scheduler host's journals hold only what it wrote (`queued`): the end is in the run's row."""
+    async with await ClusterState.connect(ClusterConfig(nats=nats_cluster.urls, state=db_url)) as state:
+        await state.migrate()
+    config = host_config(tmp_path, "a", nats_cluster.urls, db_url)
+    config.write_text(config.read_text().replace("[scheduler]\n", "[scheduler]\nkeep_days = 1\n", 1))
+    events = tmp_path / "a" / "home" / "events"
+    files = {}
+    for run_id, age_days, outcome in (("old-ended", 3, "success"), ("old-unknown", 3, None), ("new-ended", 0, "failure")):
+        writer = JournalWriter.create(events, run_id, ZoneInfo("UTC"))
+        writer.append_many([("pipeline", "queued", "", {"pipeline": "sleepy", "params": {}})])
+        writer.close()
+        old = time.time() - age_days * 86400
+        os.utime(writer.path, (old, old))
+        files[run_id] = writer.path
+        if outcome is not None:
+            await db.execute("INSERT INTO runs (run_id, pipeline, created_by, outcome) VALUES ($1, 'sleepy', 'test', $2)",
+                             run_id, outcome)
+    a = Service("scheduler_svc", config, tmp_path).start()
+    services.append(a)
+    await until_match(a, r"retention: removed 1 run\(s\) ended in the cluster")
+    assert {r: p.exists() for r, p in files.items()} == {"old-ended": False, "old-unknown": True, "new-ended": True}
