@@ -117,7 +117,8 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
             if "replay" in parts and isinstance(rw, Runwire):
                 t0 = time.perf_counter()
                 run_id = await anyio.to_thread.run_sync(w.write_long_run, rw.journal_dir, sizes.replay_events)
-                log(f"(wrote a {sizes.replay_events:,}-tick journal in {time.perf_counter() - t0:.1f}s)")
+                log(f"(wrote a {sizes.replay_events:,}-tick journal in {time.perf_counter() - t0:.1f}s; the gateway "
+                    f"indexed it and went quiet {await w.indexed(rw, run_id):.1f}s later)")
                 steal.since_last()
                 for rep in range(sizes.repeat):
                     r = await w.replay(rw, run_id)

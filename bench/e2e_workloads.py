@@ -224,6 +224,26 @@ def write_long_run(journal_dir: Path, count: int) -> str:
     return run_id
 
 
+async def indexed(system: Runwire, run_id: str, timeout: float = 120.0) -> float:
+    """Wait until the gateway knows the run written behind its back (write_long_run) as ended and has
+    gone quiet (its sweep reads a new journal once: timed with the replay, it doubled the replay's CPU);
+    returns the seconds that took."""
+    gw = system.pids()["gateway"]
+    t0 = time.perf_counter()
+    with anyio.fail_after(timeout):
+        async with aiohttp.ClientSession() as http:
+            while True:
+                async with http.get(f"{system.base}/api/runs/{run_id}") as resp:
+                    if resp.status == 200 and (await resp.json()).get("status") == "success":
+                        break
+                await anyio.sleep(0.2)
+        while True:  # quiet: under 5% of a core over half a second
+            c0 = cpu_seconds(gw)
+            await anyio.sleep(0.5)
+            if cpu_seconds(gw) - c0 < 0.025:
+                return time.perf_counter() - t0
+
+
 async def replay(system: Runwire, run_id: str) -> dict[str, Any]:
     tally = Tally(timed=False)
     gw = system.pids()["gateway"]
