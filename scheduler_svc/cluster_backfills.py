@@ -112,6 +112,8 @@ class ClusterBackfills(Backfills):
                          r.slot, e.name, before)
                 return False
         elif not await self.leader.add_run(self.lease, row):  # a re-run of the slot: its row made once
+            log.info("backfill %s: run %s of slot %s exists in the cluster's runs already; not run twice",
+                     trigger["backfill"], r.run_id, r.slot)
             return False
         try:
             await self.cluster_journaling.write_queued(row)
