@@ -222,3 +222,62 @@ async def test_history_of_real_runs_matches_their_journals(tmp_path: Path, servi
     assert json.loads(again.stdout)["summary"] == cli["summary"]
     rebuilt = Archive(archive_dir_of(settings.home), settings.journal_dir).sync()
     assert rebuilt.archived == [] and rebuilt.lost_runs == []
+
+
+async def test_the_archiver_works_in_a_worker_process_whose_log_lines_reach_the_gateways(
+        tmp_path: Path, services: list[Service]) -> None:
+    """The archive is written in a worker process (the GIL stays with the event path); what it logs is
+    not lost: a damaged Parquet file found by the sync at start is said in the gateway's own output,
+    and its run archived again from the journal."""
+    from tests.test_history_archive import ended_run  # one way to write an ended run's journal
+
+    cfg, _ = write_config(tmp_path, PIPELINES)
+    settings = load_settings(cfg)
+    settings.journal_dir.mkdir(parents=True, exist_ok=True)
+    run_id = ended_run(settings.journal_dir)
+    archive_dir = archive_dir_of(settings.home)
+    assert Archive(archive_dir, settings.journal_dir).archive_run(run_id)
+    with Ledger(archive_dir) as ledger:
+        name = next(f.name for f in ledger.files() if f.name.endswith(f"run-{run_id}.parquet"))
+    damaged = archive_dir / name
+    damaged.write_bytes(damaged.read_bytes()[:50])
+
+    gateway = Service("gateway_svc", cfg, tmp_path).start()
+    services.append(gateway)
+    line = gateway.wait_for(r"gateway ERROR runwire_history\.archive: archive file \S+ is damaged", timeout=60)
+    assert name in line.group(0)
+    with anyio.fail_after(30):
+        while True:  # set aside, and archived again from the journal
+            with Ledger(archive_dir) as ledger:
+                if ledger.has_run(run_id) and (archive_dir / name).exists():
+                    break
+            await anyio.sleep(0.1)
+    gateway.wait_for(r"gateway INFO gateway_svc\.archiver: archive .*: 1 run\(s\) archived from journals")
+    workers = _children(gateway.pid, "anyio.to_process")
+    assert workers, "no archive worker process under the gateway"
+    gateway.kill9()  # a worker outlives no gateway: its end of the pipe closes
+    with anyio.fail_after(20):
+        while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers):
+            await anyio.sleep(0.1)
+
+
+def _children(ppid: int, needle: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == ppid and needle in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
