@@ -37,11 +37,42 @@ def _ticks(stat: str) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, workers: bool = False) -> float:
     """CPU seconds of `pid`, every thread's (libzmq's I/O threads, anyio's workers), the ended ones
     too: the live threads in ns from /proc/<pid>/task/*/schedstat, and the ended threads' share of the
     process's /proc/<pid>/stat (which keeps them) in clock ticks. Without schedstat, the process's
-    ticks (10 ms: coarse for a 1 s run, fine for the full runs' 3 s and more)."""
+    ticks (10 ms: coarse for a 1 s run, fine for the full runs' 3 s and more).
+
+    `workers`: with its child processes' (the gateway's archive worker): the live ones', and those
+    reaped (in the stat's cutime + cstime). Not for the runner, whose children are the stages, the
+    load itself."""
+    own = _own_cpu_seconds(pid)
+    if not workers:
+        return own
+    tick = os.sysconf("SC_CLK_TCK")
+    reaped = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = own + (int(reaped[13]) + int(reaped[14])) / tick
+    for child in _children(pid):
+        try:
+            total += _own_cpu_seconds(child)
+        except OSError:
+            continue  # it just ended: its time is in the reaped share from now on
+    return total
+
+
+def _children(ppid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == ppid:
+                    found.append(int(proc.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _own_cpu_seconds(pid: int) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     process = _ticks(Path(f"/proc/{pid}/stat").read_text())
     live_ns = live_ticks = 0

@@ -116,7 +116,7 @@ async def one_run(system: System, rate: float, count: int, specs: list[Clients],
         pids = system.pids()
         for pid in pids.values():
             reset_peak_rss(pid)
-        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu0 = {name: cpu_seconds(pid, name == "gateway") for name, pid in pids.items()}
         t0 = time.perf_counter()
         run_id = await system.launch(rate, count)
         results = [await w.results() for w in workers]
@@ -127,7 +127,7 @@ async def one_run(system: System, rate: float, count: int, specs: list[Clients],
                 raise
             failed = str(e)
         wall = time.perf_counter() - t0
-        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu = {name: cpu_seconds(pid, name == "gateway") - cpu0[name] for name, pid in pids.items()}
     finally:
         for w in workers:
             w.kill()
@@ -200,11 +200,11 @@ async def resume(system: Runwire, away: int) -> dict[str, Any]:
         await system.finish(run_id)
         after = Tally(timed=False)
         gw = system.pids()["gateway"]
-        cpu0 = cpu_seconds(gw)
+        cpu0 = cpu_seconds(gw, True)
         t0 = time.perf_counter()
         await ws_client(http, f"{system.ws_url}?cursor={quote(cursor, safe='')}", after, timeout=120)
         took = time.perf_counter() - t0
-        cpu = cpu_seconds(gw) - cpu0
+        cpu = cpu_seconds(gw, True) - cpu0
     return {"away": away, "seconds": took, "rate": after.count / took, "received": after.count,
             "exact": after.exact(first_seq=seen + 1), "first_seq": after.first_seq, "left_at_seq": seen,
             "gateway_cpu_s": cpu}
@@ -238,9 +238,9 @@ async def indexed(system: Runwire, run_id: str, timeout: float = 120.0) -> float
                         break
                 await anyio.sleep(0.2)
         while True:  # quiet: under 5% of a core over half a second
-            c0 = cpu_seconds(gw)
+            c0 = cpu_seconds(gw, True)
             await anyio.sleep(0.5)
-            if cpu_seconds(gw) - c0 < 0.025:
+            if cpu_seconds(gw, True) - c0 < 0.025:
                 return time.perf_counter() - t0
 
 
@@ -248,12 +248,12 @@ async def replay(system: Runwire, run_id: str) -> dict[str, Any]:
     tally = Tally(timed=False)
     gw = system.pids()["gateway"]
     async with aiohttp.ClientSession() as http:
-        cpu0, client0 = cpu_seconds(gw), time.process_time()
+        cpu0, client0 = cpu_seconds(gw, True), time.process_time()
         t0 = time.perf_counter()
         await ws_client(http, f"{system.ws_url}/{run_id}?after_seq=0", tally, timeout=300)
         took = time.perf_counter() - t0
     return {"seconds": took, "rate": tally.count / took, "received": tally.count, "exact": tally.exact(),
-            "gateway_cpu_s": cpu_seconds(gw) - cpu0, "client_cpu_s": time.process_time() - client0}
+            "gateway_cpu_s": cpu_seconds(gw, True) - cpu0, "client_cpu_s": time.process_time() - client0}
 
 
 def median(runs: list[dict[str, Any]], *path: str) -> tuple[float, float, float]:
