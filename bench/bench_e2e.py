@@ -67,7 +67,8 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))  # 500 clients; the services inherit it
     res: dict[str, Any] = {"sizes": dataclasses.asdict(sizes), "systems": systems, "parts": parts, "steal": {},
-                           "latency": {}, "held": {}, "fanout": {}, "resume": [], "replay": [], "versions": {}}
+                           "latency": {}, "held": {}, "fanout": {}, "resume": [], "replay": [], "beside_replay": [],
+                           "versions": {}}
     t_start = time.perf_counter()
     steal = Steal()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp_name:
@@ -125,6 +126,12 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
                     res["replay"].append(r)
                     log(f"replay  runwire {r['received']:,} events #{rep + 1}: {r['seconds']:.2f}s = {r['rate']:,.0f}/s,"
                         f" exact {r['exact']} (gateway CPU {r['gateway_cpu_s']:.2f}s, client CPU {r['client_cpu_s']:.2f}s)")
+                for rep in range(sizes.repeat):
+                    r = await w.live_beside_replay(rw, run_id, sizes.rates[0], sizes.seconds)
+                    res["beside_replay"].append(r)
+                    log(f"live    runwire {sizes.rates[0]:,}/s beside replays #{rep + 1}: ws p50 {r['ws']['p50']:.2f} ms"
+                        f" p99 {r['ws']['p99']:.2f} ms exact {r['ws']['exact']}/{r['ws']['clients']},"
+                        f" {r['replays']} replay(s) done meanwhile")
                 res["steal"]["replay"] = steal.since_last()
         finally:
             for system in up.values():

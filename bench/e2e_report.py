@@ -144,6 +144,12 @@ def render(res: dict[str, Any], command: str) -> str:
             out.append(f"- Replay of a {s['replay_events']:,}-event run from seq 0 (`/ws/events/{{run_id}}?after_seq=0`):"
                        f" {_f(median(r, 'seconds'))} s = {_f(median(r, 'rate'), 0)} events/s; exact in"
                        f" {sum(x['exact'] for x in r)}/{len(r)} runs.")
+        if res.get("beside_replay"):
+            r = res["beside_replay"]
+            out.append(f"- A live WebSocket client at {r[0]['rate']:,.0f}/s while another client replays that run from seq 0"
+                       f" again and again: p50 {_f(median(r, 'ws', 'p50'))} ms, p99 {_f(median(r, 'ws', 'p99'))} ms"
+                       f" (alone: the latency table); exact {sum(x['ws']['exact'] for x in r)}/{len(r)};"
+                       f" {sum(x['replays'] for x in r)} replays finished meanwhile.")
         out.append("")
     out += _ratios(res) + _goals(res)
     return "\n".join(out) + "\n"

@@ -256,6 +256,28 @@ async def replay(system: Runwire, run_id: str) -> dict[str, Any]:
             "gateway_cpu_s": cpu_seconds(gw, True) - cpu0, "client_cpu_s": time.process_time() - client0}
 
 
+async def live_beside_replay(system: Runwire, long_run: str, rate: float, seconds: float) -> dict[str, Any]:
+    """A live client's latency at `rate` while another client replays the long run from seq 0, again and
+    again (a user opening a big old run must not stall everyone's live view): one_run's figures, and the
+    replays finished meanwhile."""
+    replays = 0
+
+    async def replaying() -> None:
+        nonlocal replays
+        async with aiohttp.ClientSession() as http:
+            while True:
+                await ws_client(http, f"{system.ws_url}/{long_run}?after_seq=0", Tally(timed=False), timeout=300)
+                replays += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replaying)
+        await anyio.sleep(0.5)  # the replay under way before the live run starts
+        r = await one_run(system, rate, int(rate * seconds), [_ws(system)], timeout=seconds + 30)
+        tg.cancel_scope.cancel()
+    r["replays"] = replays
+    return r
+
+
 def median(runs: list[dict[str, Any]], *path: str) -> tuple[float, float, float]:
     """(median, min, max) of runs[i][path...]."""
     values = []
