@@ -246,14 +246,13 @@ class Replay:
                 if isinstance(piece, Hole):
                     await self._journal_gap(run_id, piece.lo, piece.hi, out)
                     continue
-                events, data = piece
-                sent[run_id] = events[-1].seq
-                ended = events[-1].is_terminal
+                sent[run_id] = piece.last_seq
+                ended = piece.terminal
                 if ended:
                     self.pos.done.add(run_id)
                 cursor = self.cursor()
-                await out.send_events(array_frame(data, cursor), len(events), cursor)
-                self.stats.replay_events += len(events)
+                await out.send_events(array_frame(piece.array, cursor), piece.n, cursor)
+                self.stats.replay_events += piece.n
             if ended or stop:
                 return  # what lies beyond the hub's frontier comes live (or from a fresh replay)
 
