@@ -2,7 +2,7 @@
 to the Parquet archive (`runwire_history.archive`) in a worker process (anyio.to_process), off the
 event loop and off its interpreter: building a run's rows is Python work, about 1.3 us per event, that
 in a thread would hold the GIL against every client's delivery and catch-up for as long (a 100,000-event
-run: ~0.15 s; the resume of a client just after a run's end ran ~2.5x slower). At start it syncs the
+run: ~0.15 s; a client resuming just as a run ended caught up ~2x slower). At start it syncs the
 archive with the journals (runs that ended while no gateway ran). A failed write is logged as an error
 and retried with backoff; it never delays a run or the event stream. What the worker logs is said by
 the gateway, under the worker's logger names, when the call returns (the worker's own stderr is a pipe

@@ -46,8 +46,9 @@ class Hole:
 
 
 class Chunk:
-    """Consecutive events of one run, as a JSON array: what a replay sends in one frame. Made in the
-    worker thread, where the decoded events are also freed: the event loop never holds them."""
+    """Consecutive events of one run, as a JSON array: what a replay sends in one frame. From the
+    journal it is made in the worker thread, where the decoded events are also freed: the event loop
+    never holds them."""
 
     __slots__ = ("array", "last_seq", "n", "terminal")
 
