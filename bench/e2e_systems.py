@@ -52,7 +52,7 @@ def cpu_seconds(pid: int, workers: bool = False) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     reaped = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     total = own + (int(reaped[13]) + int(reaped[14])) / tick
-    for child in _children(pid):
+    for child in child_pids(pid):
         try:
             total += _own_cpu_seconds(child)
         except OSError:
@@ -60,7 +60,8 @@ def cpu_seconds(pid: int, workers: bool = False) -> float:
     return total
 
 
-def _children(ppid: int) -> list[int]:
+def child_pids(ppid: int) -> list[int]:
+    """The live processes whose parent is `ppid` (from /proc: no children file on every kernel)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import anyio
 
+from bench.e2e_systems import child_pids
 from runwire_history.archive import Archive, archive_dir_of
 from runwire_history.ledger import Ledger
 from shared.config import load_settings
@@ -263,16 +264,13 @@ async def test_the_archiver_works_in_a_worker_process_whose_log_lines_reach_the_
 
 def _children(ppid: int, needle: str) -> list[int]:
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in child_pids(ppid):
         try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == ppid and needle in cmdline:
-            found.append(int(proc.name))
+        if needle in cmdline:
+            found.append(pid)
     return found
 
 
