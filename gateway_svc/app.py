@@ -63,7 +63,8 @@ def make_app(settings: Settings) -> web.Application:
     hub.run_end_listeners.append(archiver.run_ended)
     app[ARCHIVER] = archiver
     app[CLIENTS] = set()
-    app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()])
+    app[REGISTRY] = make_registry(stats, hub.gauges, lambda: [seen.hb for seen in hub.publishers.values()],
+                                  hub.counters)
     app.on_shutdown.append(streams.close_streams)
 
     app.router.add_get("/", index_page)

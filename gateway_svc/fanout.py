@@ -55,6 +55,7 @@ class Fanout:
         self.client_count = 0
         self.pacing_from = FRAME_PACING_FROM  # clients; a test may lower it to exercise the ticks
         self._out = Collector()  # delivered, not yet offered to the clients
+        self.on_batch: Callable[[Batch], None] | None = None  # sees every batch, clients or not (Learner.feed)
         self._tick = asyncio.Event()  # set when events wait for the next tick
         self._last_flush = 0.0
 
@@ -88,6 +89,8 @@ class Fanout:
         if batch is None:
             return
         self._last_flush = start = time.monotonic()
+        if self.on_batch is not None:
+            self.on_batch(batch)
         if not self.client_count:
             return
         if self.all_clients:

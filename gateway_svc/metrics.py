@@ -79,15 +79,19 @@ class _StatsCollector(Collector):
         stats: GatewayStats,
         gauges: Callable[[], dict[str, float]],
         heartbeats: Callable[[], Iterable[Heartbeat]],
+        counters: Callable[[], dict[str, tuple[str, float]]],
     ) -> None:
         self.stats = stats
         self.gauges = gauges
         self.heartbeats = heartbeats
+        self.counters = counters  # counters kept elsewhere: {name: (doc, value)}
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
         for name, doc in _COUNTERS:
             yield CounterMetricFamily(f"runwire_gateway_{name}", doc, value=getattr(s, name))
+        for name, (doc, value) in self.counters().items():
+            yield CounterMetricFamily(f"runwire_gateway_{name}", doc, value=value)
         total = CounterMetricFamily("runwire_gateway_connections", "Client connections accepted", labels=["kind"])
         opened = GaugeMetricFamily("runwire_gateway_connections_open", "Client connections open now", labels=["kind"])
         for kind in CONNECTION_KINDS:
@@ -117,7 +121,8 @@ def make_registry(
     stats: GatewayStats,
     gauges: Callable[[], dict[str, float]],
     heartbeats: Callable[[], Iterable[Heartbeat]] = tuple,
+    counters: Callable[[], dict[str, tuple[str, float]]] = dict,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats, gauges, heartbeats))
+    registry.register(_StatsCollector(stats, gauges, heartbeats, counters))
     return registry

@@ -21,8 +21,10 @@ import msgspec
 
 from shared.events import Event
 from shared.journal import JournalReader, journal_path, list_run_ids
+from shared.journal.reader import newer_than
 from shared.runstate import RunState
 
+from .cleanblocks import CleanBlock, CleanBlocks, as_array, check, digest
 from .runindex import RunEntry, RunIndex, dir_mtime_ns, fold_journal
 
 log = logging.getLogger(__name__)
@@ -93,11 +95,56 @@ def to_pieces(events: list[Event], after: int, limit: int, truncated: bool) -> P
     return pieces
 
 
-def read_encoded(reader: JournalReader, offset: int, after: int, limit: int) -> tuple[Pieces, int, bool]:
-    """Events after `after` up to seq `limit` from a journal chunk, decoded (to check them) and encoded
-    back as JSON arrays, in a worker thread (see to_pieces); the offset to read on; whether the limit
-    cut the chunk (then the offset is not to be used: events past the limit lie before it)."""
-    events, nxt = reader.read_chunk(offset, after, REPLAY_CHUNK)
+def clean_pieces(block: bytes, known: CleanBlock, after: int, limit: int,
+                 whole: bytes | None = None) -> tuple[Pieces, bool]:
+    """The pieces of a clean block's events after `after` up to seq `limit`, made of its lines as they
+    are: the same bytes as to_pieces of its decoded events. The flag: the limit cut the block.
+    `whole`: the block as one array, if the caller has it."""
+    first, n = known.first_seq, known.n
+    if first > limit:
+        return [Hole(after + 1, limit)], True  # the source's next event is past the limit
+    pieces: Pieces = []
+    if first > after + 1:
+        pieces.append(Hole(after + 1, first - 1))
+    lo = max(0, after + 1 - first)  # lines with seqs up to `after` are left out
+    hi = min(n, limit - first + 1)  # and those past `limit`
+    if lo < hi:
+        if lo == 0 and hi == n:
+            array = whole if whole is not None else as_array(block)
+        else:
+            array = b"[" + b",".join(block.split(b"\n")[lo:hi]) + b"]"
+        pieces.append(Chunk(array, hi - lo, first + hi - 1, known.terminal and hi == n))
+    return pieces, hi < n
+
+
+def read_encoded(reader: JournalReader, clean: CleanBlocks, offset: int, after: int,
+                 limit: int) -> tuple[Pieces, int, bool]:
+    """Events after `after` up to seq `limit` from a journal block, in a worker thread: the pieces, the
+    offset to read on, and whether the limit cut the block (then the offset is not to be used: events
+    past the limit lie before it). A block this gateway found clean before, with the same bytes, is
+    sent as its lines are (cleanblocks); any other is decoded (to check it, skip and report what is
+    wrong in it) and encoded back, and remembered if it was clean."""
+    run_id = reader.run_id
+    assert run_id is not None
+    known = clean.find(run_id, offset)
+    if known is not None:
+        block = reader.read_at(known.offset, known.length)
+        if digest(block) == known.digest:
+            clean.hit()
+            pieces, cut = clean_pieces(block, known, after, limit)
+            return pieces, known.offset + known.length, cut
+        clean.changed_under(run_id, f"the journal {reader.path}", known)
+    block, nxt = reader.read_block(offset, REPLAY_CHUNK)
+    if not block:
+        return [], nxt, False
+    events = reader.decode(block, offset)
+    encoded = msgspec.json.encode(events)
+    known = check(block, offset, events, encoded)
+    if known is not None:
+        clean.add(run_id, known)
+        pieces, cut = clean_pieces(block, known, after, limit, encoded)
+        return pieces, nxt, cut
+    events = newer_than(events, after)
     truncated = False
     if events and events[-1].seq > limit:
         events = [e for e in events if e.seq <= limit]
@@ -159,10 +206,11 @@ class RunSource(Protocol):
 
 
 class JournalPieces:
-    __slots__ = ("offset", "reader")
+    __slots__ = ("clean", "offset", "reader")
 
-    def __init__(self, reader: JournalReader) -> None:
+    def __init__(self, reader: JournalReader, clean: CleanBlocks) -> None:
         self.reader = reader
+        self.clean = clean
         self.offset: int | None = None
 
     async def step(self, after: int, limit: int) -> tuple[Pieces, bool]:
@@ -170,7 +218,7 @@ class JournalPieces:
         if self.offset is None:
             self.offset = await anyio.to_thread.run_sync(reader.offset_after, after)
         while True:
-            pieces, nxt, truncated = await anyio.to_thread.run_sync(read_encoded, reader, self.offset, after, limit)
+            pieces, nxt, truncated = await anyio.to_thread.run_sync(read_encoded, reader, self.clean, self.offset, after, limit)
             if not pieces:
                 if nxt == self.offset:
                     # the journal ends, yet the hub delivered up to `limit` (every delivery is journaled
@@ -193,6 +241,7 @@ class JournalSource:
     def __init__(self, journal_dir: Path) -> None:
         self.journal_dir = journal_dir
         self._dir_mtime = -2
+        self.clean = CleanBlocks()  # what replays found clean: sent as it is the next time
 
     def describe(self, run_id: str) -> str:
         return f"the journal {journal_path(self.journal_dir, run_id)}"
@@ -228,7 +277,7 @@ class JournalSource:
         return await anyio.to_thread.run_sync(fold_journal, self.journal_dir, run_id)
 
     def reader(self, run_id: str, after: int) -> PieceReader:
-        return JournalPieces(JournalReader(journal_path(self.journal_dir, run_id), run_id))
+        return JournalPieces(JournalReader(journal_path(self.journal_dir, run_id), run_id), self.clean)
 
     async def sweep(self, target: SweepTarget) -> None:
         """Safety net for what no message announced: journals created while their `queued` was lost,

@@ -57,6 +57,13 @@ def _decode_block(path: Path, run_id: str | None, buf: bytes, base_offset: int) 
     return out
 
 
+def newer_than(events: list[Event], seq: int) -> list[Event]:
+    """The events with a seq above `seq` (seqs grow along a journal: a cut at the front, nearly always)."""
+    if seq > 0 and events and events[0].seq <= seq:
+        return [e for e in events if e.seq > seq]
+    return events
+
+
 class JournalReader:
     """Reads one run's journal from any seq, complete lines only, in chunks of about 1 MiB."""
 
@@ -120,16 +127,14 @@ class JournalReader:
                     hi = mid
         return lo
 
-    def read_chunk(self, offset: int, after_seq: int = 0, max_bytes: int = CHUNK_BYTES) -> tuple[list[Event], int]:
-        """Events in complete lines from `offset` (a line start), with seq > after_seq; and the next offset.
-
-        The next offset equals `offset` when no complete line lies beyond it yet (a writer is mid-line
-        or the file ends there).
-        """
+    def read_block(self, offset: int, max_bytes: int = CHUNK_BYTES) -> tuple[bytes, int]:
+        """The complete lines from `offset` (a line start), about `max_bytes` of them (more if one line
+        is longer), and the next offset. Nothing, and the next offset equal to `offset`, when no
+        complete line lies beyond it yet (a writer is mid-line or the file ends there)."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
-            return [], offset
+            return b"", offset
         with f:
             f.seek(offset)
             size = max_bytes
@@ -139,14 +144,33 @@ class JournalReader:
                 if cut >= 0:
                     break
                 if len(buf) < size:  # end of file inside a line being written: not ours yet
-                    return [], offset
+                    return b"", offset
                 f.seek(offset)
                 size *= 2  # one line longer than the chunk: read more
-        block = buf[: cut + 1]
-        events = _decode_block(self.path, self.run_id, block, offset)
-        if after_seq > 0 and events and events[0].seq <= after_seq:
-            events = [e for e in events if e.seq > after_seq]
-        return events, offset + cut + 1
+        return buf[: cut + 1], offset + cut + 1
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """The `length` bytes at `offset` (fewer if the file is shorter or gone)."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return b""
+        with f:
+            f.seek(offset)
+            return f.read(length)
+
+    def decode(self, block: bytes, offset: int) -> list[Event]:
+        """Every event of a block of complete lines read at `offset`; corrupt and foreign lines skipped
+        and counted."""
+        return _decode_block(self.path, self.run_id, block, offset)
+
+    def read_chunk(self, offset: int, after_seq: int = 0, max_bytes: int = CHUNK_BYTES) -> tuple[list[Event], int]:
+        """Events in complete lines from `offset` (a line start), with seq > after_seq; and the next
+        offset (see read_block)."""
+        block, nxt = self.read_block(offset, max_bytes)
+        if not block:
+            return [], nxt
+        return newer_than(self.decode(block, offset), after_seq), nxt
 
     def head(self, n: int = 2) -> list[Event]:
         """The first `n` events of this run (queued, then usually the runner's start): the one way to
