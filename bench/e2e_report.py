@@ -141,9 +141,15 @@ def render(res: dict[str, Any], command: str) -> str:
                        f" {sum(x['exact'] for x in r)}/{len(r)} runs.")
         if res["replay"]:
             r = res["replay"]
-            out.append(f"- Replay of a {s['replay_events']:,}-event run from seq 0 (`/ws/events/{{run_id}}?after_seq=0`):"
-                       f" {_f(median(r, 'seconds'))} s = {_f(median(r, 'rate'), 0)} events/s; exact in"
+            out.append(f"- Replay of a {s['replay_events']:,}-event run from seq 0 (`/ws/events/{{run_id}}?after_seq=0`),"
+                       " written behind the gateway's back and delivered by its hub when found (its blocks learned:"
+                       f" sent as they are): {_f(median(r, 'seconds'))} s = {_f(median(r, 'rate'), 0)} events/s; exact in"
                        f" {sum(x['exact'] for x in r)}/{len(r)} runs.")
+        if res.get("replay_first"):
+            r = res["replay_first"]
+            out.append("- The same replay, the first after a restart of the gateway (it knows nothing of the run's"
+                       f" blocks: every line decoded and checked): {_f(median(r, 'seconds'))} s ="
+                       f" {_f(median(r, 'rate'), 0)} events/s; exact in {sum(x['exact'] for x in r)}/{len(r)} runs.")
         if res.get("beside_replay"):
             r = res["beside_replay"]
             out.append(f"- A live WebSocket client at {r[0]['rate']:,.0f}/s while another client replays that run from seq 0"
@@ -237,7 +243,9 @@ def _goals(res: dict[str, Any]) -> list[str]:
             f" {sum(x['exact'] for x in res['resume'])}/{len(res['resume'])}", rate >= 500_000 and all(x["exact"] for x in res["resume"]))
     if res["replay"]:
         rate = median(res["replay"], "rate")[0]
-        row(f"replay of {res['sizes']['replay_events']:,} events >= 1M events/s", f"{rate:,.0f}/s", rate >= 1_000_000)
+        first = median(res["replay_first"], "rate")[0] if res.get("replay_first") else float("nan")
+        row(f"replay of {res['sizes']['replay_events']:,} events >= 1M events/s",
+            f"{rate:,.0f}/s; the first after a gateway restart {first:,.0f}/s", rate >= 1_000_000 and first >= 1_000_000)
     if not rows:
         return []
     return ["## Against the goals of issue 14 (runwire's medians)", "", "| goal | figure | |", "|---|---|---|", *rows, ""]

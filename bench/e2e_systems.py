@@ -223,6 +223,13 @@ class Runwire(System):
                         return
                     await anyio.sleep(0.1)
 
+    def restart_gateway(self) -> None:
+        """Stop the gateway and start it again: what it remembered of the journals is gone."""
+        i = next(i for i, svc in enumerate(self.services) if svc.module == "gateway_svc")
+        self.services[i].stop()
+        self.services[i] = Service("gateway_svc", self._gateway_config(), self.tmp,
+                                   env={"PYTHONPATH": ENV["PYTHONPATH"]}).start()
+
     def stop(self) -> None:
         for s in reversed(self.services):
             s.stop()
