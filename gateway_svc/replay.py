@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import anyio
+import anyio.lowlevel
 
 from shared.protocol import array_frame, events_frame
 
@@ -242,7 +243,9 @@ class Replay:
                 return
             pieces, stop = await reader.step(seq, limit)
             ended = False
-            for piece in pieces:
+            for i, piece in enumerate(pieces):
+                if i:
+                    await anyio.lowlevel.checkpoint()  # a step may be several frames: live deliveries go between
                 if isinstance(piece, Hole):
                     await self._journal_gap(run_id, piece.lo, piece.hi, out)
                     continue
