@@ -5,9 +5,10 @@ in a thread would hold the GIL against every client's delivery and catch-up for 
 run: ~0.15 s; a client resuming just as a run ended caught up ~2x slower). At start it syncs the
 archive with the journals (runs that ended while no gateway ran). A failed write is logged as an error
 and retried with backoff; it never delays a run or the event stream. What the worker logs is said by
-the gateway, under the worker's logger names, when the call returns (the worker's own stderr is a pipe
-nobody reads). The worker is killed if the gateway stops mid-write, and leaves when the gateway dies
-(the archive is made for both: atomic files, a ledger, a sync at start).
+the gateway, under the worker's logger names, when the call returns, and so is what it writes to its
+stderr (anyio leaves that on a pipe nobody reads: the worker points it at a file of its own). The
+worker is killed if the gateway stops mid-write, and leaves when the gateway dies (the archive is made
+for both: atomic files, a ledger, a sync at start).
 
 In cluster mode (`from_stream`) a gateway host has no journals: each gateway keeps its own archive,
 made from the event stream: every run's events are read from it at the run's end, and at start every
@@ -19,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -52,17 +56,57 @@ class _Lines(logging.Handler):
         self.lines.append((record.levelno, record.name, self.format(record)))
 
 
+STDERR_SAID = 16 * 1024  # of what the worker wrote to its stderr during a call, the first bytes said
+
+_stderr_fd: int | None = None
+
+
+def _own_stderr() -> int:
+    """Point the worker's fd 2 (and sys.stderr, which anyio sets to /dev/null) at a file of its own,
+    once. anyio starts the worker with its stderr on a pipe that nobody reads: what a C library (Arrow,
+    Polars) or a Python warning wrote there was lost, and once the pipe and the gateway's unread buffer
+    of it were full, the next write blocked the worker, and the archive, for good (2 MB did:
+    tests/test_archiver_worker.py)."""
+    global _stderr_fd
+    if _stderr_fd is None:
+        fd, path = tempfile.mkstemp(prefix="runwire-archive-worker-stderr-")
+        os.unlink(path)
+        os.dup2(fd, 2)
+        _stderr_fd = fd
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
+        logging.captureWarnings(True)
+    return _stderr_fd
+
+
+def _take_stderr(fd: int) -> LogLine | None:
+    """What was written to the worker's stderr since the last call, as one log line; then empty it."""
+    sys.stderr.flush()
+    size = os.fstat(fd).st_size
+    if not size:
+        return None
+    said = os.pread(fd, STDERR_SAID, 0).decode(errors="backslashreplace").rstrip()
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)  # fd 2 shares this offset
+    more = f" (the first {STDERR_SAID:,} bytes)" if size > STDERR_SAID else ""
+    return (logging.WARNING, __name__, f"the archive worker wrote {size:,} bytes to its stderr{more}:\n{said}")
+
+
 def _logged(level: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None, list[LogLine]]:
-    """Run `fn` in the worker, keeping what it logs to be said by the gateway (the worker's own stderr
-    is a pipe that nobody reads)."""
+    """Run `fn` in the worker, keeping what it logs, and what it writes to its stderr, to be said by the
+    gateway."""
+    fd = _own_stderr()
     handler = _Lines()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     try:
-        return fn(*args), None, handler.lines
+        result: tuple[Any, Exception | None] = (fn(*args), None)
     except Exception as e:  # handed back whole: raised again in the gateway, after the lines
-        return None, e, handler.lines
+        result = (None, e)
+    err = _take_stderr(fd)
+    if err is not None:
+        handler.lines.append(err)
+    return result[0], result[1], handler.lines
 
 
 def _archive_packed(archive: Archive, run_id: str, packed: bytes) -> bool:
