@@ -67,7 +67,7 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))  # 500 clients; the services inherit it
     res: dict[str, Any] = {"sizes": dataclasses.asdict(sizes), "systems": systems, "parts": parts, "steal": {},
-                           "latency": {}, "held": {}, "fanout": {}, "resume": [], "replay": [], "replay_first": [], "beside_replay": [],
+                           "latency": {}, "latency_other": {}, "held": {}, "fanout": {}, "resume": [], "replay": [], "replay_first": [], "beside_replay": [],
                            "versions": {}}
     t_start = time.perf_counter()
     steal = Steal()
@@ -86,6 +86,10 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
                             r = await w.latency(system, rate, sizes.seconds)
                             res["latency"].setdefault(name, {}).setdefault(str(rate), []).append(r)
                             log(f"latency {name:<8} {rate:>6,}/s #{rep + 1}: " + _line(r))
+                    if "runwire" in up:  # runwire's other clients, together, once: not beside the compared WebSocket
+                        r = await w.latency(up["runwire"], rate, sizes.seconds, ("sse", "zmq"))
+                        res["latency_other"].setdefault(str(rate), []).append(r)
+                        log(f"latency runwire  {rate:>6,}/s sse+zmq: " + _line(r))
                 res["steal"]["latency"] = steal.since_last()
             if "held" in parts:
                 for name, system in up.items():

@@ -83,20 +83,25 @@ def render(res: dict[str, Any], command: str) -> str:
            "  (bench/e2e_clients.py). `exact` = clients that got every event once, in order, to the terminal one.", ""]
     lat = res["latency"]
     if lat:
-        out += ["## Latency (one client each; runwire's WebSocket, SSE and ZeroMQ clients read the same run)", "",
-                f"{s['seconds']:g} s per run, {s['repeat']} runs per cell.", "",
+        out += ["## Latency (one WebSocket client each)", "",
+                f"{s['seconds']:g} s per run, {s['repeat']} runs per cell, each system serving one WebSocket client. runwire's SSE and"
+                " ZeroMQ rows: one run per rate with those two clients together (the SSE client through the gateway, the"
+                " ZeroMQ one on the runner's PUB socket); their CPU column is that run's.", "",
                 "| system | client | rate | p50 ms | p99 ms | exact | CPU us/event per service | peak RSS MB |",
                 "|---|---|---|---|---|---|---|---|"]
-        for name, by_rate in lat.items():
-            for rate, runs in by_rate.items():
-                for kind in ("ws", "sse", "zmq"):
-                    if kind not in runs[0]:
-                        continue
-                    cpu = ", ".join(f"{k} {_f(median(runs, 'cpu_us_per_event', k), 0)}" for k in runs[0]["cpu_us_per_event"])
-                    rss = ", ".join(f"{k} {max(r['peak_rss_mb'][k] for r in runs):.0f}" for k in runs[0]["peak_rss_mb"])
-                    out.append(f"| {NAMES[name]} | {kind} | {int(rate):,}/s | {_f(median(runs, kind, 'p50'))} |"
-                               f" {_f(median(runs, kind, 'p99'))} | {_exact(runs, kind)} |"
-                               f" {cpu if kind == 'ws' else ''} | {rss if kind == 'ws' else ''} |")
+        cells = [(name, rate, runs) for name, by_rate in lat.items() for rate, runs in by_rate.items()]
+        cells += [("runwire", rate, runs) for rate, runs in res.get("latency_other", {}).items()]
+        for name, rate, runs in cells:
+            first = True
+            for kind in ("ws", "sse", "zmq"):
+                if kind not in runs[0]:
+                    continue
+                cpu = ", ".join(f"{k} {_f(median(runs, 'cpu_us_per_event', k), 0)}" for k in runs[0]["cpu_us_per_event"])
+                rss = ", ".join(f"{k} {max(r['peak_rss_mb'][k] for r in runs):.0f}" for k in runs[0]["peak_rss_mb"])
+                out.append(f"| {NAMES[name]} | {kind} | {int(rate):,}/s | {_f(median(runs, kind, 'p50'))} |"
+                           f" {_f(median(runs, kind, 'p99'))} | {_exact(runs, kind)} |"
+                           f" {cpu if first else ''} | {rss if first else ''} |")
+                first = False
         out.append("")
     if res["held"]:
         out += ["## Highest rate held with nothing lost", "",

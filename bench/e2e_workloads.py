@@ -143,10 +143,16 @@ def _ws(system: System, **kw: Any) -> Clients:
     return Clients("ws", system.ws_url, plain=system.plain, **kw)
 
 
-async def latency(system: System, rate: float, seconds: float) -> dict[str, Any]:
-    specs = [_ws(system)]
-    if isinstance(system, Runwire):
-        specs += [Clients("sse", system.sse_url), Clients("zmq", system.zmq_url, first_seq=2)]  # seq 1, `queued`, is the scheduler's
+async def latency(system: System, rate: float, seconds: float, kinds: tuple[str, ...] = ("ws",)) -> dict[str, Any]:
+    """One WebSocket client (as every system has), or runwire's other clients: `sse`, `zmq`."""
+    specs = []
+    for kind in kinds:
+        if kind == "ws":
+            specs.append(_ws(system))
+        elif kind == "sse" and isinstance(system, Runwire):
+            specs.append(Clients("sse", system.sse_url))
+        elif kind == "zmq" and isinstance(system, Runwire):
+            specs.append(Clients("zmq", system.zmq_url, first_seq=2))  # seq 1, `queued`, is the scheduler's
     count = int(rate * seconds)
     return await one_run(system, rate, count, specs, timeout=seconds + 30)
 
