@@ -8,6 +8,7 @@ Histogram observed once per batch.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared import journal
+from shared import gcpauses, journal
 from shared.wire import Heartbeat
 
 CONNECTION_KINDS = ("ws_run", "ws_all", "sse")
@@ -113,6 +114,17 @@ class _StatsCollector(Collector):
             corrupt.add_metric([hb.runner_id], hb.journal_corrupt_skipped)
         yield torn
         yield corrupt
+        frozen = GaugeMetricFamily("runwire_gc_frozen_objects", "Objects held since start, frozen out of the garbage collector's scans")
+        frozen.add_metric([], gc.get_freeze_count())
+        yield frozen
+        longest = GaugeMetricFamily("runwire_gc_longest_pause_seconds", "The longest garbage collection pause since start, by generation",
+                                    labels=["generation"])
+        runs = CounterMetricFamily("runwire_gc_collections", "Garbage collections since start, by generation", labels=["generation"])
+        for gen in range(3):
+            longest.add_metric([str(gen)], gcpauses.PAUSES.longest[gen])
+            runs.add_metric([str(gen)], gcpauses.PAUSES.collections[gen])
+        yield longest
+        yield runs
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"runwire_gateway_{name}", name.replace("_", " "), value=value)
 

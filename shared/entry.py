@@ -24,6 +24,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
+from . import gcpauses
 from .config import Settings, load_settings
 from .errors import ConfigError, RunwireError
 from .logs import setup_logging
@@ -52,14 +53,18 @@ class Service(Protocol):
     async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
 
 
-async def run_service(name: str, service: Service) -> None:
+async def run_service(name: str, service: Service, settle_gc: bool = False) -> None:
     """Run `service` in a task group with the signal watcher; log `<name> ready` once it serves (the
-    line the tests and the run book wait for) and `<name> stopped` at the end, however it ends."""
+    line the tests and the run book wait for) and `<name> stopped` at the end, however it ends.
+    `settle_gc` (a service's own process): then freeze what it holds out of the collector's scans
+    (shared/gcpauses.py)."""
     before_stop: Callable[[str], Awaitable[None]] | None = getattr(service, "before_stop", None)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(watch_signals, tg.cancel_scope, before_stop)
             await tg.start(service.run)
+            if settle_gc:
+                log.info("%s: %d objects held since start frozen out of the garbage collector's scans", name, gcpauses.settle())
             log.info("%s ready", name)
     finally:
         log.info("%s stopped", name)
@@ -107,7 +112,7 @@ def service_main(
 async def _build_and_run(name: str, make: Callable[[Settings], Service], settings: Settings) -> None:
     loop = type(asyncio.get_running_loop())
     log.info("%s: event loop %s.%s", name, loop.__module__, loop.__qualname__)  # uvloop.Loop, or asyncio's
-    await run_service(name, make(settings))  # built inside the event loop: it may use anyio at once
+    await run_service(name, make(settings), settle_gc=True)  # built inside the event loop: it may use anyio at once
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
