@@ -46,7 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 class Sizes:
     rates: tuple[int, ...] = (1_000, 10_000)
     seconds: float = 3.0  # per latency run
-    ladder: tuple[int, ...] = (5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 75_000, 100_000)
+    ladder: tuple[int, ...] = (10_000, 20_000, 30_000, 40_000, 50_000, 75_000, 100_000)  # every system held 5k in every run
     hold_seconds: float = 10.0
     fanout: tuple[int, ...] = (100, 500)
     fanout_rate: int = 1_000
