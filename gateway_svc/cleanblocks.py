@@ -147,15 +147,18 @@ class CleanBlocks:
         with self._lock:
             self.hits += 1
 
-    def changed_under(self, run_id: str, where: str, block: CleanBlock) -> None:
-        """The bytes at a remembered block are not those it was made of: say so, forget the run's."""
+    def changed_under(self, run_id: str, where: str, block: CleanBlock, found: int) -> None:
+        """The bytes at a remembered block (`found` of them there) are not those it was made of: say
+        so, forget the run's."""
         with self._lock:
             known = self._runs.pop(run_id, None)
             if known is not None:
                 self._count -= len(known[1])
             self.changed += 1
         span = f"bytes {block.offset}-{block.offset + block.length} (seqs {block.first_seq}-{block.first_seq + block.n - 1})"
-        if block.learned:
+        if found == 0:
+            log.info("%s is gone (or no longer holds %s): its remembered blocks are forgotten", where, span)
+        elif block.learned:
             # not an alarm: a line the live path never saw (a torn line of a killed writer) moves every
             # place after it
             log.info("%s does not hold at %s the lines this gateway delivered: they are read and checked", where, span)

@@ -129,7 +129,7 @@ def read_known(reader: JournalReader, clean: CleanBlocks, known: CleanBlock, aft
     while True:
         block = reader.read_at(known.offset, known.length)
         if digest(block) != known.digest:
-            clean.changed_under(reader.run_id, f"the journal {reader.path}", known)
+            clean.changed_under(reader.run_id, f"the journal {reader.path}", known, len(block))
             return (pieces, known.offset, False) if pieces else None  # the next step decodes from here
         clean.hit()
         got, cut = clean_pieces(block, known, after, limit)
@@ -268,7 +268,7 @@ class JournalSource:
     def __init__(self, journal_dir: Path) -> None:
         self.journal_dir = journal_dir
         self._dir_mtime = -2
-        self.clean = CleanBlocks()  # what replays found clean: sent as it is the next time
+        self.clean = CleanBlocks()  # blocks found clean by replays or learned by the hub: sent as they are
 
     def describe(self, run_id: str) -> str:
         return f"the journal {journal_path(self.journal_dir, run_id)}"

@@ -167,3 +167,18 @@ async def test_a_gateway_replays_a_run_it_followed_live_without_decoding_it(tmp_
     finally:
         pub.close()
 
+
+
+async def test_a_journal_removed_after_its_blocks_were_remembered_is_said_gone_not_changed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_id, path = _long_run(tmp_path, 2_000)
+    clean = CleanBlocks()
+    await _stream(path, run_id, clean, 0, 2_002)
+    assert len(clean) >= 2
+    path.unlink()  # retention, or by hand
+    with caplog.at_level(logging.INFO, logger="gateway_svc.cleanblocks"):
+        frames, holes, terminal = await _stream(path, run_id, clean, 0, 2_002)
+    assert frames == [] and holes == [(1, 2_002)] and not terminal  # nothing from memory: a hole, said
+    said = [r for r in caplog.records if r.name == "gateway_svc.cleanblocks"]
+    assert len(said) == 1 and said[0].levelno == logging.INFO and "is gone" in said[0].getMessage()
+    assert len(clean) == 0
