@@ -67,7 +67,7 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))  # 500 clients; the services inherit it
     res: dict[str, Any] = {"sizes": dataclasses.asdict(sizes), "systems": systems, "parts": parts, "steal": {},
-                           "latency": {}, "latency_other": {}, "held": {}, "fanout": {}, "resume": [], "replay": [], "replay_first": [], "beside_replay": [],
+                           "latency": {}, "latency_other": {}, "held": {}, "fanout": {}, "resume": [], "replay": [], "replay_first": [], "replay_cold": [], "beside_replay": [],
                            "versions": {}}
     t_start = time.perf_counter()
     steal = Steal()
@@ -130,13 +130,15 @@ async def run_benchmark(sizes: Sizes, systems: list[str], parts: list[str], out:
                     res["replay"].append(r)
                     log(f"replay  runwire {r['received']:,} events #{rep + 1}: {r['seconds']:.2f}s = {r['rate']:,.0f}/s,"
                         f" exact {r['exact']} (gateway CPU {r['gateway_cpu_s']:.2f}s, client CPU {r['client_cpu_s']:.2f}s)")
-                for rep in range(sizes.repeat):  # the gateway delivered the run (its fill): now one that did not
-                    await anyio.to_thread.run_sync(rw.restart_gateway)
-                    await w.indexed(rw, run_id)
-                    r = await w.replay(rw, run_id)
-                    res["replay_first"].append(r)
-                    log(f"replay  runwire first after a gateway restart #{rep + 1}: {r['seconds']:.2f}s = {r['rate']:,.0f}/s,"
-                        f" exact {r['exact']} (gateway CPU {r['gateway_cpu_s']:.2f}s)")
+                for key, forget, what in (("replay_first", False, "first after a gateway restart"),
+                                          ("replay_cold", True, "first after a restart, kept blocks removed")):
+                    for rep in range(sizes.repeat):  # the gateway delivered the run (its fill): now one that did not
+                        await anyio.to_thread.run_sync(rw.restart_gateway, forget)
+                        await w.indexed(rw, run_id)
+                        r = await w.replay(rw, run_id)
+                        res[key].append(r)
+                        log(f"replay  runwire {what} #{rep + 1}: {r['seconds']:.2f}s = {r['rate']:,.0f}/s,"
+                            f" exact {r['exact']} (gateway CPU {r['gateway_cpu_s']:.2f}s)")
                 for rep in range(sizes.repeat):
                     r = await w.live_beside_replay(rw, run_id, sizes.rates[0], sizes.seconds)
                     res["beside_replay"].append(r)

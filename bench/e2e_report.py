@@ -152,8 +152,13 @@ def render(res: dict[str, Any], command: str) -> str:
                        f" {sum(x['exact'] for x in r)}/{len(r)} runs.")
         if res.get("replay_first"):
             r = res["replay_first"]
-            out.append("- The same replay, the first after a restart of the gateway (it knows nothing of the run's"
-                       f" blocks: every line decoded and checked): {_f(median(r, 'seconds'))} s ="
+            out.append("- The same replay, the first after a restart of the gateway (the run's blocks loaded from what"
+                       f" it kept in its state directory, each checked against its digest): {_f(median(r, 'seconds'))} s ="
+                       f" {_f(median(r, 'rate'), 0)} events/s; exact in {sum(x['exact'] for x in r)}/{len(r)} runs.")
+        if res.get("replay_cold"):
+            r = res["replay_cold"]
+            out.append("- The same replay after a restart with those kept blocks removed (a gateway that never saw the"
+                       f" run: every line decoded and checked): {_f(median(r, 'seconds'))} s ="
                        f" {_f(median(r, 'rate'), 0)} events/s; exact in {sum(x['exact'] for x in r)}/{len(r)} runs.")
         if res.get("beside_replay"):
             r = res["beside_replay"]
@@ -249,8 +254,9 @@ def _goals(res: dict[str, Any]) -> list[str]:
     if res["replay"]:
         rate = median(res["replay"], "rate")[0]
         first = median(res["replay_first"], "rate")[0] if res.get("replay_first") else float("nan")
+        cold = f"; never seen (nothing kept) {median(res['replay_cold'], 'rate')[0]:,.0f}/s" if res.get("replay_cold") else ""
         row(f"replay of {res['sizes']['replay_events']:,} events >= 1M events/s",
-            f"{rate:,.0f}/s; the first after a gateway restart {first:,.0f}/s", rate >= 1_000_000 and first >= 1_000_000)
+            f"{rate:,.0f}/s; the first after a gateway restart {first:,.0f}/s{cold}", rate >= 1_000_000 and first >= 1_000_000)
     if not rows:
         return []
     return ["## Against the goals of issue 14 (runwire's medians)", "", "| goal | figure | |", "|---|---|---|", *rows, ""]

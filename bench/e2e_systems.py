@@ -24,6 +24,7 @@ import aiohttp
 import anyio
 
 from bench.e2e_load import LOAD_PIPELINE
+from gateway_svc.hub import BLOCKS_DIR
 from shared.config import load_settings
 from shared.ids import new_run_id
 from tests.harness import REPO, Service, free_port, write_config
@@ -223,10 +224,13 @@ class Runwire(System):
                         return
                     await anyio.sleep(0.1)
 
-    def restart_gateway(self) -> None:
-        """Stop the gateway and start it again: what it remembered of the journals is gone."""
+    def restart_gateway(self, forget_blocks: bool = False) -> None:
+        """Stop the gateway and start it again: what it held in memory is gone; with `forget_blocks`,
+        so are the clean journal blocks it kept in its state directory (a gateway that never saw the runs)."""
         i = next(i for i, svc in enumerate(self.services) if svc.module == "gateway_svc")
         self.services[i].stop()
+        if forget_blocks:
+            shutil.rmtree(self.settings.state_dir / BLOCKS_DIR, ignore_errors=True)
         self.services[i] = Service("gateway_svc", self._gateway_config(), self.tmp,
                                    env={"PYTHONPATH": ENV["PYTHONPATH"]}).start()
 

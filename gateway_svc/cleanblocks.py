@@ -22,13 +22,16 @@ import operator
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
 from shared.events import PIPELINE_STAGE, Event
 
 from .batch import Batch
+
+if TYPE_CHECKING:
+    from .blockstore import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -97,63 +100,116 @@ def check(block: bytes, offset: int, events: Sequence[Event], encoded: bytes | N
     return CleanBlock(offset, len(block), first, n, events[-1].is_terminal, digest(block))
 
 
-class CleanBlocks:
-    """Per run, its clean blocks by offset. Shared by the replays' worker threads (a lock)."""
+class _Run:
+    __slots__ = ("blocks", "loaded", "offsets")
 
-    def __init__(self, max_blocks: int = MAX_BLOCKS) -> None:
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+        self.blocks: list[CleanBlock] = []
+        self.loaded = False  # what the store kept of the run is in (or there is no store)
+
+
+class CleanBlocks:
+    """Per run, its clean blocks by offset. Shared by the replays' worker threads (a lock). With a
+    `store` (blockstore.BlockStore), what is remembered is also kept on disk, and a run not in memory
+    (after a restart, or dropped as least recently used) is loaded from it when a replay looks."""
+
+    def __init__(self, max_blocks: int = MAX_BLOCKS, store: BlockStore | None = None, max_runs: int = 10_000) -> None:
         self.max_blocks = max_blocks
-        self._runs: OrderedDict[str, tuple[list[int], list[CleanBlock]]] = OrderedDict()
+        self.max_runs = max_runs
+        self.store = store
+        self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._count = 0
         self._lock = threading.Lock()
         self.hits = 0  # blocks sent as they are
         self.changed = 0  # remembered blocks found changed
+        self.loaded = 0  # blocks loaded from the store
 
     def __len__(self) -> int:
         return self._count
 
     def find(self, run_id: str, offset: int) -> CleanBlock | None:
-        """The remembered block that holds `offset`."""
+        """The remembered block that holds `offset` (blocking: may load the run's from the store)."""
         with self._lock:
-            known = self._runs.get(run_id)
-            if known is None:
-                return None
-            self._runs.move_to_end(run_id)
-            offsets, blocks = known
-            i = bisect.bisect_right(offsets, offset) - 1
+            run = self._runs.get(run_id)
+            if run is not None:
+                self._runs.move_to_end(run_id)
+        if run is None or not run.loaded:
+            run = self._load(run_id)
+        with self._lock:
+            i = bisect.bisect_right(run.offsets, offset) - 1
             if i < 0:
                 return None
-            b = blocks[i]
+            b = run.blocks[i]
             return b if offset < b.offset + b.length else None
+
+    def _load(self, run_id: str) -> _Run:
+        kept = self.store.load(run_id) if self.store is not None else []
+        with self._lock:
+            run = self._run(run_id)
+            if not run.loaded:
+                run.loaded = True
+                for block in kept:
+                    if self._insert(run, block):
+                        self.loaded += 1
+            return run
 
     def add(self, run_id: str, block: CleanBlock) -> None:
         with self._lock:
-            offsets, blocks = self._runs.setdefault(run_id, ([], []))
-            self._runs.move_to_end(run_id)
-            while self._count >= self.max_blocks and len(self._runs) > 1:
-                _, (_, dropped) = self._runs.popitem(last=False)  # the least recently used run
-                self._count -= len(dropped)
-            if self._count >= self.max_blocks:
-                return  # one run fills the memory: the rest of it is decoded each time
-            i = bisect.bisect_right(offsets, block.offset)
-            if i > 0 and blocks[i - 1].offset + blocks[i - 1].length > block.offset:
-                return  # overlaps the one before (remembered by another replay): keep that one
-            if i < len(blocks) and block.offset + block.length > blocks[i].offset:
-                return
-            offsets.insert(i, block.offset)
-            blocks.insert(i, block)
-            self._count += 1
+            added = self._insert(self._run(run_id), block)
+        if added and self.store is not None:
+            self.store.append(run_id, [block])
+
+    def _run(self, run_id: str) -> _Run:
+        """The run's entry, made the most recently used (under the lock)."""
+        run = self._runs.get(run_id)
+        if run is None:
+            run = self._runs[run_id] = _Run()
+            run.loaded = self.store is None
+            while len(self._runs) > self.max_runs:
+                self._drop_oldest()
+        self._runs.move_to_end(run_id)
+        return run
+
+    def _drop_oldest(self) -> None:
+        _, dropped = self._runs.popitem(last=False)  # the least recently used run (kept in the store)
+        self._count -= len(dropped.blocks)
+
+    def _insert(self, run: _Run, block: CleanBlock) -> bool:
+        """Under the lock; False if not added (the memory is full of this run, or overlapped)."""
+        while self._count >= self.max_blocks and len(self._runs) > 1 and next(iter(self._runs.values())) is not run:
+            self._drop_oldest()
+        if self._count >= self.max_blocks:
+            return False  # one run fills the memory: the rest of it is decoded each time
+        offsets, blocks = run.offsets, run.blocks
+        i = bisect.bisect_right(offsets, block.offset)
+        if i > 0 and blocks[i - 1].offset + blocks[i - 1].length > block.offset:
+            return False  # overlaps the one before (remembered by another replay): keep that one
+        if i < len(blocks) and block.offset + block.length > blocks[i].offset:
+            return False
+        offsets.insert(i, block.offset)
+        blocks.insert(i, block)
+        self._count += 1
+        return True
 
     def hit(self) -> None:
         with self._lock:
             self.hits += 1
 
+    def forget(self, run_id: str) -> None:
+        """Forget the run's blocks, in memory and in the store (its journal was removed)."""
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+            if run is not None:
+                self._count -= len(run.blocks)
+        if self.store is not None:
+            self.store.forget(run_id)
+
     def changed_under(self, run_id: str, where: str, block: CleanBlock, found: int) -> None:
         """The bytes at a remembered block (`found` of them there) are not those it was made of: say
         so, forget the run's."""
+        self.forget(run_id)
         with self._lock:
-            known = self._runs.pop(run_id, None)
-            if known is not None:
-                self._count -= len(known[1])
             self.changed += 1
         span = f"bytes {block.offset}-{block.offset + block.length} (seqs {block.first_seq}-{block.first_seq + block.n - 1})"
         if found == 0:

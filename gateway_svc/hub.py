@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 RCVHWM = 200_000
 DRAIN_MAX = 5_000  # messages taken per wake-up of the subscriber (they become one batch)
+BLOCKS_DIR = "gateway/blocks"  # under the state directory: the clean journal blocks replays send as they are
 SWEEP_INTERVAL = 1.0  # seconds between journal-directory sweeps (new runs, tails no publisher claims)
 
 
@@ -51,7 +52,7 @@ class Hub:
     def __init__(self, settings: Settings, stats: GatewayStats, index: RunIndex, source: RunSource | None = None) -> None:
         self.cfg = settings.config.gateway
         self.journal_dir: Path = settings.journal_dir
-        self.source: RunSource = source if source is not None else JournalSource(self.journal_dir)
+        self.source: RunSource = source if source is not None else JournalSource(self.journal_dir, settings.state_dir / BLOCKS_DIR)
         # set by prepare(), once the directory exists (the tag includes its inode); in cluster mode by
         # the service, from the event stream (cursor.cluster_tag)
         self.tag = b""
@@ -75,6 +76,8 @@ class Hub:
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self.tag = journal_dir_tag(self.journal_dir)
         count = self.index.load()
+        if isinstance(self.source, JournalSource):
+            self.source.prune()
         self.stats.journal_gaps += sum(len(e.gaps) for e in self.index.runs.values())
         return count
 
@@ -261,4 +264,7 @@ class Hub:
         return {
             "replay_blocks_sent_as_they_are": ("Journal blocks found clean before, sent by replays without decoding", clean.hits),
             "replay_blocks_changed": ("Remembered clean journal blocks whose bytes were not the same: decoded again", clean.changed),
+            "replay_blocks_loaded": ("Clean journal blocks loaded from the gateway's state directory (kept across restarts)", clean.loaded),
+            "replay_block_store_errors": ("Failures to read or write the kept clean blocks (replays decode instead)",
+                                          clean.store.errors if clean.store is not None else 0),
         }

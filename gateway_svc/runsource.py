@@ -24,6 +24,7 @@ from shared.journal import JournalReader, journal_path, list_run_ids
 from shared.journal.reader import newer_than
 from shared.runstate import RunState
 
+from .blockstore import BlockStore
 from .cleanblocks import CleanBlock, CleanBlocks, as_array, check, digest
 from .runindex import RunEntry, RunIndex, dir_mtime_ns, fold_journal
 
@@ -265,10 +266,17 @@ class JournalSource:
 
     local = True
 
-    def __init__(self, journal_dir: Path) -> None:
+    def __init__(self, journal_dir: Path, blocks_dir: Path | None = None) -> None:
         self.journal_dir = journal_dir
         self._dir_mtime = -2
-        self.clean = CleanBlocks()  # blocks found clean by replays or learned by the hub: sent as they are
+        # blocks found clean by replays or learned by the hub: sent as they are; kept in `blocks_dir`
+        self.clean = CleanBlocks(store=BlockStore(blocks_dir) if blocks_dir is not None else None)
+
+    def prune(self) -> None:
+        """Forget the kept blocks of runs whose journals are gone (blocking; at start-up)."""
+        store = self.clean.store
+        if store is not None and (removed := store.prune(set(list_run_ids(self.journal_dir)))):
+            log.info("removed the kept clean blocks of %d run(s) whose journals are gone, from %s", removed, store.directory)
 
     def describe(self, run_id: str) -> str:
         return f"the journal {journal_path(self.journal_dir, run_id)}"
@@ -316,6 +324,8 @@ class JournalSource:
             self._dir_mtime = mtime
             names = await anyio.to_thread.run_sync(list_run_ids, self.journal_dir)
             gone = index.forget_removed(set(names))
+            for run_id in gone:
+                self.clean.forget(run_id)
             if gone:
                 log.info("%d ended run(s) whose journals were removed are no longer listed (e.g. %s)", len(gone), gone[0])
             for run_id in [rid for rid in names if rid not in index.runs]:

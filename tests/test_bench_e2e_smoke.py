@@ -34,5 +34,7 @@ async def test_quick_benchmark_delivers_every_event_once_to_every_client(tmp_pat
     assert replayed["exact"] and replayed["received"] == 1_000 + 2, replayed
     (first,) = res["replay_first"]  # after a restart of the gateway
     assert first["exact"] and first["received"] == 1_000 + 2, first
+    (cold,) = res["replay_cold"]  # after a restart with its kept blocks removed
+    assert cold["exact"] and cold["received"] == 1_000 + 2, cold
     text = out.read_text()
     assert "## Latency" in text and "## Against the goals of issue 14" in text
