@@ -20,6 +20,7 @@ from shared.stage import STAGE_FD_ENV, StageMessage, stage_message_decoder
 from shared.values import DECODE_ERRORS
 
 from .procs import end_group
+from .readable import Readable
 
 log = logging.getLogger(__name__)
 
@@ -212,30 +213,31 @@ async def run_process(
         buf = b""
         dropping = 0  # bytes of an over-long message being skipped up to its newline
         eof = False
-        while not eof:
-            await anyio.wait_readable(parent_sock)
-            # all that is waiting, not one recv's worth: a burst becomes one batch, so one journal
-            # write and one round of sends instead of one each per message
-            chunk, eof = receive_waiting()
-            if not chunk:
-                continue
-            if dropping:
-                nl = chunk.find(b"\n")
-                if nl < 0:
-                    dropping += len(chunk)
+        async with Readable(parent_sock.fileno()) as readable:
+            while not eof:
+                await readable.wait()
+                # all that is waiting, not one recv's worth: a burst becomes one batch, so one journal
+                # write and one round of sends instead of one each per message
+                chunk, eof = receive_waiting()
+                if not chunk:
                     continue
-                await on_note(f"stage message of over {MAX_MESSAGE_BYTES} bytes ignored ({dropping + nl} bytes)")
-                dropping, chunk = 0, chunk[nl + 1:]
-            nl = chunk.rfind(b"\n")  # in the new bytes only: a long message is not scanned again and again
-            if nl < 0:
-                buf += chunk
-                if len(buf) > MAX_MESSAGE_BYTES:  # a message without end in sight: never buffer it whole
+                if dropping:
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        dropping += len(chunk)
+                        continue
+                    await on_note(f"stage message of over {MAX_MESSAGE_BYTES} bytes ignored ({dropping + nl} bytes)")
+                    dropping, chunk = 0, chunk[nl + 1:]
+                nl = chunk.rfind(b"\n")  # in the new bytes only: a long message is not scanned again and again
+                if nl < 0:
+                    buf += chunk
+                    if len(buf) > MAX_MESSAGE_BYTES:  # a message without end in sight: never buffer it whole
+                        dropping, buf = len(buf), b""
+                    continue
+                complete, buf = buf + chunk[: nl + 1], chunk[nl + 1:]
+                if len(buf) > MAX_MESSAGE_BYTES:
                     dropping, buf = len(buf), b""
-                continue
-            complete, buf = buf + chunk[: nl + 1], chunk[nl + 1:]
-            if len(buf) > MAX_MESSAGE_BYTES:
-                dropping, buf = len(buf), b""
-            await handle_messages(complete)
+                await handle_messages(complete)
         if dropping or buf.strip():
             await on_note(f"stage message cut off by the stage's exit ignored ({dropping + len(buf)} bytes)")
 
