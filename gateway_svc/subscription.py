@@ -26,7 +26,6 @@ import zmq
 log = logging.getLogger(__name__)
 
 _NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 
 
@@ -51,14 +50,17 @@ class Subscription:
         """The queued messages (up to `limit`), each a list of frames; [] once the queue is empty."""
         out: list[list[bytes]] = []
         recv = self.sock.recv
-        more = self.sock.getsockopt
         while len(out) < limit:
             try:
-                frames = [recv(_NOBLOCK)]
+                frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            while more(_RCVMORE):
-                frames.append(recv(_NOBLOCK))  # the parts of a message arrive together
+            # a Frame says whether more parts follow without a getsockopt(RCVMORE), which pyzmq makes
+            # an enum lookup: ~4.2 us a two-part message here against ~6.7 us
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(_NOBLOCK, copy=False)  # the parts of a message arrive together
+                frames.append(frame.bytes)
             out.append(frames)
         return out
 

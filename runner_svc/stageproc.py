@@ -207,6 +207,9 @@ async def run_process(
                 return b"".join(chunks), True
             chunks.append(chunk)
             size += len(chunk)
+            if len(chunk) < RECV_BYTES:
+                break  # drained, most likely: a recv to hear EAGAIN costs a syscall per wake-up, and
+                # anything more keeps the (watched) socket readable, so it is read at the next wake-up
         return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), False
 
     async def read_messages() -> None:
