@@ -17,12 +17,13 @@ class Batch:
     __slots__ = ("events", "parts", "nbytes", "cursor", "by_run", "terminal_runs", "_joined", "_run_joined",
                  "_frame", "_run_frames")
 
-    def __init__(self, events: list[Event], parts: list[bytes], by_run: dict[str, list[int]]) -> None:
+    def __init__(self, events: list[Event], parts: list[bytes], by_run: dict[str, list[int]],
+                 nbytes: int | None = None, terminal_runs: set[str] | None = None) -> None:
         self.events = events
         self.parts = parts
-        self.nbytes = sum(len(p) for p in parts) + len(parts)
+        self.nbytes = nbytes if nbytes is not None else sum(len(p) for p in parts) + len(parts)  # as lines
         self.by_run = by_run
-        self.terminal_runs = {ev.run_id for ev in events if ev.is_terminal}
+        self.terminal_runs = terminal_runs if terminal_runs is not None else {ev.run_id for ev in events if ev.is_terminal}
         self.cursor = ""  # the all-runs cursor after this batch (set when all-runs clients exist)
         self._joined: bytes | None = None
         self._run_joined: dict[str, bytes] = {}
@@ -48,11 +49,19 @@ class Batch:
         return self._joined
 
     def run_size(self, run_id: str) -> tuple[int, int]:
-        """(events, bytes) of one run's part of the batch."""
+        """(events, bytes as lines) of one run's part of the batch."""
         idx = self.by_run.get(run_id)
         if not idx:
             return 0, 0
+        if len(idx) == len(self.parts):
+            return len(idx), self.nbytes  # the batch is this run's alone: the usual case
         return len(idx), sum(len(self.parts[i]) for i in idx) + len(idx)
+
+    def run_lines(self, run_id: str) -> bytes:
+        """One run's part of the batch as journal lines (each event's JSON and a newline)."""
+        idx = self.by_run[run_id]
+        parts = self.parts if len(idx) == len(parts := self.parts) else [parts[i] for i in idx]
+        return b"\n".join(parts) + b"\n"
 
     def run_joined(self, run_id: str) -> bytes:
         data = self._run_joined.get(run_id)
@@ -73,12 +82,14 @@ class Batch:
 class Collector:
     """A batch being collected: each event is encoded once, as it is delivered."""
 
-    __slots__ = ("events", "parts", "by_run")
+    __slots__ = ("events", "parts", "by_run", "nbytes", "terminal_runs")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.parts: list[bytes] = []
         self.by_run: dict[str, list[int]] = {}
+        self.nbytes = 0
+        self.terminal_runs: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.events)
@@ -86,19 +97,23 @@ class Collector:
     def add(self, ev: Event) -> None:
         i = len(self.events)
         self.events.append(ev)
-        self.parts.append(encode_event(ev))
+        part = encode_event(ev)
+        self.parts.append(part)
+        self.nbytes += len(part) + 1
         idx = self.by_run.get(ev.run_id)
         if idx is None:
             self.by_run[ev.run_id] = [i]
         else:
             idx.append(i)
+        if ev.is_terminal:
+            self.terminal_runs.add(ev.run_id)
 
     def take(self) -> Batch | None:
         """The batch collected so far (None if empty); collecting starts again."""
         if not self.events:
             return None
-        batch = Batch(self.events, self.parts, self.by_run)
-        self.events, self.parts, self.by_run = [], [], {}
+        batch = Batch(self.events, self.parts, self.by_run, self.nbytes, self.terminal_runs)
+        self.events, self.parts, self.by_run, self.nbytes, self.terminal_runs = [], [], {}, 0, set()
         return batch
 
 

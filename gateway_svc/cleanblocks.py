@@ -266,12 +266,13 @@ class Learner:
                     self._runs.popitem(last=False)  # runs that never ended (their writers killed)
             else:
                 self._runs.move_to_end(run_id)
-            if first != st.next or any(events[i].seq != first + k for k, i in enumerate(idx)):
+            # the hub delivers a run's seqs rising, each once (the sequencer): consecutive if the ends say so
+            if first != st.next or events[idx[-1]].seq - first != len(idx) - 1:
                 del self._runs[run_id]  # a hole: the lines after it are not known to be where counted
                 continue
             n, nbytes = batch.run_size(run_id)
             if run_id not in batch.terminal_runs and st.length + nbytes < self.block_bytes:
-                hash_update(st.hash, b"\n".join([parts[i] for i in idx]) + b"\n")
+                hash_update(st.hash, batch.run_lines(run_id))
                 st.n += n
                 st.length += nbytes
                 st.next += n

@@ -131,6 +131,7 @@ class Hub:
 
     async def _process(self, msgs: list[list[bytes]]) -> None:
         seq = self.sequencer
+        runs = self.index.runs
         for frames in msgs:
             if len(frames) != 2:
                 self._bad(f"a message of {len(frames)} frames")
@@ -142,7 +143,7 @@ class Hub:
                 except ProtocolError as e:
                     self._bad(f"{topic[:80]!r}: {e}")
                     continue
-                if not is_valid_run_id(ev.run_id):
+                if ev.run_id not in runs and not is_valid_run_id(ev.run_id):  # a known run's id was checked
                     self._bad(f"event with invalid run id {ev.run_id!r:.80}")
                     continue
                 self.stats.events_in += 1
