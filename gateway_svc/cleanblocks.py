@@ -134,6 +134,8 @@ class CleanBlocks:
             run = self._runs.get(run_id)
             if run is not None:
                 self._runs.move_to_end(run_id)
+        if run is None and self.store is None:
+            return None
         if run is None or not run.loaded:
             run = self._load(run_id)
         with self._lock:
