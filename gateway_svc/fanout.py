@@ -25,8 +25,12 @@ from .metrics import GatewayStats
 
 FLUSH_EVENTS = 5_000  # a long journal fill is fanned out in batches of this size
 FRAME_PACING_FROM = 50  # clients; below this every batch goes out at once
-FRAME_INTERVAL_PER_CLIENT = 40e-6  # 500 clients: one tick (one frame per client) per 20 ms
-MAX_FRAME_INTERVAL = 0.025
+# 500 clients: one tick (one frame per client) per 30 ms. On 2 cores shared with the clients, a shorter
+# tick cost more CPU than it saved in waiting (bench e2e --only fanout, 500 clients at 1k/s, runs
+# interleaved: 20 ms p99 77-131 ms, 30 ms 54-110 ms in the same 6 pairs, each pair lower; 25 ms about
+# as 30 ms for ~7% more CPU; 40 ms p99 62-74 ms against 49-63 ms)
+FRAME_INTERVAL_PER_CLIENT = 60e-6
+MAX_FRAME_INTERVAL = 0.030
 WATCHDOG_INTERVAL = 0.25  # seconds between checks of clients' sends (timeout) and idleness (keepalive)
 
 
