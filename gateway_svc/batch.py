@@ -59,8 +59,9 @@ class Batch:
 
     def run_lines(self, run_id: str) -> bytes:
         """One run's part of the batch as journal lines (each event's JSON and a newline)."""
-        idx = self.by_run[run_id]
-        parts = self.parts if len(idx) == len(parts := self.parts) else [parts[i] for i in idx]
+        idx, parts = self.by_run[run_id], self.parts
+        if len(idx) != len(parts):
+            parts = [parts[i] for i in idx]
         return b"\n".join(parts) + b"\n"
 
     def run_joined(self, run_id: str) -> bytes:

@@ -182,3 +182,29 @@ async def test_a_journal_removed_after_its_blocks_were_remembered_is_said_gone_n
     said = [r for r in caplog.records if r.name == "gateway_svc.cleanblocks"]
     assert len(said) == 1 and said[0].levelno == logging.INFO and "is gone" in said[0].getMessage()
     assert len(clean) == 0
+
+
+async def test_runs_delivered_in_the_same_batches_are_each_learned_from_their_own_lines(tmp_path: Path) -> None:
+    (a, path_a), (b, path_b) = _long_run(tmp_path, 3_000), _long_run(tmp_path, 2_000)
+    ev_a, ev_b = read_events(tmp_path, a), read_events(tmp_path, b)
+    clean = CleanBlocks()
+    learner = Learner(clean, REPLAY_CHUNK)
+    rng = random.Random(11)
+    i = j = 0
+    while i < len(ev_a) or j < len(ev_b):  # batches holding some of each run, as the fan-out makes them
+        n, m = rng.choice([0, 1, 40, 300]), rng.choice([0, 1, 40, 300])
+        part_a, part_b = ev_a[i:i + n], ev_b[j:j + m]
+        i, j = i + n, j + m
+        mixed = []
+        while part_a or part_b:  # the runs interleaved in the batch, each in its own order
+            side = part_a if part_a and (not part_b or rng.random() < 0.5) else part_b
+            mixed.append(side.pop(0))
+        if mixed:
+            learner.feed(batch_of(mixed))
+    assert len(learner) == 0
+    for run_id, path, events in ((a, path_a, ev_a), (b, path_b, ev_b)):
+        before = clean.hits
+        warm = await _stream(path, run_id, clean, 0, len(events))
+        cold = await _stream(path, run_id, CleanBlocks(), 0, len(events))
+        assert _events(warm[0]) == _events(cold[0]) and warm[1:] == cold[1:]
+        assert clean.hits > before and clean.changed == 0  # its blocks were sent as they are
