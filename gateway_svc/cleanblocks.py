@@ -21,17 +21,14 @@ import logging
 import operator
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
 from shared.events import PIPELINE_STAGE, Event
 
 from .batch import Batch
-
-if TYPE_CHECKING:
-    from .blockstore import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +97,18 @@ def check(block: bytes, offset: int, events: Sequence[Event], encoded: bytes | N
     return CleanBlock(offset, len(block), first, n, events[-1].is_terminal, digest(block))
 
 
+class BlockKeeper(Protocol):
+    """Where remembered blocks are kept across restarts (blockstore.BlockStore)."""
+
+    errors: int
+
+    def load(self, run_id: str) -> list[CleanBlock]: ...
+
+    def append(self, run_id: str, blocks: Iterable[CleanBlock]) -> None: ...
+
+    def forget(self, run_id: str) -> None: ...
+
+
 class _Run:
     __slots__ = ("blocks", "loaded", "offsets")
 
@@ -111,10 +120,10 @@ class _Run:
 
 class CleanBlocks:
     """Per run, its clean blocks by offset. Shared by the replays' worker threads (a lock). With a
-    `store` (blockstore.BlockStore), what is remembered is also kept on disk, and a run not in memory
-    (after a restart, or dropped as least recently used) is loaded from it when a replay looks."""
+    `store` (a BlockKeeper), what is remembered is also kept on disk, and a run not in memory (after
+    a restart, or dropped as least recently used) is loaded from it when a replay looks."""
 
-    def __init__(self, max_blocks: int = MAX_BLOCKS, store: BlockStore | None = None, max_runs: int = 10_000) -> None:
+    def __init__(self, max_blocks: int = MAX_BLOCKS, store: BlockKeeper | None = None, max_runs: int = 10_000) -> None:
         self.max_blocks = max_blocks
         self.max_runs = max_runs
         self.store = store

@@ -270,11 +270,12 @@ class JournalSource:
         self.journal_dir = journal_dir
         self._dir_mtime = -2
         # blocks found clean by replays or learned by the hub: sent as they are; kept in `blocks_dir`
-        self.clean = CleanBlocks(store=BlockStore(blocks_dir) if blocks_dir is not None else None)
+        self.store = BlockStore(blocks_dir) if blocks_dir is not None else None
+        self.clean = CleanBlocks(store=self.store)
 
     def prune(self) -> None:
         """Forget the kept blocks of runs whose journals are gone (blocking; at start-up)."""
-        store = self.clean.store
+        store = self.store
         if store is not None and (removed := store.prune(set(list_run_ids(self.journal_dir)))):
             log.info("removed the kept clean blocks of %d run(s) whose journals are gone, from %s", removed, store.directory)
 
