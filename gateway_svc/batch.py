@@ -18,12 +18,12 @@ class Batch:
                  "_frame", "_run_frames")
 
     def __init__(self, events: list[Event], parts: list[bytes], by_run: dict[str, list[int]],
-                 nbytes: int | None = None, terminal_runs: set[str] | None = None) -> None:
+                 nbytes: int, terminal_runs: set[str]) -> None:
         self.events = events
         self.parts = parts
-        self.nbytes = nbytes if nbytes is not None else sum(len(p) for p in parts) + len(parts)  # as lines
+        self.nbytes = nbytes  # the parts as lines (each with its newline)
         self.by_run = by_run
-        self.terminal_runs = terminal_runs if terminal_runs is not None else {ev.run_id for ev in events if ev.is_terminal}
+        self.terminal_runs = terminal_runs
         self.cursor = ""  # the all-runs cursor after this batch (set when all-runs clients exist)
         self._joined: bytes | None = None
         self._run_joined: dict[str, bytes] = {}

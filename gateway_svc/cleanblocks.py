@@ -188,8 +188,8 @@ class CleanBlocks:
 
     def _insert(self, run: _Run, block: CleanBlock) -> bool:
         """Under the lock; False if not added (the memory is full of this run, or overlapped)."""
-        while self._count >= self.max_blocks and len(self._runs) > 1 and next(iter(self._runs.values())) is not run:
-            self._drop_oldest()
+        while self._count >= self.max_blocks and len(self._runs) > 1:
+            self._drop_oldest()  # never `run`: _run() made it the most recently used
         if self._count >= self.max_blocks:
             return False  # one run fills the memory: the rest of it is decoded each time
         offsets, blocks = run.offsets, run.blocks

@@ -77,7 +77,7 @@ class Hub:
         self.tag = journal_dir_tag(self.journal_dir)
         count = self.index.load()
         if isinstance(self.source, JournalSource):
-            self.source.prune()
+            self.source.prune(set(self.index.runs))  # the directory was just listed: not again
         self.stats.journal_gaps += sum(len(e.gaps) for e in self.index.runs.values())
         return count
 

@@ -273,10 +273,11 @@ class JournalSource:
         self.store = BlockStore(blocks_dir) if blocks_dir is not None else None
         self.clean = CleanBlocks(store=self.store)
 
-    def prune(self) -> None:
-        """Forget the kept blocks of runs whose journals are gone (blocking; at start-up)."""
+    def prune(self, present: set[str]) -> None:
+        """Forget the kept blocks of runs whose journals are gone (blocking; at start-up). `present`:
+        the runs just indexed (a journal the index skipped loses its blocks: a decode, nothing more)."""
         store = self.store
-        if store is not None and (removed := store.prune(set(list_run_ids(self.journal_dir)))):
+        if store is not None and (removed := store.prune(present)):
             log.info("removed the kept clean blocks of %d run(s) whose journals are gone, from %s", removed, store.directory)
 
     def describe(self, run_id: str) -> str:

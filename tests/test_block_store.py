@@ -20,7 +20,7 @@ from gateway_svc.hub import BLOCKS_DIR
 from gateway_svc.keys import HUB
 from gateway_svc.runsource import REPLAY_CHUNK, JournalSource
 from shared.journal import read_events
-from tests.test_clean_blocks import _deliver
+from tests.test_clean_blocks import _deliver, publish_long_run
 from tests.test_gateway_helpers import FakePublisher, collect, journal_of, make_settings, running_gateway
 from tests.test_replay_pieces import _events, _long_run, _stream
 
@@ -143,16 +143,7 @@ async def test_a_restarted_gateway_replays_a_run_it_followed_before_without_deco
     store_dir = settings.state_dir / BLOCKS_DIR
     try:
         async with running_gateway(settings) as gw:
-            run_ids = []
-            for _ in range(2):
-                run_id = pub.begin()
-                run_ids.append(run_id)
-                pub.emit(run_id, "pipeline", "start", "s")
-                for i in range(4_000):
-                    pub.emit(run_id, "nap", "log", f"line {i}", {"i": i, "pad": "p" * 50})
-                    if i % 100 == 0:
-                        await anyio.sleep(0.001)
-                pub.emit(run_id, "pipeline", "success", "done")
+            run_ids = [await publish_long_run(pub, 4_000) for _ in range(2)]
             source = gw.app[HUB].source
             assert isinstance(source, JournalSource)
             with anyio.fail_after(20):

@@ -73,6 +73,18 @@ def test_the_memory_of_clean_blocks_is_bounded_least_recently_used_run_first(tmp
     assert clean.find("d", 1) == known._replace(offset=1) and clean.find("d", 0) is None
 
 
+async def publish_long_run(pub: FakePublisher, n: int) -> str:
+    """A run of n log lines journaled and published (journal, then PUB), paced so the hub keeps up."""
+    run_id = pub.begin()
+    pub.emit(run_id, "pipeline", "start", "s")
+    for i in range(n):
+        pub.emit(run_id, "nap", "log", f"line {i}", {"i": i, "pad": "p" * 50})
+        if i % 100 == 0:
+            await anyio.sleep(0.001)
+    pub.emit(run_id, "pipeline", "success", "done")
+    return run_id
+
+
 def _deliver(learner: Learner, events: list[Event], rng: random.Random) -> None:
     """Hand the events to the learner in batches of random sizes, as the fan-out would."""
     i = 0
@@ -140,13 +152,7 @@ async def test_a_gateway_replays_a_run_it_followed_live_without_decoding_it(tmp_
     pub = FakePublisher(settings.journal_dir, f"tcp://127.0.0.1:{ports.publish}")
     try:
         async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
-            run_id = pub.begin()
-            pub.emit(run_id, "pipeline", "start", "s")
-            for i in range(5_000):
-                pub.emit(run_id, "nap", "log", f"line {i}", {"i": i, "pad": "p" * 50})
-                if i % 100 == 0:
-                    await anyio.sleep(0.001)
-            pub.emit(run_id, "pipeline", "success", "done")
+            run_id = await publish_long_run(pub, 5_000)
             journal = journal_of(settings, run_id)
             source = gw.app[HUB].source
             assert isinstance(source, JournalSource)
